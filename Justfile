@@ -1,0 +1,38 @@
+# tiergate tasks. Variables take their defaults from the environment.
+
+config := env_var_or_default("TIERGATE_CONFIG", "config/tiergate.toml")
+url := env_var_or_default("TIERGATE_URL", "http://127.0.0.1:8080")
+features := env_var_or_default("TIERGATE_FEATURES", "")
+cargo_features := if features == "" { "" } else { "--features " + features }
+
+# List the recipes.
+default:
+    @just --list
+
+# Fetch, reassemble and verify the default models (does nothing when they are present and valid).
+models:
+    python3 models/fetch.py
+
+# Build the release binary (llama.cpp is compiled with optimisations; debug builds are unusably slow).
+build:
+    cargo build --release --locked {{cargo_features}}
+
+# Run the gateway on the configured models, fetching the default models first.
+run *ARGS: models build
+    target/release/tiergate serve --config {{config}} {{ARGS}}
+
+# Unit and end-to-end tests on the real models.
+test: models
+    cargo test --release --locked {{cargo_features}}
+
+fmt:
+    cargo fmt --all
+
+# Formatting and clippy, warnings as errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --release --locked --all-targets {{cargo_features}} -- -D warnings
+
+# Load test against a gateway (started here on a free port unless TIERGATE_URL answers); prints JSON.
+bench: models build
+    benches/e2e.sh {{url}} {{config}}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark: TTFT, inter-token latency and aggregate output tokens/s at
+# concurrency 1, 4 and 16 for each tier, printed as JSON on stdout.
+#
+#   benches/e2e.sh [URL] [CONFIG]
+#
+# If nothing answers at URL, a gateway is started here on a free port with CONFIG and
+# stopped afterwards. Run on an otherwise idle machine: a build on the other core makes
+# the numbers noise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+url=${1:-http://127.0.0.1:8080}
+config=${2:-config/tiergate.toml}
+bin=target/release/tiergate
+server_pid=
+
+cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+
+if ! curl -sf "$url/health" >/dev/null 2>&1; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  url="http://127.0.0.1:$port"
+  echo "bench: starting a gateway on $url" >&2
+  "$bin" serve --config "$config" --listen "127.0.0.1:$port" 2>/tmp/tiergate-bench-server.log &
+  server_pid=$!
+fi
+for _ in $(seq 1 600); do
+  if curl -sf "$url/ready" >/dev/null 2>&1; then break; fi
+  sleep 0.1
+done
+curl -sf "$url/ready" >/dev/null || { echo "bench: gateway at $url is not ready" >&2; exit 1; }
+
+"$bin" bench --url "$url" --model fast --model full --concurrency 1,4,16 --max-tokens 64 "${@:3}"

@@ -1,0 +1,157 @@
+//! The OpenAI-compatible HTTP surface.
+
+pub mod chat;
+pub mod error;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::engine::Engine;
+use crate::metrics::{Metrics, ModelLabels, RequestLabels};
+use error::ApiError;
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engines: Vec<Arc<dyn Engine>>,
+    default_tier: String,
+    body_limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(engines: Vec<Arc<dyn Engine>>, default_tier: String, body_limit: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                engines,
+                default_tier,
+                body_limit,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn body_limit(&self) -> usize {
+        self.inner.body_limit
+    }
+
+    /// `auto` → the default tier; otherwise an exact model id, then a tier name.
+    pub fn resolve_model(&self, requested: &str) -> Result<Arc<dyn Engine>, ApiError> {
+        let engines = &self.inner.engines;
+        let tier = if requested == "auto" { self.inner.default_tier.as_str() } else { requested };
+        engines
+            .iter()
+            .find(|e| e.info().id == requested)
+            .or_else(|| engines.iter().find(|e| e.info().tier == tier))
+            .cloned()
+            .ok_or_else(|| ApiError::model_not_found(requested, &self.model_names()))
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        let mut names = vec!["auto".to_owned()];
+        for engine in &self.inner.engines {
+            let info = engine.info();
+            for name in [&info.tier, &info.id] {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
+    pub fn count_request(&self, labels: &ModelLabels, status: StatusCode) {
+        self.count_request_outcome(labels, status.as_str());
+    }
+
+    pub fn count_request_outcome(&self, labels: &ModelLabels, status: &str) {
+        self.metrics()
+            .requests
+            .get_or_create(&RequestLabels {
+                model: labels.model.clone(),
+                tier: labels.tier.clone(),
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn all_ready(&self) -> bool {
+        self.inner.engines.iter().all(|e| e.is_ready())
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.body_limit();
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let mut data = vec![json!({"id": "auto", "object": "model", "created": 0, "owned_by": "tiergate"})];
+    data.extend(state.inner.engines.iter().map(|e| {
+        let info = e.info();
+        json!({
+            "id": info.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tiergate",
+            "tier": info.tier,
+            "ready": e.is_ready(),
+        })
+    }));
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The process is alive and serving HTTP (models may still be loading).
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Every model is loaded and its step loop running.
+async fn ready(State(state): State<AppState>) -> Response {
+    let models: serde_json::Map<String, serde_json::Value> = state
+        .inner
+        .engines
+        .iter()
+        .map(|e| (e.info().id.clone(), json!(e.is_ready())))
+        .collect();
+    if state.all_ready() {
+        (StatusCode::OK, Json(json!({"status": "ready", "models": models}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading", "models": models}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}

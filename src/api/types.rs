@@ -1,0 +1,506 @@
+//! OpenAI chat-completion wire types: what frontends send, checked into a
+//! [`GenerationRequest`], and what goes back.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::engine::{ChatMessage, GenerationRequest, Role, SamplingParams, Usage};
+
+/// The most stop strings one request may carry; each is checked after every token.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// The request body as frontends send it. Unknown fields are ignored; fields that name an
+/// OpenAI feature tiergate cannot honour are parsed only so the error can name them.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<RequestMessage>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// OpenAI's newer name for `max_tokens`; it wins when both are set.
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Not OpenAI, but llama.cpp's server and vLLM accept it.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Accepted for compatibility; recorded nowhere yet.
+    #[serde(default)]
+    pub user: Option<String>,
+
+    // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub functions: Option<Vec<Value>>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    /// Open WebUI and the OpenAI SDKs send `[{"type": "text", "text": "..."}]`, sometimes with
+    /// extra keys (which are ignored).
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A checked request, ready for an engine.
+#[derive(Debug)]
+pub struct ChatRequest {
+    /// `auto`, a tier name, or a model id.
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub generation: GenerationRequest,
+}
+
+impl ChatRequest {
+    /// Parses and validates a request body; every error names the parameter at fault.
+    pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let raw: ChatCompletionRequest =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                if inner.is_data() && path != "." {
+                    ApiError::invalid_request(format!("invalid `{path}`: {inner}")).with_param(path)
+                } else if inner.is_data() {
+                    ApiError::invalid_request(format!("invalid request body: {inner}"))
+                } else {
+                    ApiError::invalid_request(format!("the request body is not valid JSON: {inner}"))
+                }
+            })?;
+        raw.validate()
+    }
+}
+
+impl ChatCompletionRequest {
+    fn validate(self) -> Result<ChatRequest, ApiError> {
+        self.reject_unsupported()?;
+
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid_request("`messages` must contain at least one message")
+                .with_param("messages"));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.into_chat_message(i))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let max_tokens = match self.max_completion_tokens.map(|v| ("max_completion_tokens", v)).or(self.max_tokens.map(|v| ("max_tokens", v))) {
+            Some((param, value)) if value < 1 => {
+                return Err(ApiError::invalid_request(format!("`{param}` must be at least 1, got {value}")).with_param(param));
+            }
+            Some((param, value)) => Some(u32::try_from(value).map_err(|_| {
+                ApiError::invalid_request(format!("`{param}` is too large: {value}")).with_param(param)
+            })?),
+            None => None,
+        };
+
+        let defaults = SamplingParams::default();
+        let temperature = in_range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(defaults.temperature as f64);
+        let top_p = in_range("top_p", self.top_p, f64::MIN_POSITIVE, 1.0)?.unwrap_or(defaults.top_p as f64);
+        let presence_penalty = in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let frequency_penalty = in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let top_k = match self.top_k {
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid_request(format!("`top_k` must be 0 (off) or more, got {k}")).with_param("top_k"))
+            }
+            Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
+            None => defaults.top_k,
+        };
+        let sampling = SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed: self.seed.map(fold_seed),
+            presence_penalty: presence_penalty as f32,
+            frequency_penalty: frequency_penalty as f32,
+        };
+
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(list)) => list,
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_request(format!(
+                "`stop` may hold at most {MAX_STOP_STRINGS} strings, got {}",
+                stop.len()
+            ))
+            .with_param("stop"));
+        }
+
+        Ok(ChatRequest {
+            model: self.model.unwrap_or_else(|| "auto".into()),
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            generation: GenerationRequest {
+                messages,
+                sampling,
+                max_tokens,
+                stop,
+            },
+        })
+    }
+
+    fn reject_unsupported(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::unsupported_parameter("n", "only one choice per request (n = 1) is generated"));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::unsupported_parameter("tools", "tool calling is not implemented"));
+        }
+        if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+            return Err(ApiError::unsupported_parameter("functions", "function calling is not implemented"));
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            let param = if self.logprobs == Some(true) { "logprobs" } else { "top_logprobs" };
+            return Err(ApiError::unsupported_parameter(param, "log probabilities are not returned"));
+        }
+        if let Some(format) = &self.response_format {
+            if format.kind != "text" {
+                return Err(ApiError::unsupported_parameter(
+                    "response_format",
+                    &format!("only `text` is produced, not `{}`", format.kind),
+                ));
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::unsupported_parameter("logit_bias", "token biases are not applied"));
+        }
+        Ok(())
+    }
+}
+
+impl RequestMessage {
+    fn into_chat_message(self, index: usize) -> Result<ChatMessage, ApiError> {
+        let role = match self.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" | "function" => {
+                return Err(ApiError::unsupported_parameter(
+                    &format!("messages[{index}].role"),
+                    "tool messages need tool calling, which is not implemented",
+                ))
+            }
+            other => {
+                return Err(ApiError::invalid_request(format!(
+                    "`messages[{index}].role` must be one of system, developer, user, assistant; got `{other}`"
+                ))
+                .with_param(format!("messages[{index}].role")))
+            }
+        };
+        if self.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(ApiError::unsupported_parameter(
+                &format!("messages[{index}].tool_calls"),
+                "tool calling is not implemented",
+            ));
+        }
+        let content = match self.content {
+            None => {
+                return Err(ApiError::invalid_request(format!("`messages[{index}].content` is required"))
+                    .with_param(format!("messages[{index}].content")))
+            }
+            Some(MessageContent::Text(text)) => text,
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for (p, part) in parts.into_iter().enumerate() {
+                    let param = format!("messages[{index}].content[{p}]");
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        ("text", None) => {
+                            return Err(ApiError::invalid_request(format!("`{param}.text` is required"))
+                                .with_param(format!("{param}.text")))
+                        }
+                        (other, _) => {
+                            return Err(ApiError::unsupported_parameter(
+                                &param,
+                                &format!("only text content parts are accepted, not `{other}`"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        Ok(ChatMessage { role, content })
+    }
+}
+
+fn in_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) || v.is_nan() => {
+            let low = if min == f64::MIN_POSITIVE { "above 0".to_owned() } else { format!("at least {min}") };
+            Err(ApiError::invalid_request(format!("`{param}` must be {low} and at most {max}, got {v}")).with_param(param))
+        }
+        other => Ok(other),
+    }
+}
+
+/// OpenAI seeds are 64-bit; llama.cpp's are 32-bit, and u32::MAX means "random".
+fn fold_seed(seed: i64) -> u32 {
+    let bits = seed as u64;
+    let folded = (bits ^ (bits >> 32)) as u32;
+    folded.min(u32::MAX - 1)
+}
+
+// ---- responses ----
+
+#[derive(Debug, Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for UsageBody {
+    fn from(usage: Usage) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens(),
+        }
+    }
+}
+
+/// `chat.completion.chunk`, one per SSE event.
+#[derive(Debug, Serialize)]
+pub struct ChunkBody<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    /// Present (as null until the last chunk) only when the client asked for usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageBody>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+/// `chat.completion`, the non-streaming reply.
+#[derive(Debug, Serialize)]
+pub struct CompletionBody<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [CompletionChoice<'a>; 1],
+    pub usage: UsageBody,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionChoice<'a> {
+    pub index: u32,
+    pub message: AssistantMessage<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<ChatRequest, ApiError> {
+        ChatRequest::from_json(body.as_bytes())
+    }
+
+    #[test]
+    fn open_webui_content_parts_with_extra_keys_are_joined() {
+        let req = parse(
+            r#"{"model":"auto","messages":[{"role":"user","content":[{"type":"text","text":"a","cache_control":{}},{"type":"text","text":"b"}]}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(req.generation.messages[0].content, "ab");
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let req = parse(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":5,"max_completion_tokens":7}"#).expect("valid");
+        assert_eq!(req.generation.max_tokens, Some(7));
+        assert_eq!(req.model, "auto");
+    }
+
+    #[test]
+    fn stop_accepts_a_string_or_a_list() {
+        let one = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END"}"#).expect("valid");
+        assert_eq!(one.generation.stop, vec!["END"]);
+        let many = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).expect("valid");
+        assert_eq!(many.generation.stop, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn developer_role_is_a_system_message() {
+        let req = parse(r#"{"messages":[{"role":"developer","content":"be brief"},{"role":"user","content":"x"}]}"#).expect("valid");
+        assert_eq!(req.generation.messages[0].role, Role::System);
+    }
+
+    #[test]
+    fn unsupported_parameters_are_named() {
+        for (field, param) in [
+            (r#""n":2"#, "n"),
+            (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""response_format":{"type":"json_object"}"#, "response_format"),
+        ] {
+            let err = parse(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#)).expect_err(field);
+            assert_eq!(err.status, 400);
+            assert_eq!(err.param.as_deref(), Some(param), "{field}");
+        }
+    }
+
+    #[test]
+    fn harmless_openai_fields_and_unknown_fields_are_accepted() {
+        let req = parse(
+            r#"{"messages":[{"role":"user","content":"x"}],"n":1,"tools":[],"logprobs":false,"response_format":{"type":"text"},"user":"u","seed":-1,"parallel_tool_calls":true,"whatever":{}}"#,
+        );
+        assert!(req.is_ok(), "{req:?}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_parameter() {
+        let err = parse(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#).expect_err("type");
+        assert_eq!(err.param.as_deref(), Some("temperature"));
+        let err = parse(r#"{"messages":"hello"}"#).expect_err("type");
+        assert_eq!(err.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn malformed_json_is_a_400_without_param() {
+        let err = parse(r#"{"messages": ["#).expect_err("syntax");
+        assert_eq!(err.status, 400);
+        assert!(err.message.contains("not valid JSON"), "{}", err.message);
+    }
+
+    #[test]
+    fn out_of_range_sampling_values_are_rejected() {
+        for (field, param) in [
+            (r#""temperature":2.5"#, "temperature"),
+            (r#""top_p":0"#, "top_p"),
+            (r#""top_p":1.5"#, "top_p"),
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""presence_penalty":3"#, "presence_penalty"),
+            (r#""top_k":-1"#, "top_k"),
+        ] {
+            let err = parse(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#)).expect_err(field);
+            assert_eq!(err.param.as_deref(), Some(param), "{field}");
+        }
+    }
+
+    #[test]
+    fn empty_messages_and_unknown_roles_are_rejected() {
+        let err = parse(r#"{"messages":[]}"#).expect_err("empty");
+        assert_eq!(err.param.as_deref(), Some("messages"));
+        let err = parse(r#"{"messages":[{"role":"wizard","content":"x"}]}"#).expect_err("role");
+        assert_eq!(err.param.as_deref(), Some("messages[0].role"));
+        let err = parse(r#"{"model":"auto"}"#).expect_err("missing");
+        assert!(err.message.contains("messages"), "{}", err.message);
+    }
+
+    #[test]
+    fn seeds_fold_to_32_bits_without_hitting_the_random_marker() {
+        assert_eq!(fold_seed(42), 42);
+        assert_ne!(fold_seed(-1), u32::MAX);
+        assert_eq!(fold_seed(-1), fold_seed(-1));
+    }
+
+    #[test]
+    fn chunk_serializes_usage_null_only_when_asked() {
+        let chunk = ChunkBody {
+            id: "c",
+            object: "chat.completion.chunk",
+            created: 1,
+            model: "m",
+            choices: vec![],
+            usage: Some(None),
+        };
+        assert!(serde_json::to_string(&chunk).expect("json").contains(r#""usage":null"#));
+    }
+}

@@ -1,0 +1,702 @@
+//! The real engine: one OS thread per model owns the llama.cpp model and context for the
+//! life of the process and runs the continuous-batching step loop.
+//!
+//! ```text
+//! submit() ──(template, tokenize, check context)──► bounded queue ──► model thread
+//!                                                                      admit → prefill chunks
+//!                                                                      → one decode over every
+//!                                                                      live sequence → sample → send
+//! ```
+//!
+//! The model itself (`LlamaModel`) is `Sync`, so prompts are templated and tokenized on the
+//! caller's thread; only the context, which is not `Send`, stays on the model thread.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{DecodeError, LogOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::schedule;
+use super::text::{StopMatcher, Utf8Decoder};
+use super::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, SamplingParams,
+    TokenEvent, TokenStream, Usage,
+};
+use crate::config::ModelConfig;
+use crate::metrics::EngineGauges;
+
+/// llama.cpp's backend may be initialised once per process; every model thread shares it.
+fn backend() -> Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            // llama.cpp logs every tensor at load; route it into tracing, where the
+            // subscriber's filter decides (default: warnings and up).
+            llama_cpp_2::send_logs_to_tracing(LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// What exists once the model thread has loaded the model.
+struct Loaded {
+    model: Arc<LlamaModel>,
+    template: LlamaChatTemplate,
+    /// The most positions one sequence may use: `n_ctx`, capped by the training context.
+    context_per_sequence: u32,
+}
+
+/// A request that passed every check and waits for a slot.
+struct QueuedRequest {
+    prompt: Vec<LlamaToken>,
+    max_new_tokens: u32,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    events: mpsc::UnboundedSender<TokenEvent>,
+}
+
+impl QueuedRequest {
+    /// KV cells this request may need at most: it is admitted only when they are free.
+    fn reservation(&self) -> u32 {
+        self.prompt.len() as u32 + self.max_new_tokens
+    }
+}
+
+pub struct LlamaEngine {
+    info: ModelInfo,
+    max_tokens_default: u32,
+    queue_capacity: usize,
+    /// Set once by the model thread after a successful load.
+    loaded: Arc<OnceLock<Loaded>>,
+    /// Set by the model thread if it fails to load or stops.
+    stopped: Arc<OnceLock<String>>,
+    /// Bounded so a burst cannot grow memory without limit; the model thread owns the
+    /// receiving end and drains it between steps.
+    queue: SyncSender<QueuedRequest>,
+    gauges: EngineGauges,
+}
+
+/// Resolves when the model thread has loaded its model (or failed to).
+pub type ReadySignal = oneshot::Receiver<Result<(), String>>;
+
+impl LlamaEngine {
+    /// Spawns the model thread and returns at once; the model loads in the background and
+    /// the [`ReadySignal`] says how that went.
+    pub fn start(config: ModelConfig, gauges: EngineGauges) -> std::io::Result<(Arc<Self>, ReadySignal)> {
+        let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let loaded = Arc::new(OnceLock::new());
+        let stopped = Arc::new(OnceLock::new());
+        let engine = Arc::new(Self {
+            info: ModelInfo {
+                id: config.id.clone(),
+                tier: config.tier.clone(),
+            },
+            max_tokens_default: config.max_tokens_default,
+            queue_capacity: config.queue_capacity,
+            loaded: loaded.clone(),
+            stopped: stopped.clone(),
+            queue: queue_tx,
+            gauges: gauges.clone(),
+        });
+        std::thread::Builder::new()
+            .name(format!("model-{}", config.id))
+            .spawn(move || {
+                let id = config.id.clone();
+                let outcome = model_thread(config, &loaded, queue_rx, ready_tx, gauges);
+                let reason = match outcome {
+                    Ok(()) => "the model thread stopped".to_owned(),
+                    Err(reason) => {
+                        tracing::error!(model = %id, %reason, "model thread failed");
+                        reason
+                    }
+                };
+                let _ = stopped.set(reason);
+            })?;
+        Ok((engine, ready_rx))
+    }
+
+    fn loaded(&self) -> Result<&Loaded, EngineError> {
+        if let Some(reason) = self.stopped.get() {
+            return Err(EngineError::Unavailable {
+                model: self.info.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        self.loaded.get().ok_or_else(|| EngineError::Loading {
+            model: self.info.id.clone(),
+        })
+    }
+
+    fn tokenize_prompt(&self, loaded: &Loaded, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, EngineError> {
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Template(format!("a message contains a NUL byte ({e})")))?;
+        let prompt = loaded
+            .model
+            .apply_chat_template(&loaded.template, &chat, true)
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        // add_special: BOS where the model wants one (llama.cpp's templates do not write it).
+        // parse_special: the template's own markers must become control tokens.
+        Ok(loaded.model.vocab().tokenize(prompt.as_bytes(), true, true))
+    }
+}
+
+impl Engine for LlamaEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn is_ready(&self) -> bool {
+        self.loaded().is_ok()
+    }
+
+    fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {
+        let loaded = self.loaded()?;
+        let prompt = self.tokenize_prompt(loaded, &request.messages)?;
+        let prompt_tokens = prompt.len() as u32;
+        let context = loaded.context_per_sequence;
+        // At least one position must be left to generate into.
+        if prompt_tokens >= context {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens,
+                context,
+            });
+        }
+        let max_new_tokens = match request.max_tokens {
+            Some(max_tokens) if prompt_tokens.saturating_add(max_tokens) > context => {
+                return Err(EngineError::ContextLengthExceeded {
+                    prompt_tokens,
+                    max_tokens,
+                    context,
+                });
+            }
+            Some(max_tokens) => max_tokens,
+            None => self.max_tokens_default.min(context - prompt_tokens),
+        };
+
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let queued = QueuedRequest {
+            prompt,
+            max_new_tokens,
+            sampling: request.sampling,
+            stop: request.stop,
+            events: events_tx,
+        };
+        // Count before sending: the model thread decrements on admission, which may come
+        // before try_send returns.
+        self.gauges.waiting_requests.inc();
+        match self.queue.try_send(queued) {
+            Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
+            Err(err) => {
+                self.gauges.waiting_requests.dec();
+                Err(match err {
+                    TrySendError::Full(_) => EngineError::QueueFull {
+                        model: self.info.id.clone(),
+                        capacity: self.queue_capacity,
+                    },
+                    TrySendError::Disconnected(_) => EngineError::Unavailable {
+                        model: self.info.id.clone(),
+                        reason: "the model thread stopped".into(),
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// Body of the model thread: load, hand over [`Loaded`], signal ready, run the step loop.
+fn model_thread(
+    config: ModelConfig,
+    loaded_slot: &OnceLock<Loaded>,
+    queue: Receiver<QueuedRequest>,
+    ready: oneshot::Sender<Result<(), String>>,
+    gauges: EngineGauges,
+) -> Result<(), String> {
+    let setup = load(&config);
+    let (model, context_params, template, context_per_sequence) = match setup {
+        Ok(parts) => parts,
+        Err(reason) => {
+            let _ = ready.send(Err(reason.clone()));
+            return Err(reason);
+        }
+    };
+    let backend = backend()?;
+    let ctx = match model.new_context(backend, context_params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let reason = format!("{}: cannot create a context: {e}", config.id);
+            let _ = ready.send(Err(reason.clone()));
+            return Err(reason);
+        }
+    };
+    tracing::info!(
+        model = %config.id,
+        tier = %config.tier,
+        n_ctx = ctx.n_ctx(),
+        context_per_sequence,
+        slots = config.slots,
+        threads = config.threads,
+        n_gpu_layers = config.n_gpu_layers,
+        "model loaded"
+    );
+    let total_cells = ctx.n_ctx();
+    // llama.cpp clamps n_batch to n_ctx; plan with what it actually allotted.
+    let batch_capacity = ctx.n_batch() as usize;
+    let mut step_loop = StepLoop {
+        ctx,
+        model: &model,
+        batch: LlamaBatch::new(batch_capacity, 1),
+        batch_capacity,
+        total_cells,
+        reserved_cells: 0,
+        free_seq_ids: (0..config.slots as i32).rev().collect(),
+        waiting: VecDeque::new(),
+        live: Vec::new(),
+        gauges,
+        model_id: config.id.clone(),
+    };
+    let _ = loaded_slot.set(Loaded {
+        model: model.clone(),
+        template,
+        context_per_sequence,
+    });
+    let _ = ready.send(Ok(()));
+    step_loop.run(&queue);
+    Ok(())
+}
+
+type LoadedParts = (Arc<LlamaModel>, LlamaContextParams, LlamaChatTemplate, u32);
+
+fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
+    let id = &config.id;
+    if !config.path.is_file() {
+        return Err(format!(
+            "{id}: model file {} not found (run `just models` to fetch the default models)",
+            config.path.display()
+        ));
+    }
+    let backend = backend()?;
+    let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
+    let model = LlamaModel::load_from_file(backend, &config.path, &params)
+        .map_err(|e| format!("{id}: cannot load {}: {e}", config.path.display()))?;
+
+    let template = match &config.chat_template {
+        Some(name) => LlamaChatTemplate::new(name).map_err(|e| format!("{id}: chat_template: {e}"))?,
+        None => model.chat_template(None).map_err(|_| {
+            format!("{id}: the model file has no chat template; set `chat_template` (e.g. \"gemma\") in config")
+        })?,
+    };
+    // Fail at start-up, not on the first request, when llama.cpp does not know the template.
+    let probe = LlamaChatMessage::new("user".into(), "hi".into()).map_err(|e| e.to_string())?;
+    model
+        .apply_chat_template(&template, &[probe], true)
+        .map_err(|e| format!("{id}: chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"))?;
+
+    let context_per_sequence = config.n_ctx.min(model.n_ctx_train());
+    let threads = config.threads as i32;
+    let context_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.n_ctx))
+        .with_n_batch(config.batch)
+        .with_n_ubatch(config.batch)
+        .with_n_seq_max(config.slots)
+        // One pool of cells shared by every slot: a long conversation may use what short
+        // ones leave free, and admission reserves cells so the pool cannot overflow.
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    Ok((Arc::new(model), context_params, template, context_per_sequence))
+}
+
+/// One admitted request holding a slot (a llama.cpp sequence id) and KV cells.
+struct Sequence {
+    seq_id: i32,
+    prompt: Vec<LlamaToken>,
+    /// Prompt tokens already in the KV cache.
+    prompt_done: usize,
+    /// Next free position of this sequence.
+    n_past: i32,
+    /// Sampled, sent, and waiting to be decoded in the next step.
+    pending_token: Option<LlamaToken>,
+    generated: u32,
+    max_new_tokens: u32,
+    reservation: u32,
+    sampler: LlamaSampler,
+    utf8: Utf8Decoder,
+    stops: StopMatcher,
+    events: mpsc::UnboundedSender<TokenEvent>,
+    finished: Option<FinishReason>,
+}
+
+impl Sequence {
+    fn is_prefilling(&self) -> bool {
+        self.prompt_done < self.prompt.len()
+    }
+
+    fn send_text(&self, text: String) {
+        if !text.is_empty() {
+            // A closed receiver is noticed by the cancellation check before the next step.
+            let _ = self.events.send(TokenEvent::Text(text));
+        }
+    }
+}
+
+/// What one sequence contributes to the next decode call.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Decode { seq: usize },
+    Prompt { seq: usize, tokens: usize },
+}
+
+impl Work {
+    fn seq(self) -> usize {
+        match self {
+            Work::Decode { seq } | Work::Prompt { seq, .. } => seq,
+        }
+    }
+}
+
+struct StepLoop<'m> {
+    ctx: LlamaContext<'m>,
+    model: &'m LlamaModel,
+    batch: LlamaBatch<'static>,
+    batch_capacity: usize,
+    total_cells: u32,
+    /// Sum of the live sequences' reservations.
+    reserved_cells: u32,
+    free_seq_ids: Vec<i32>,
+    /// Taken off the queue, not yet admitted (no slot or not enough free cells).
+    waiting: VecDeque<QueuedRequest>,
+    /// Admitted sequences, oldest first.
+    live: Vec<Sequence>,
+    gauges: EngineGauges,
+    model_id: String,
+}
+
+impl StepLoop<'_> {
+    fn run(&mut self, queue: &Receiver<QueuedRequest>) {
+        let mut queue_open = true;
+        loop {
+            if self.live.is_empty() && self.waiting.is_empty() {
+                if !queue_open {
+                    return;
+                }
+                // Idle: block until work arrives or every engine handle is gone.
+                match queue.recv() {
+                    Ok(request) => self.waiting.push_back(request),
+                    Err(_) => return,
+                }
+            }
+            while queue_open {
+                match queue.try_recv() {
+                    Ok(request) => self.waiting.push_back(request),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => queue_open = false,
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.live.is_empty() {
+                self.step();
+                self.retire_finished();
+            }
+        }
+    }
+
+    /// Sequences whose receiver is gone (client disconnected) leave before the next step.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|request| !request.events.is_closed());
+        for _ in self.waiting.len()..before {
+            self.gauges.waiting_requests.dec();
+        }
+        let mut i = 0;
+        while i < self.live.len() {
+            if self.live[i].events.is_closed() {
+                let seq = self.live.remove(i);
+                tracing::debug!(model = %self.model_id, seq_id = seq.seq_id, "client gone, sequence dropped");
+                self.release(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        let admitted = schedule::admit_count(
+            self.waiting.iter().map(QueuedRequest::reservation),
+            self.free_seq_ids.len(),
+            self.total_cells - self.reserved_cells,
+        );
+        for _ in 0..admitted {
+            let (Some(request), Some(seq_id)) = (self.waiting.pop_front(), self.free_seq_ids.pop()) else {
+                break;
+            };
+            self.gauges.waiting_requests.dec();
+            self.gauges.active_sequences.inc();
+            let reservation = request.reservation();
+            self.reserved_cells += reservation;
+            self.live.push(Sequence {
+                seq_id,
+                prompt: request.prompt,
+                prompt_done: 0,
+                n_past: 0,
+                pending_token: None,
+                generated: 0,
+                max_new_tokens: request.max_new_tokens,
+                reservation,
+                sampler: build_sampler(self.model, &request.sampling),
+                utf8: Utf8Decoder::default(),
+                stops: StopMatcher::new(request.stop),
+                events: request.events,
+                finished: None,
+            });
+        }
+    }
+
+    /// One decode call over every live sequence, then sampling for each that produced logits.
+    fn step(&mut self) {
+        let mut work = self.plan();
+        let logits_at = loop {
+            if work.is_empty() {
+                return;
+            }
+            let logits_at = match self.fill_batch(&work) {
+                Ok(logits_at) => logits_at,
+                Err(err) => {
+                    // The planner sizes work to the batch, so this is a bug, not load.
+                    self.fail(&work, EngineError::Decode(format!("batch overflow: {err}")));
+                    return;
+                }
+            };
+            match self.ctx.decode(&mut self.batch) {
+                Ok(()) => break logits_at,
+                Err(DecodeError::NoKvCacheSlot) => {
+                    // Reservations make this rare (cells can still run short, e.g. when
+                    // llama.cpp pads). Retry smaller: first without prompt chunks, then
+                    // by ending the newest sequence, which frees its cells.
+                    if work.iter().any(|w| matches!(w, Work::Prompt { .. })) {
+                        tracing::warn!(model = %self.model_id, "KV cache full: deferring prompt chunks");
+                        work.retain(|w| matches!(w, Work::Decode { .. }));
+                    } else if let Some(newest) = work.pop() {
+                        tracing::warn!(model = %self.model_id, "KV cache full: ending the newest sequence");
+                        self.finish(newest.seq(), FinishReason::Length);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(model = %self.model_id, %err, "decode failed");
+                    self.fail(&work, EngineError::Decode(err.to_string()));
+                    return;
+                }
+            }
+        };
+
+        let sequences_in_step = work.len() as i64;
+        if sequences_in_step > self.gauges.batch_sequences_max.get() {
+            self.gauges.batch_sequences_max.set(sequences_in_step);
+        }
+        for w in &work {
+            let seq = &mut self.live[w.seq()];
+            match *w {
+                Work::Decode { .. } => {
+                    seq.pending_token = None;
+                    seq.n_past += 1;
+                }
+                Work::Prompt { tokens, .. } => {
+                    seq.prompt_done += tokens;
+                    seq.n_past += tokens as i32;
+                }
+            }
+        }
+        for (w, batch_index) in work.iter().zip(logits_at) {
+            if let Some(batch_index) = batch_index {
+                let token = self.live[w.seq()].sampler.sample(&self.ctx, batch_index);
+                self.accept_token(w.seq(), token);
+            }
+        }
+    }
+
+    /// Decode tokens first, then prompt chunks in admission order.
+    fn plan(&self) -> Vec<Work> {
+        let mut work: Vec<Work> = self
+            .live
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.pending_token.is_some() && s.finished.is_none())
+            .map(|(seq, _)| Work::Decode { seq })
+            // Only when n_ctx clamps the batch below `slots`; the rest decode next step.
+            .take(self.batch_capacity)
+            .collect();
+        let prefilling: Vec<usize> = (0..self.live.len())
+            .filter(|&i| self.live[i].is_prefilling() && self.live[i].finished.is_none())
+            .collect();
+        let remaining: Vec<usize> = prefilling
+            .iter()
+            .map(|&i| self.live[i].prompt.len() - self.live[i].prompt_done)
+            .collect();
+        let chunks = schedule::prompt_chunks(self.batch_capacity, work.len(), &remaining);
+        work.extend(
+            prefilling
+                .into_iter()
+                .zip(chunks)
+                .filter(|&(_, tokens)| tokens > 0)
+                .map(|(seq, tokens)| Work::Prompt { seq, tokens }),
+        );
+        work
+    }
+
+    /// Writes `work` into the batch; returns, per work item, the batch index whose logits
+    /// it will sample from (only decodes and the chunk that completes a prompt have one).
+    fn fill_batch(&mut self, work: &[Work]) -> Result<Vec<Option<i32>>, BatchAddError> {
+        self.batch.clear();
+        let mut logits_at = Vec::with_capacity(work.len());
+        for w in work {
+            let seq = &self.live[w.seq()];
+            match *w {
+                Work::Decode { .. } => {
+                    let index = self.batch.n_tokens();
+                    if let Some(token) = seq.pending_token {
+                        self.batch.add(token, seq.n_past, &[seq.seq_id], true)?;
+                    }
+                    logits_at.push(Some(index));
+                }
+                Work::Prompt { tokens, .. } => {
+                    let start = seq.prompt_done;
+                    let completes = start + tokens == seq.prompt.len();
+                    let mut index = None;
+                    for (offset, &token) in seq.prompt[start..start + tokens].iter().enumerate() {
+                        let wants_logits = completes && offset + 1 == tokens;
+                        if wants_logits {
+                            index = Some(self.batch.n_tokens());
+                        }
+                        self.batch.add(token, seq.n_past + offset as i32, &[seq.seq_id], wants_logits)?;
+                    }
+                    logits_at.push(index);
+                }
+            }
+        }
+        Ok(logits_at)
+    }
+
+    /// Turns one sampled token into text for the client and decides whether the sequence ends.
+    fn accept_token(&mut self, index: usize, token: LlamaToken) {
+        let model = self.model;
+        let vocab = model.vocab();
+        let seq = &mut self.live[index];
+        if vocab.is_eog(token) {
+            self.finish(index, FinishReason::Stop);
+            return;
+        }
+        seq.generated += 1;
+        let piece = vocab.token_to_piece(token, false, None);
+        let text = seq.utf8.push(&piece);
+        let matched = seq.stops.push(&text);
+        seq.send_text(matched.emit);
+        if matched.stopped {
+            // Whatever was held back belongs to the stop string or comes after it.
+            seq.stops = StopMatcher::default();
+            seq.utf8 = Utf8Decoder::default();
+            self.finish(index, FinishReason::Stop);
+        } else if seq.generated >= seq.max_new_tokens {
+            self.finish(index, FinishReason::Length);
+        } else {
+            seq.pending_token = Some(token);
+        }
+    }
+
+    /// Sends the tail of the text and the final event; the sequence leaves at the end of the step.
+    fn finish(&mut self, index: usize, reason: FinishReason) {
+        let seq = &mut self.live[index];
+        if seq.finished.is_some() {
+            return;
+        }
+        let tail = seq.utf8.finish();
+        let mut text = seq.stops.push(&tail).emit;
+        text.push_str(&seq.stops.finish());
+        seq.send_text(text);
+        let _ = seq.events.send(TokenEvent::Finished {
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: seq.prompt.len() as u32,
+                completion_tokens: seq.generated,
+            },
+        });
+        seq.finished = Some(reason);
+        seq.pending_token = None;
+    }
+
+    /// Ends every sequence in `work` with an error; they leave at the end of the step.
+    fn fail(&mut self, work: &[Work], error: EngineError) {
+        for w in work {
+            let seq = &mut self.live[w.seq()];
+            let _ = seq.events.send(TokenEvent::Failed(error.clone()));
+            seq.finished = Some(FinishReason::Stop);
+        }
+    }
+
+    fn retire_finished(&mut self) {
+        let mut i = 0;
+        while i < self.live.len() {
+            if self.live[i].finished.is_some() {
+                let seq = self.live.remove(i);
+                self.release(seq);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Frees a sequence's KV cells and slot at once.
+    fn release(&mut self, seq: Sequence) {
+        if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq.seq_id as u32), None, None) {
+            tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
+        }
+        self.reserved_cells -= seq.reservation;
+        self.free_seq_ids.push(seq.seq_id);
+        self.gauges.active_sequences.dec();
+    }
+}
+
+/// llama.cpp's default order, cheapest cut first: penalties → top_k → top_p → temperature → draw.
+/// Temperature 0 is greedy, with no randomness at all.
+fn build_sampler(model: &LlamaModel, params: &SamplingParams) -> LlamaSampler {
+    let mut chain = Vec::new();
+    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+        // The last 64 tokens, as llama.cpp's server counts them; repeat penalty off (1.0).
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            64,
+            1.0,
+            params.frequency_penalty,
+            params.presence_penalty,
+        ));
+    }
+    if params.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if params.top_k > 0 {
+            chain.push(LlamaSampler::top_k(params.top_k as i32));
+        }
+        if params.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(params.top_p, 1));
+        }
+        chain.push(LlamaSampler::temp(params.temperature));
+        // u32::MAX asks llama.cpp for a random seed.
+        chain.push(LlamaSampler::dist(params.seed.unwrap_or(u32::MAX)));
+    }
+    LlamaSampler::chain_simple(chain)
+}

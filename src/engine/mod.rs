@@ -1,0 +1,197 @@
+//! The engine boundary: submit a generation request, get back a stream of token events.
+//!
+//! Everything above this trait (HTTP, routing, budgets) is testable without llama.cpp; the
+//! real implementation is [`llama::LlamaEngine`], one OS thread per model running a
+//! continuous-batching step loop.
+
+pub mod llama;
+pub mod schedule;
+pub mod text;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+
+/// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
+/// by the API layer before it gets here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Per-sequence sampling settings, already validated by the API layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables the top-k cut.
+    pub top_k: u32,
+    /// `None` draws a fresh seed per request.
+    pub seed: Option<u32>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            // llama.cpp's default: it also keeps sampling cheap on a 262k vocabulary.
+            top_k: 40,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingParams,
+    /// `None`: the model's configured default, clamped to the context left after the prompt.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of generation or a stop string.
+    Stop,
+    /// `max_tokens` or the context ran out.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// What a sequence sends back to whoever submitted it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// Complete UTF-8 text, never empty, never part of a stop string.
+    Text(String),
+    /// The last event of a successful generation.
+    Finished {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+    /// The last event of a failed generation.
+    Failed(EngineError),
+}
+
+/// The receiving end of one sequence. Dropping it cancels the sequence: the step loop sees
+/// the closed channel before its next step and frees the sequence's slot and KV cells.
+#[derive(Debug)]
+pub struct TokenStream {
+    pub prompt_tokens: u32,
+    events: mpsc::UnboundedReceiver<TokenEvent>,
+}
+
+impl TokenStream {
+    pub fn new(prompt_tokens: u32, events: mpsc::UnboundedReceiver<TokenEvent>) -> Self {
+        Self {
+            prompt_tokens,
+            events,
+        }
+    }
+
+    pub async fn next_event(&mut self) -> Option<TokenEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Stream for TokenStream {
+    type Item = TokenEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TokenEvent>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+/// Static facts about a loaded model, for `/v1/models` and request validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub tier: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("model `{model}` is still loading")]
+    Loading { model: String },
+    #[error("model `{model}` is not running: {reason}")]
+    Unavailable { model: String, reason: String },
+    #[error("the request queue of model `{model}` is full ({capacity} waiting)")]
+    QueueFull { model: String, capacity: usize },
+    #[error(
+        "this model's maximum context length is {context} tokens, but the messages take {prompt_tokens} tokens"
+    )]
+    PromptTooLong { prompt_tokens: u32, context: u32 },
+    #[error(
+        "this model's maximum context length is {context} tokens, but {requested} tokens were requested \
+         ({prompt_tokens} in the messages, {max_tokens} in the completion)",
+        requested = prompt_tokens + max_tokens
+    )]
+    ContextLengthExceeded {
+        prompt_tokens: u32,
+        max_tokens: u32,
+        context: u32,
+    },
+    #[error("could not build the prompt: {0}")]
+    Template(String),
+    #[error("decoding failed: {0}")]
+    Decode(String),
+}
+
+/// The narrow boundary between the gateway and a model runtime.
+pub trait Engine: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Queue a request. Prompt building, tokenization and context checks happen here, on
+    /// the caller's thread, so a bad request fails before it takes a queue place.
+    fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError>;
+
+    /// True once the model is loaded and its step loop is running.
+    fn is_ready(&self) -> bool;
+}

@@ -1,0 +1,90 @@
+//! Continuous-batching policy, kept free of FFI so it can be tested on its own: who is
+//! admitted between steps, and how many prompt tokens each step may carry.
+//!
+//! The step loop in [`super::llama`] asks these functions and carries out the answer.
+
+/// How many of the waiting requests (in arrival order, each given by the KV cells it
+/// reserves: prompt plus the most tokens it may generate) can start now.
+///
+/// Admission is first-come first-served: the head of the queue is never overtaken by a
+/// smaller request behind it, so a long prompt cannot starve. A request is admitted only
+/// if its whole reservation fits, which is what keeps a full KV cache from ever ending a
+/// running sequence early.
+pub fn admit_count(
+    waiting_reservations: impl IntoIterator<Item = u32>,
+    free_slots: usize,
+    free_cells: u32,
+) -> usize {
+    let mut cells_left = free_cells;
+    let mut admitted = 0;
+    for reservation in waiting_reservations.into_iter().take(free_slots) {
+        if reservation > cells_left {
+            break;
+        }
+        cells_left -= reservation;
+        admitted += 1;
+    }
+    admitted
+}
+
+/// Splits one decode call's token budget. Every generating sequence gets its one token
+/// first (inter-token latency of running streams comes first, as in llama.cpp's server);
+/// waiting prompts fill what is left, oldest first, in chunks.
+///
+/// Returns, for each prefilling sequence in order, how many prompt tokens it feeds this step
+/// (possibly 0).
+pub fn prompt_chunks(
+    batch_capacity: usize,
+    decoding: usize,
+    prompt_remaining: &[usize],
+) -> Vec<usize> {
+    let mut budget = batch_capacity.saturating_sub(decoding);
+    prompt_remaining
+        .iter()
+        .map(|&remaining| {
+            let take = remaining.min(budget);
+            budget -= take;
+            take
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_stops_at_free_slots() {
+        assert_eq!(admit_count([10, 10, 10], 2, 1_000), 2);
+    }
+
+    #[test]
+    fn admission_defers_when_kv_cells_would_overflow() {
+        assert_eq!(admit_count([400, 400, 400], 8, 1_000), 2);
+    }
+
+    #[test]
+    fn head_of_queue_is_never_overtaken_by_a_smaller_request() {
+        assert_eq!(admit_count([900, 10], 8, 500), 0);
+    }
+
+    #[test]
+    fn nothing_waiting_admits_nothing() {
+        assert_eq!(admit_count([], 8, 1_000), 0);
+    }
+
+    #[test]
+    fn decode_tokens_come_before_prompt_chunks() {
+        assert_eq!(prompt_chunks(8, 6, &[5, 5]), vec![2, 0]);
+    }
+
+    #[test]
+    fn prompts_fill_the_batch_oldest_first() {
+        assert_eq!(prompt_chunks(512, 3, &[100, 600, 50]), vec![100, 409, 0]);
+    }
+
+    #[test]
+    fn a_full_batch_of_decodes_leaves_no_prompt_budget() {
+        assert_eq!(prompt_chunks(4, 4, &[10]), vec![0]);
+    }
+}

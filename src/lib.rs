@@ -1,0 +1,10 @@
+//! tiergate: an LLM gateway that hosts GGUF model tiers in-process (llama.cpp) and serves
+//! OpenAI-compatible chat completions with continuous batching.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod loadgen;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,152 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tiergate::config::{Config, DEFAULT_CONFIG_PATH};
+use tiergate::loadgen::{self, BenchOptions};
+use tiergate::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "tiergate", version, about = "LLM gateway: GGUF tiers in-process, OpenAI-compatible API")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "TIERGATE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the configured models and serve the HTTP API.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Address to bind (overrides `server.listen`); port 0 picks a free port.
+        #[arg(long, env = "TIERGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
+    /// Load-test an OpenAI-compatible server with streaming requests; prints JSON.
+    Bench {
+        /// Base URL of the server.
+        #[arg(long, env = "TIERGATE_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Model names to send, each benchmarked in turn (tiergate accepts tier names).
+        #[arg(long = "model", default_values_t = ["fast".to_owned(), "full".to_owned()])]
+        models: Vec<String>,
+        /// Concurrency levels, each a closed loop of this many workers.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+        concurrency: Vec<usize>,
+        /// Requests per level; 0 = max(16, 4 x concurrency).
+        #[arg(long, default_value_t = 0)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+        /// Sent as a bearer token.
+        #[arg(long, env = "TIERGATE_API_KEY")]
+        api_key: Option<String>,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Bench {
+            url,
+            models,
+            concurrency,
+            requests,
+            max_tokens,
+            api_key,
+            timeout_s,
+        } => bench(BenchOptions {
+            url,
+            models,
+            concurrency,
+            requests,
+            max_tokens,
+            api_key,
+            timeout: Duration::from_secs(timeout_s),
+        }),
+    }
+}
+
+fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
+    let config = match Config::load(&config_path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let address = listen.unwrap_or(config.server.listen);
+    let outcome = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
+        tiergate::server::run(listener, config, shutdown_signal()).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(options: BenchOptions) -> ExitCode {
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(loadgen::run(options)));
+    match report.and_then(|r| serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,185 @@
+//! A real tiergate on 127.0.0.1:0 with the real models, for integration tests.
+#![allow(dead_code)] // each test binary uses a different part of this harness
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tiergate::config::{Config, ModelConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const FAST: &str = "smollm2-135m-instruct";
+pub const FULL: &str = "gemma-3-270m";
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The shipped config, so tests exercise the real model paths and templates.
+pub fn shipped_config() -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tiergate.toml");
+    Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl TestServer {
+    /// Only the fast tier: most API behaviour does not depend on the model.
+    pub async fn fast() -> Self {
+        Self::start(|config| config.models.retain(|m| m.id == FAST)).await
+    }
+
+    /// Both default tiers.
+    pub async fn both() -> Self {
+        Self::start(|_| {}).await
+    }
+
+    pub async fn start(edit: impl FnOnce(&mut Config)) -> Self {
+        let mut config = shipped_config();
+        for model in &mut config.models {
+            // Tests run two at a time on a 2-core machine: one thread per model keeps them
+            // from oversubscribing the cores.
+            model.threads = 1;
+            model.n_ctx = 4096;
+        }
+        edit(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(tiergate::server::run(listener, config, async {
+            let _ = shutdown_rx.await;
+        }));
+        let server = Self {
+            base,
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown_tx),
+            task,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(resp) = self.client.get(self.url("/ready")).send().await {
+                if resp.status() == 200 {
+                    return;
+                }
+            }
+            assert!(!self.task.is_finished(), "server stopped before it was ready");
+            assert!(Instant::now() < deadline, "models did not load within 120 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Non-streaming completion that must succeed.
+    pub async fn complete(&self, body: Value) -> Value {
+        let resp = self.post_chat(&body).await;
+        let status = resp.status();
+        let json: Value = resp.json().await.expect("json body");
+        assert_eq!(status, 200, "{json}");
+        json
+    }
+
+    /// Streaming completion: every `data:` payload in order (including `[DONE]`).
+    pub async fn stream(&self, mut body: Value) -> Vec<String> {
+        body["stream"] = json!(true);
+        let resp = self.post_chat(&body).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().expect("ascii"),
+            "text/event-stream"
+        );
+        let raw = resp.text().await.expect("body");
+        parse_sse(&raw)
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// The value of one sample line in `/metrics`, e.g. `tiergate_active_sequences{model="x",tier="fast"}`.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+/// Splits an SSE body into its `data:` payloads, checking the framing on the way.
+pub fn parse_sse(raw: &str) -> Vec<String> {
+    let mut payloads = Vec::new();
+    for event in raw.split("\n\n").filter(|e| !e.is_empty()) {
+        for line in event.lines() {
+            let payload = line
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event line without `data: `: {line:?}"));
+            payloads.push(payload.to_owned());
+        }
+    }
+    payloads
+}
+
+/// Concatenated `delta.content` of a streamed reply.
+pub fn streamed_text(payloads: &[String]) -> String {
+    payloads
+        .iter()
+        .filter(|p| p.as_str() != "[DONE]")
+        .filter_map(|p| {
+            let chunk: Value = serde_json::from_str(p).expect("chunk json");
+            chunk["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+        })
+        .collect()
+}
+
+pub fn user(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+/// Reads a streaming response chunk by chunk, for tests that act mid-stream.
+pub async fn first_bytes(resp: reqwest::Response, at_least: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut body = resp.bytes_stream();
+    while seen.len() < at_least {
+        match body.next().await {
+            Some(Ok(bytes)) => seen.extend_from_slice(&bytes),
+            _ => break,
+        }
+    }
+    seen
+}
+
+pub fn fast_model(config: &Config) -> &ModelConfig {
+    config.models.iter().find(|m| m.id == FAST).expect("fast model in config")
+}
