@@ -195,12 +195,22 @@ impl RawConfig {
         for (i, raw) in self.models.into_iter().enumerate() {
             let key = |field: &str| format!("model[{i}].{field}");
             if raw.id.trim().is_empty() || raw.id == "auto" {
-                problems.push(format!("{}: must be a non-empty name other than `auto`", key("id")));
+                problems.push(format!(
+                    "{}: must be a non-empty name other than `auto`",
+                    key("id")
+                ));
             } else if !ids.insert(raw.id.clone()) {
-                problems.push(format!("{}: `{}` is used by another model", key("id"), raw.id));
+                problems.push(format!(
+                    "{}: `{}` is used by another model",
+                    key("id"),
+                    raw.id
+                ));
             }
             if raw.tier.trim().is_empty() || raw.tier == "auto" {
-                problems.push(format!("{}: must be a non-empty name other than `auto`", key("tier")));
+                problems.push(format!(
+                    "{}: must be a non-empty name other than `auto`",
+                    key("tier")
+                ));
             }
             if raw.n_ctx < 64 {
                 problems.push(format!("{}: must be at least 64", key("n_ctx")));
@@ -216,7 +226,10 @@ impl RawConfig {
                 ));
             }
             if raw.threads == Some(0) {
-                problems.push(format!("{}: must be at least 1 (leave it out to use every core)", key("threads")));
+                problems.push(format!(
+                    "{}: must be at least 1 (leave it out to use every core)",
+                    key("threads")
+                ));
             }
             if raw.max_tokens_default == 0 {
                 problems.push(format!("{}: must be at least 1", key("max_tokens_default")));
@@ -224,8 +237,15 @@ impl RawConfig {
             if raw.queue_capacity == 0 {
                 problems.push(format!("{}: must be at least 1", key("queue_capacity")));
             }
-            if raw.chat_template.as_deref().is_some_and(|t| t.trim().is_empty()) {
-                problems.push(format!("{}: must name a template or be left out", key("chat_template")));
+            if raw
+                .chat_template
+                .as_deref()
+                .is_some_and(|t| t.trim().is_empty())
+            {
+                problems.push(format!(
+                    "{}: must name a template or be left out",
+                    key("chat_template")
+                ));
             }
             let path = if raw.path.is_absolute() {
                 raw.path
@@ -299,7 +319,11 @@ path = "small.gguf"
         let text = MINIMAL.replace("tier = \"fast\"\npath", "tier = \"fast\"\nslot = 3\npath");
         let problems = Config::parse(&text, Path::new(".")).expect_err("unknown key");
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("unknown field `slot`"), "{}", problems[0]);
+        assert!(
+            problems[0].contains("unknown field `slot`"),
+            "{}",
+            problems[0]
+        );
         assert!(problems[0].contains("line 8"), "{}", problems[0]);
     }
 
@@ -319,14 +343,20 @@ threads = 0
 "#;
         let problems = Config::parse(text, Path::new(".")).expect_err("invalid");
         let joined = problems.join("\n");
-        for key in ["server.listen", "model[0].slots", "model[0].threads", "server.default_tier"] {
+        for key in [
+            "server.listen",
+            "model[0].slots",
+            "model[0].threads",
+            "server.default_tier",
+        ] {
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
     }
 
     #[test]
     fn duplicate_model_ids_are_rejected() {
-        let text = format!("{MINIMAL}\n[[model]]\nid = \"small\"\ntier = \"full\"\npath = \"b.gguf\"\n");
+        let text =
+            format!("{MINIMAL}\n[[model]]\nid = \"small\"\ntier = \"full\"\npath = \"b.gguf\"\n");
         let problems = Config::parse(&text, Path::new(".")).expect_err("duplicate");
         assert!(problems[0].contains("model[1].id"), "{problems:?}");
     }
@@ -337,6 +367,9 @@ threads = 0
             file: PathBuf::from("config/x.toml"),
             problems: vec!["a: bad".into(), "b: worse".into()],
         };
-        assert_eq!(err.to_string(), "config/x.toml: a: bad\nconfig/x.toml: b: worse");
+        assert_eq!(
+            err.to_string(),
+            "config/x.toml: a: bad\nconfig/x.toml: b: worse"
+        );
     }
 }

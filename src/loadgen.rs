@@ -139,8 +139,11 @@ async fn run_level(
             }
         }
     });
-    let results: Vec<Result<RequestSample, u16>> =
-        futures::future::join_all(workers).await.into_iter().flatten().collect();
+    let results: Vec<Result<RequestSample, u16>> = futures::future::join_all(workers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let wall = started.elapsed();
 
     let mut error_statuses: Vec<(u16, usize)> = Vec::new();
@@ -155,7 +158,10 @@ async fn run_level(
         }
     }
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
-    let ttft: Vec<f64> = samples.iter().filter_map(|s| s.ttft.as_ref().map(ms)).collect();
+    let ttft: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.ttft.as_ref().map(ms))
+        .collect();
     let gaps: Vec<f64> = samples.iter().flat_map(|s| s.gaps.iter().map(ms)).collect();
     let e2e: Vec<f64> = samples.iter().map(|s| ms(&s.e2e)).collect();
     let completion_tokens: u64 = samples.iter().map(|s| s.completion_tokens).sum();
@@ -189,7 +195,10 @@ async fn one_request(
         "stream_options": {"include_usage": true},
     });
     let mut request = client
-        .post(format!("{}/v1/chat/completions", options.url.trim_end_matches('/')))
+        .post(format!(
+            "{}/v1/chat/completions",
+            options.url.trim_end_matches('/')
+        ))
         .json(&body);
     if let Some(key) = &options.api_key {
         request = request.bearer_auth(key);

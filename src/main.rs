@@ -9,10 +9,20 @@ use tiergate::loadgen::{self, BenchOptions};
 use tiergate::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "tiergate", version, about = "LLM gateway: GGUF tiers in-process, OpenAI-compatible API")]
+#[command(
+    name = "tiergate",
+    version,
+    about = "LLM gateway: GGUF tiers in-process, OpenAI-compatible API"
+)]
 struct Cli {
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "TIERGATE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TIERGATE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -86,7 +96,10 @@ fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -92,13 +92,21 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             time_to_first_token.clone(),
         );
-        registry.register("requests", "Chat completion requests by outcome", requests.clone());
+        registry.register(
+            "requests",
+            "Chat completion requests by outcome",
+            requests.clone(),
+        );
         registry.register(
             "generation_tokens",
             "Tokens generated",
             generated_tokens.clone(),
         );
-        registry.register("prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
 
         Self {
             registry,

@@ -15,7 +15,11 @@ use crate::metrics::{Metrics, ModelLabels};
 
 /// Serves until `shutdown` resolves. Returns an error if any model fails to load, so that
 /// a broken model stops the process instead of leaving it half-ready.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
     let mut ready_signals = Vec::new();
@@ -30,7 +34,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         ready_signals.push((model.id.clone(), ready));
     }
 
-    let state = AppState::new(engines, config.server.default_tier.clone(), config.server.body_limit_bytes, metrics);
+    let state = AppState::new(
+        engines,
+        config.server.default_tier.clone(),
+        config.server.body_limit_bytes,
+        metrics,
+    );
     let app = api::router(state);
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
@@ -41,7 +50,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             match ready.await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => return anyhow::anyhow!("model {id} failed to load: {reason}"),
-                Err(_) => return anyhow::anyhow!("model {id}: the model thread ended before it was ready"),
+                Err(_) => {
+                    return anyhow::anyhow!(
+                        "model {id}: the model thread ended before it was ready"
+                    )
+                }
             }
         }
         tracing::info!("all models ready");

@@ -9,7 +9,8 @@ use common::{first_bytes, parse_sse, streamed_text, user, TestServer, FAST, FULL
 use serde_json::{json, Value};
 
 const ACTIVE_FAST: &str = r#"tiergate_active_sequences{model="smollm2-135m-instruct",tier="fast"}"#;
-const BATCH_MAX_FAST: &str = r#"tiergate_batch_sequences_max{model="smollm2-135m-instruct",tier="fast"}"#;
+const BATCH_MAX_FAST: &str =
+    r#"tiergate_batch_sequences_max{model="smollm2-135m-instruct",tier="fast"}"#;
 
 fn greedy(model: &str, content: &str, max_tokens: u32) -> Value {
     json!({"model": model, "messages": user(content), "temperature": 0, "max_tokens": max_tokens})
@@ -21,7 +22,9 @@ async fn streaming_at_temperature_zero_concatenates_to_the_non_streaming_text() 
     for model in [FAST, FULL] {
         let body = greedy(model, "Name three colours of the rainbow.", 40);
         let whole = server.complete(body.clone()).await;
-        let expected = whole["choices"][0]["message"]["content"].as_str().expect("content");
+        let expected = whole["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content");
         assert!(!expected.is_empty(), "{model} generated nothing: {whole}");
         let streamed = streamed_text(&server.stream(body).await);
         assert_eq!(streamed, expected, "{model}");
@@ -42,7 +45,10 @@ async fn every_chunk_has_the_openai_shape_and_done_ends_the_stream() {
         .iter()
         .map(|p| serde_json::from_str(p).expect("chunk is JSON"))
         .collect();
-    assert!(chunks.len() >= 3, "role, content and finish chunks expected: {chunks:?}");
+    assert!(
+        chunks.len() >= 3,
+        "role, content and finish chunks expected: {chunks:?}"
+    );
     let id = chunks[0]["id"].as_str().expect("id");
     assert!(id.starts_with("chatcmpl-"));
     for chunk in &chunks {
@@ -50,7 +56,10 @@ async fn every_chunk_has_the_openai_shape_and_done_ends_the_stream() {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert!(chunk["created"].as_u64().expect("created") > 1_600_000_000);
         assert_eq!(chunk["model"], FAST);
-        assert!(chunk.get("usage").is_some(), "include_usage puts usage in every chunk");
+        assert!(
+            chunk.get("usage").is_some(),
+            "include_usage puts usage in every chunk"
+        );
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks[0]["choices"][0]["index"], 0);
@@ -61,24 +70,33 @@ async fn every_chunk_has_the_openai_shape_and_done_ends_the_stream() {
     assert!(usage["prompt_tokens"].as_u64().expect("prompt") > 0);
     assert_eq!(
         usage["total_tokens"].as_u64(),
-        Some(usage["prompt_tokens"].as_u64().unwrap_or(0) + usage["completion_tokens"].as_u64().unwrap_or(0))
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap_or(0)
+                + usage["completion_tokens"].as_u64().unwrap_or(0)
+        )
     );
 
     let (last, content) = choice_chunks.split_last().expect("finish chunk");
-    let reason = last["choices"][0]["finish_reason"].as_str().expect("finish reason");
+    let reason = last["choices"][0]["finish_reason"]
+        .as_str()
+        .expect("finish reason");
     assert!(reason == "stop" || reason == "length", "{reason}");
     for chunk in content {
         assert!(chunk["choices"][0]["finish_reason"].is_null());
         assert!(chunk["usage"].is_null());
     }
-    assert!(content[1..].iter().all(|c| c["choices"][0]["delta"]["content"].is_string()));
+    assert!(content[1..]
+        .iter()
+        .all(|c| c["choices"][0]["delta"]["content"].is_string()));
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn eight_concurrent_streams_complete_in_shared_decode_steps() {
     let server = TestServer::fast().await;
-    let topics = ["cats", "rivers", "bread", "stars", "trains", "music", "snow", "chess"];
+    let topics = [
+        "cats", "rivers", "bread", "stars", "trains", "music", "snow", "chess",
+    ];
     let requests = topics.iter().map(|topic| {
         let body = json!({
             "messages": user(&format!("Write two sentences about {topic}.")),
@@ -92,7 +110,10 @@ async fn eight_concurrent_streams_complete_in_shared_decode_steps() {
         assert!(!streamed_text(payloads).is_empty());
     }
     let batched = server.metric(BATCH_MAX_FAST).await.expect("batch metric");
-    assert!(batched > 1.0, "sequences were never decoded together (max {batched})");
+    assert!(
+        batched > 1.0,
+        "sequences were never decoded together (max {batched})"
+    );
     assert_eq!(server.metric(ACTIVE_FAST).await, Some(0.0));
     server.stop().await;
 }
@@ -107,13 +128,24 @@ async fn client_disconnect_frees_its_sequence_and_the_next_request_is_served() {
     let resp = server.post_chat(&body).await;
     assert_eq!(resp.status(), 200);
     let seen = first_bytes(resp, 400).await;
-    assert!(seen.len() >= 400, "stream ended early: {}", String::from_utf8_lossy(&seen));
-    assert_eq!(server.metric(ACTIVE_FAST).await, Some(1.0), "the sequence should still be generating");
+    assert!(
+        seen.len() >= 400,
+        "stream ended early: {}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(
+        server.metric(ACTIVE_FAST).await,
+        Some(1.0),
+        "the sequence should still be generating"
+    );
     // `resp` was moved into first_bytes and is dropped: the client is gone.
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.metric(ACTIVE_FAST).await != Some(0.0) {
-        assert!(Instant::now() < deadline, "the sequence still holds its slot 10 s after the disconnect");
+        assert!(
+            Instant::now() < deadline,
+            "the sequence still holds its slot 10 s after the disconnect"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let reply = server.complete(greedy("auto", "Say yes.", 8)).await;
@@ -139,7 +171,10 @@ async fn stop_string_ends_generation_before_the_stop_text() {
     let server = TestServer::fast().await;
     let body = greedy("auto", "List the days of the week, one per line.", 60);
     let reference = server.complete(body.clone()).await;
-    let text = reference["choices"][0]["message"]["content"].as_str().expect("text").to_owned();
+    let text = reference["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_owned();
     // A stop string taken from the middle of the reply, at its first occurrence.
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() > 12, "reply too short to cut: {text:?}");
@@ -165,15 +200,28 @@ async fn stop_string_ends_generation_before_the_stop_text() {
 #[tokio::test(flavor = "multi_thread")]
 async fn multibyte_characters_stream_without_replacement_characters() {
     let server = TestServer::fast().await;
-    let body = greedy("auto", "Repeat exactly, nothing else: 你好，世界！🦀🚀 こんにちは 😀", 40);
+    let body = greedy(
+        "auto",
+        "Repeat exactly, nothing else: 你好，世界！🦀🚀 こんにちは 😀",
+        40,
+    );
     let payloads = server.stream(body.clone()).await;
     let text = streamed_text(&payloads);
-    assert!(!text.contains('\u{fffd}'), "replacement character in {text:?}");
-    assert!(text.chars().any(|c| c.len_utf8() > 1), "the reply has no multi-byte character to test: {text:?}");
+    assert!(
+        !text.contains('\u{fffd}'),
+        "replacement character in {text:?}"
+    );
+    assert!(
+        text.chars().any(|c| c.len_utf8() > 1),
+        "the reply has no multi-byte character to test: {text:?}"
+    );
     for payload in &payloads[..payloads.len() - 1] {
         let chunk: Value = serde_json::from_str(payload).expect("json");
         if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-            assert!(!piece.contains('\u{fffd}'), "chunk split a character: {piece:?}");
+            assert!(
+                !piece.contains('\u{fffd}'),
+                "chunk split a character: {piece:?}"
+            );
         }
     }
     let whole = server.complete(body).await;
@@ -191,7 +239,12 @@ struct BadInput {
     message_contains: &'static [&'static str],
 }
 
-fn bad(name: &'static str, body: impl Into<String>, status: u16, param: Option<&'static str>) -> BadInput {
+fn bad(
+    name: &'static str,
+    body: impl Into<String>,
+    status: u16,
+    param: Option<&'static str>,
+) -> BadInput {
     BadInput {
         name,
         body: body.into(),
@@ -216,38 +269,111 @@ async fn bad_input_gets_an_openai_error_with_the_right_status() {
     let long_prompt = "word ".repeat(2000);
     let cases = vec![
         bad("malformed json", r#"{"messages": [ "#, 400, None),
-        bad("wrong type", format!(r#"{{{msg},"temperature":"hot"}}"#), 400, Some("temperature")),
+        bad(
+            "wrong type",
+            format!(r#"{{{msg},"temperature":"hot"}}"#),
+            400,
+            Some("temperature"),
+        ),
         bad("missing messages", r#"{"model":"auto"}"#, 400, None),
-        bad("empty messages", r#"{"messages":[]}"#, 400, Some("messages")),
-        bad("unknown role", r#"{"messages":[{"role":"wizard","content":"x"}]}"#, 400, Some("messages[0].role")),
-        bad("max_tokens zero", format!(r#"{{{msg},"max_tokens":0}}"#), 400, Some("max_tokens")),
+        bad(
+            "empty messages",
+            r#"{"messages":[]}"#,
+            400,
+            Some("messages"),
+        ),
+        bad(
+            "unknown role",
+            r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+            400,
+            Some("messages[0].role"),
+        ),
+        bad(
+            "max_tokens zero",
+            format!(r#"{{{msg},"max_tokens":0}}"#),
+            400,
+            Some("max_tokens"),
+        ),
         BadInput {
             code: Some("context_length_exceeded"),
             message_contains: &["512"],
-            ..bad("max_tokens beyond context", format!(r#"{{{msg},"max_tokens":100000}}"#), 400, Some("max_tokens"))
+            ..bad(
+                "max_tokens beyond context",
+                format!(r#"{{{msg},"max_tokens":100000}}"#),
+                400,
+                Some("max_tokens"),
+            )
         },
-        bad("temperature too high", format!(r#"{{{msg},"temperature":3}}"#), 400, Some("temperature")),
-        bad("top_p zero", format!(r#"{{{msg},"top_p":0}}"#), 400, Some("top_p")),
+        bad(
+            "temperature too high",
+            format!(r#"{{{msg},"temperature":3}}"#),
+            400,
+            Some("temperature"),
+        ),
+        bad(
+            "top_p zero",
+            format!(r#"{{{msg},"top_p":0}}"#),
+            400,
+            Some("top_p"),
+        ),
         BadInput {
             code: Some("unsupported_parameter"),
             ..bad("n above one", format!(r#"{{{msg},"n":3}}"#), 400, Some("n"))
         },
-        bad("tools", format!(r#"{{{msg},"tools":[{{"type":"function","function":{{"name":"f"}}}}]}}"#), 400, Some("tools")),
-        bad("logprobs", format!(r#"{{{msg},"logprobs":true}}"#), 400, Some("logprobs")),
-        bad("json mode", format!(r#"{{{msg},"response_format":{{"type":"json_object"}}}}"#), 400, Some("response_format")),
-        bad("image part", r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#, 400, Some("messages[0].content[0]")),
+        bad(
+            "tools",
+            format!(r#"{{{msg},"tools":[{{"type":"function","function":{{"name":"f"}}}}]}}"#),
+            400,
+            Some("tools"),
+        ),
+        bad(
+            "logprobs",
+            format!(r#"{{{msg},"logprobs":true}}"#),
+            400,
+            Some("logprobs"),
+        ),
+        bad(
+            "json mode",
+            format!(r#"{{{msg},"response_format":{{"type":"json_object"}}}}"#),
+            400,
+            Some("response_format"),
+        ),
+        bad(
+            "image part",
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            400,
+            Some("messages[0].content[0]"),
+        ),
         BadInput {
             code: Some("model_not_found"),
-            ..bad("unknown model", format!(r#"{{{msg},"model":"gpt-9"}}"#), 404, Some("model"))
+            ..bad(
+                "unknown model",
+                format!(r#"{{{msg},"model":"gpt-9"}}"#),
+                404,
+                Some("model"),
+            )
         },
         BadInput {
             code: Some("request_too_large"),
-            ..bad("body over limit", format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(BODY_LIMIT)), 413, None)
+            ..bad(
+                "body over limit",
+                format!(
+                    r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+                    "a".repeat(BODY_LIMIT)
+                ),
+                413,
+                None,
+            )
         },
         BadInput {
             code: Some("context_length_exceeded"),
             message_contains: &["512"],
-            ..bad("prompt longer than context", format!(r#"{{"messages":[{{"role":"user","content":"{long_prompt}"}}]}}"#), 400, Some("messages"))
+            ..bad(
+                "prompt longer than context",
+                format!(r#"{{"messages":[{{"role":"user","content":"{long_prompt}"}}]}}"#),
+                400,
+                Some("messages"),
+            )
         },
     ];
 
@@ -261,10 +387,15 @@ async fn bad_input_gets_an_openai_error_with_the_right_status() {
             .await
             .expect("sent");
         let status = resp.status().as_u16();
-        let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{}: error body is not JSON: {e}", case.name));
+        let body: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{}: error body is not JSON: {e}", case.name));
         assert_eq!(status, case.status, "{}: {body}", case.name);
         let error = &body["error"];
-        let message = error["message"].as_str().unwrap_or_else(|| panic!("{}: no message in {body}", case.name));
+        let message = error["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no message in {body}", case.name));
         assert!(!message.is_empty(), "{}", case.name);
         assert!(error["type"].is_string(), "{}: {body}", case.name);
         assert_eq!(error["param"].as_str(), case.param, "{}: {body}", case.name);
@@ -272,18 +403,27 @@ async fn bad_input_gets_an_openai_error_with_the_right_status() {
             assert_eq!(error["code"], code, "{}: {body}", case.name);
         }
         for needle in case.message_contains {
-            assert!(message.contains(needle), "{}: {message:?} lacks {needle}", case.name);
+            assert!(
+                message.contains(needle),
+                "{}: {message:?} lacks {needle}",
+                case.name
+            );
         }
     }
     // The prompt-too-long message carries both numbers: the prompt's tokens and the context.
-    let resp = server.post_chat(&json!({"messages": user(&long_prompt)})).await;
+    let resp = server
+        .post_chat(&json!({"messages": user(&long_prompt)}))
+        .await;
     let body: Value = resp.json().await.expect("json");
     let message = body["error"]["message"].as_str().expect("message");
     let numbers: Vec<u64> = message
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|n| n.parse().ok())
         .collect();
-    assert!(numbers.contains(&u64::from(CONTEXT)) && numbers.iter().any(|&n| n > u64::from(CONTEXT)), "{message}");
+    assert!(
+        numbers.contains(&u64::from(CONTEXT)) && numbers.iter().any(|&n| n > u64::from(CONTEXT)),
+        "{message}"
+    );
 
     // Nothing leaked: no sequence holds a slot, and the server still answers.
     assert_eq!(server.metric(ACTIVE_FAST).await, Some(0.0));
@@ -307,32 +447,68 @@ async fn full_kv_cache_defers_admission_instead_of_failing() {
         }))
     });
     for reply in futures::future::join_all(requests).await {
-        let reason = reply["choices"][0]["finish_reason"].as_str().expect("reason");
+        let reason = reply["choices"][0]["finish_reason"]
+            .as_str()
+            .expect("reason");
         assert!(reason == "stop" || reason == "length");
         assert!(reply["usage"]["completion_tokens"].as_u64().expect("usage") <= 150);
     }
-    assert_eq!(server.metric(BATCH_MAX_FAST).await, Some(1.0), "admission must wait for free cells");
+    assert_eq!(
+        server.metric(BATCH_MAX_FAST).await,
+        Some(1.0),
+        "admission must wait for free cells"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn models_health_ready_and_metrics_endpoints_answer() {
     let server = TestServer::both().await;
-    let models: Value = server.client.get(server.url("/v1/models")).send().await.expect("models").json().await.expect("json");
-    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    let models: Value = server
+        .client
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     assert_eq!(ids, vec!["auto", FAST, FULL]);
     for path in ["/health", "/ready"] {
-        let resp = server.client.get(server.url(path)).send().await.expect(path);
+        let resp = server
+            .client
+            .get(server.url(path))
+            .send()
+            .await
+            .expect(path);
         assert_eq!(resp.status(), 200, "{path}");
     }
     // A tier name routes to its model.
     let reply = server.complete(greedy("full", "Hi", 4)).await;
     assert_eq!(reply["model"], FULL);
     let text = server.metrics().await;
-    for name in ["tiergate_active_sequences", "tiergate_waiting_requests", "tiergate_batch_sequences_max"] {
-        assert!(text.contains(&format!("{name}{{model=\"{FULL}\",tier=\"full\"}}")), "{name} missing:\n{text}");
+    for name in [
+        "tiergate_active_sequences",
+        "tiergate_waiting_requests",
+        "tiergate_batch_sequences_max",
+    ] {
+        assert!(
+            text.contains(&format!("{name}{{model=\"{FULL}\",tier=\"full\"}}")),
+            "{name} missing:\n{text}"
+        );
     }
-    let unknown = server.client.get(server.url("/v2/nothing")).send().await.expect("404");
+    let unknown = server
+        .client
+        .get(server.url("/v2/nothing"))
+        .send()
+        .await
+        .expect("404");
     assert_eq!(unknown.status(), 404);
     server.stop().await;
 }

@@ -18,7 +18,8 @@ use futures::stream;
 
 use super::error::ApiError;
 use super::types::{
-    AssistantMessage, ChatRequest, ChunkBody, ChunkChoice, CompletionBody, CompletionChoice, Delta, UsageBody,
+    AssistantMessage, ChatRequest, ChunkBody, ChunkChoice, CompletionBody, CompletionChoice, Delta,
+    UsageBody,
 };
 use super::AppState;
 use crate::engine::{EngineError, FinishReason, TokenEvent, TokenStream, Usage};
@@ -49,21 +50,32 @@ pub async fn chat_completions(
     };
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         model: info.id.clone(),
         include_usage: request.include_usage,
     };
 
     let accepted_at = Instant::now();
-    let mut tokens = engine.submit(request.generation).inspect_err(|e| state.count_request(&labels, status_of(e)))?;
+    let mut tokens = engine
+        .submit(request.generation)
+        .inspect_err(|e| state.count_request(&labels, status_of(e)))?;
     let first = tokens.next_event().await.unwrap_or_else(engine_gone);
     if let TokenEvent::Failed(err) = first {
         state.count_request(&labels, status_of(&err));
         return Err(err.into());
     }
     let metrics = state.metrics();
-    metrics.time_to_first_token.get_or_create(&labels).observe(accepted_at.elapsed().as_secs_f64());
-    metrics.prompt_tokens.get_or_create(&labels).inc_by(u64::from(tokens.prompt_tokens));
+    metrics
+        .time_to_first_token
+        .get_or_create(&labels)
+        .observe(accepted_at.elapsed().as_secs_f64());
+    metrics
+        .prompt_tokens
+        .get_or_create(&labels)
+        .inc_by(u64::from(tokens.prompt_tokens));
 
     let response = if request.stream {
         stream_response(meta, first, tokens, state.clone(), labels)
@@ -72,22 +84,36 @@ pub async fn chat_completions(
         record_outcome(&state, &labels, &outcome);
         complete_response(&meta, outcome?)
     };
-    Ok(with_route_headers(response, &engine.info().tier, &engine.info().id))
+    Ok(with_route_headers(
+        response,
+        &engine.info().tier,
+        &engine.info().id,
+    ))
 }
 
 fn engine_gone() -> TokenEvent {
-    TokenEvent::Failed(EngineError::Decode("the model thread ended the sequence without finishing it".into()))
+    TokenEvent::Failed(EngineError::Decode(
+        "the model thread ended the sequence without finishing it".into(),
+    ))
 }
 
 fn status_of(err: &EngineError) -> StatusCode {
     ApiError::from(err.clone()).status
 }
 
-fn record_outcome(state: &AppState, labels: &ModelLabels, outcome: &Result<(String, FinishReason, Usage), EngineError>) {
+fn record_outcome(
+    state: &AppState,
+    labels: &ModelLabels,
+    outcome: &Result<(String, FinishReason, Usage), EngineError>,
+) {
     match outcome {
         Ok((_, _, usage)) => {
             state.count_request(labels, StatusCode::OK);
-            state.metrics().generated_tokens.get_or_create(labels).inc_by(u64::from(usage.completion_tokens));
+            state
+                .metrics()
+                .generated_tokens
+                .get_or_create(labels)
+                .inc_by(u64::from(usage.completion_tokens));
         }
         Err(err) => state.count_request(labels, status_of(err)),
     }
@@ -105,20 +131,29 @@ fn with_route_headers(mut response: Response, tier: &str, model: &str) -> Respon
 }
 
 /// Reads the whole generation for a non-streaming reply.
-async fn collect(first: TokenEvent, tokens: &mut TokenStream) -> Result<(String, FinishReason, Usage), EngineError> {
+async fn collect(
+    first: TokenEvent,
+    tokens: &mut TokenStream,
+) -> Result<(String, FinishReason, Usage), EngineError> {
     let mut text = String::new();
     let mut event = first;
     loop {
         match event {
             TokenEvent::Text(piece) => text.push_str(&piece),
-            TokenEvent::Finished { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+            TokenEvent::Finished {
+                finish_reason,
+                usage,
+            } => return Ok((text, finish_reason, usage)),
             TokenEvent::Failed(err) => return Err(err),
         }
         event = tokens.next_event().await.unwrap_or_else(engine_gone);
     }
 }
 
-fn complete_response(meta: &ResponseMeta, (text, finish_reason, usage): (String, FinishReason, Usage)) -> Response {
+fn complete_response(
+    meta: &ResponseMeta,
+    (text, finish_reason, usage): (String, FinishReason, Usage),
+) -> Response {
     let body = CompletionBody {
         id: &meta.id,
         object: "chat.completion",
@@ -205,9 +240,16 @@ impl SseState {
                 },
                 None,
             ),
-            TokenEvent::Finished { finish_reason, usage } => {
+            TokenEvent::Finished {
+                finish_reason,
+                usage,
+            } => {
                 self.phase = Phase::Done;
-                record_outcome(&self.state, &self.labels, &Ok((String::new(), finish_reason, usage)));
+                record_outcome(
+                    &self.state,
+                    &self.labels,
+                    &Ok((String::new(), finish_reason, usage)),
+                );
                 let mut out = meta.chunk(Delta::default(), Some(finish_reason)).to_vec();
                 if meta.include_usage {
                     out.extend_from_slice(&meta.usage_chunk(usage));
@@ -218,14 +260,21 @@ impl SseState {
             TokenEvent::Failed(err) => {
                 self.phase = Phase::Done;
                 tracing::warn!(id = %meta.id, %err, "generation failed after the stream started");
-                self.state.count_request_outcome(&self.labels, "stream_error");
+                self.state
+                    .count_request_outcome(&self.labels, "stream_error");
                 ApiError::from(err).sse_event()
             }
         }
     }
 }
 
-fn stream_response(meta: ResponseMeta, first: TokenEvent, tokens: TokenStream, state: AppState, labels: ModelLabels) -> Response {
+fn stream_response(
+    meta: ResponseMeta,
+    first: TokenEvent,
+    tokens: TokenStream,
+    state: AppState,
+    labels: ModelLabels,
+) -> Response {
     let initial = SseState {
         meta: Arc::new(meta),
         tokens,

@@ -136,15 +136,20 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         let message = err.to_string();
         match err {
-            EngineError::Loading { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                .with_code("model_loading")
-                .with_retry_after(1),
-            EngineError::Unavailable { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code("model_unavailable")
+            EngineError::Loading { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code("model_loading")
+                    .with_retry_after(1)
             }
-            EngineError::QueueFull { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                .with_code("overloaded")
-                .with_retry_after(1),
+            EngineError::Unavailable { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code("model_unavailable")
+            }
+            EngineError::QueueFull { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code("overloaded")
+                    .with_retry_after(1)
+            }
             EngineError::PromptTooLong { .. } => Self::invalid_request(message)
                 .with_code("context_length_exceeded")
                 .with_param("messages"),
@@ -161,7 +166,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, self.json()).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

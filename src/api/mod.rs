@@ -31,7 +31,12 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(engines: Vec<Arc<dyn Engine>>, default_tier: String, body_limit: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        engines: Vec<Arc<dyn Engine>>,
+        default_tier: String,
+        body_limit: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engines,
@@ -53,7 +58,11 @@ impl AppState {
     /// `auto` → the default tier; otherwise an exact model id, then a tier name.
     pub fn resolve_model(&self, requested: &str) -> Result<Arc<dyn Engine>, ApiError> {
         let engines = &self.inner.engines;
-        let tier = if requested == "auto" { self.inner.default_tier.as_str() } else { requested };
+        let tier = if requested == "auto" {
+            self.inner.default_tier.as_str()
+        } else {
+            requested
+        };
         engines
             .iter()
             .find(|e| e.info().id == requested)
@@ -109,7 +118,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let mut data = vec![json!({"id": "auto", "object": "model", "created": 0, "owned_by": "tiergate"})];
+    let mut data =
+        vec![json!({"id": "auto", "object": "model", "created": 0, "owned_by": "tiergate"})];
     data.extend(state.inner.engines.iter().map(|e| {
         let info = e.info();
         json!({
@@ -138,15 +148,26 @@ async fn ready(State(state): State<AppState>) -> Response {
         .map(|e| (e.info().id.clone(), json!(e.is_ready())))
         .collect();
     if state.all_ready() {
-        (StatusCode::OK, Json(json!({"status": "ready", "models": models}))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "models": models})),
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading", "models": models}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading", "models": models})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics().render(),
     )
         .into_response()

@@ -121,8 +121,8 @@ impl ChatRequest {
     /// Parses and validates a request body; every error names the parameter at fault.
     pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let raw: ChatCompletionRequest =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let raw: ChatCompletionRequest = serde_path_to_error::deserialize(&mut deserializer)
+            .map_err(|err| {
                 let path = err.path().to_string();
                 let inner = err.into_inner();
                 if inner.is_data() && path != "." {
@@ -130,7 +130,9 @@ impl ChatRequest {
                 } else if inner.is_data() {
                     ApiError::invalid_request(format!("invalid request body: {inner}"))
                 } else {
-                    ApiError::invalid_request(format!("the request body is not valid JSON: {inner}"))
+                    ApiError::invalid_request(format!(
+                        "the request body is not valid JSON: {inner}"
+                    ))
                 }
             })?;
         raw.validate()
@@ -142,8 +144,10 @@ impl ChatCompletionRequest {
         self.reject_unsupported()?;
 
         if self.messages.is_empty() {
-            return Err(ApiError::invalid_request("`messages` must contain at least one message")
-                .with_param("messages"));
+            return Err(
+                ApiError::invalid_request("`messages` must contain at least one message")
+                    .with_param("messages"),
+            );
         }
         let messages = self
             .messages
@@ -152,24 +156,39 @@ impl ChatCompletionRequest {
             .map(|(i, m)| m.into_chat_message(i))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let max_tokens = match self.max_completion_tokens.map(|v| ("max_completion_tokens", v)).or(self.max_tokens.map(|v| ("max_tokens", v))) {
+        let max_tokens = match self
+            .max_completion_tokens
+            .map(|v| ("max_completion_tokens", v))
+            .or(self.max_tokens.map(|v| ("max_tokens", v)))
+        {
             Some((param, value)) if value < 1 => {
-                return Err(ApiError::invalid_request(format!("`{param}` must be at least 1, got {value}")).with_param(param));
+                return Err(ApiError::invalid_request(format!(
+                    "`{param}` must be at least 1, got {value}"
+                ))
+                .with_param(param));
             }
             Some((param, value)) => Some(u32::try_from(value).map_err(|_| {
-                ApiError::invalid_request(format!("`{param}` is too large: {value}")).with_param(param)
+                ApiError::invalid_request(format!("`{param}` is too large: {value}"))
+                    .with_param(param)
             })?),
             None => None,
         };
 
         let defaults = SamplingParams::default();
-        let temperature = in_range("temperature", self.temperature, 0.0, 2.0)?.unwrap_or(defaults.temperature as f64);
-        let top_p = in_range("top_p", self.top_p, f64::MIN_POSITIVE, 1.0)?.unwrap_or(defaults.top_p as f64);
-        let presence_penalty = in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
-        let frequency_penalty = in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let temperature = in_range("temperature", self.temperature, 0.0, 2.0)?
+            .unwrap_or(defaults.temperature as f64);
+        let top_p =
+            in_range("top_p", self.top_p, f64::MIN_POSITIVE, 1.0)?.unwrap_or(defaults.top_p as f64);
+        let presence_penalty =
+            in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+        let frequency_penalty =
+            in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
         let top_k = match self.top_k {
             Some(k) if k < 0 => {
-                return Err(ApiError::invalid_request(format!("`top_k` must be 0 (off) or more, got {k}")).with_param("top_k"))
+                return Err(ApiError::invalid_request(format!(
+                    "`top_k` must be 0 (off) or more, got {k}"
+                ))
+                .with_param("top_k"))
             }
             Some(k) => u32::try_from(k).unwrap_or(u32::MAX),
             None => defaults.top_k,
@@ -211,17 +230,33 @@ impl ChatCompletionRequest {
 
     fn reject_unsupported(&self) -> Result<(), ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported_parameter("n", "only one choice per request (n = 1) is generated"));
+            return Err(ApiError::unsupported_parameter(
+                "n",
+                "only one choice per request (n = 1) is generated",
+            ));
         }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported_parameter("tools", "tool calling is not implemented"));
+            return Err(ApiError::unsupported_parameter(
+                "tools",
+                "tool calling is not implemented",
+            ));
         }
         if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-            return Err(ApiError::unsupported_parameter("functions", "function calling is not implemented"));
+            return Err(ApiError::unsupported_parameter(
+                "functions",
+                "function calling is not implemented",
+            ));
         }
         if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            let param = if self.logprobs == Some(true) { "logprobs" } else { "top_logprobs" };
-            return Err(ApiError::unsupported_parameter(param, "log probabilities are not returned"));
+            let param = if self.logprobs == Some(true) {
+                "logprobs"
+            } else {
+                "top_logprobs"
+            };
+            return Err(ApiError::unsupported_parameter(
+                param,
+                "log probabilities are not returned",
+            ));
         }
         if let Some(format) = &self.response_format {
             if format.kind != "text" {
@@ -232,7 +267,10 @@ impl ChatCompletionRequest {
             }
         }
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err(ApiError::unsupported_parameter("logit_bias", "token biases are not applied"));
+            return Err(ApiError::unsupported_parameter(
+                "logit_bias",
+                "token biases are not applied",
+            ));
         }
         Ok(())
     }
@@ -265,8 +303,10 @@ impl RequestMessage {
         }
         let content = match self.content {
             None => {
-                return Err(ApiError::invalid_request(format!("`messages[{index}].content` is required"))
-                    .with_param(format!("messages[{index}].content")))
+                return Err(ApiError::invalid_request(format!(
+                    "`messages[{index}].content` is required"
+                ))
+                .with_param(format!("messages[{index}].content")))
             }
             Some(MessageContent::Text(text)) => text,
             Some(MessageContent::Parts(parts)) => {
@@ -276,8 +316,10 @@ impl RequestMessage {
                     match (part.kind.as_str(), part.text) {
                         ("text", Some(t)) => text.push_str(&t),
                         ("text", None) => {
-                            return Err(ApiError::invalid_request(format!("`{param}.text` is required"))
-                                .with_param(format!("{param}.text")))
+                            return Err(ApiError::invalid_request(format!(
+                                "`{param}.text` is required"
+                            ))
+                            .with_param(format!("{param}.text")))
                         }
                         (other, _) => {
                             return Err(ApiError::unsupported_parameter(
@@ -297,8 +339,15 @@ impl RequestMessage {
 fn in_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
     match value {
         Some(v) if !(min..=max).contains(&v) || v.is_nan() => {
-            let low = if min == f64::MIN_POSITIVE { "above 0".to_owned() } else { format!("at least {min}") };
-            Err(ApiError::invalid_request(format!("`{param}` must be {low} and at most {max}, got {v}")).with_param(param))
+            let low = if min == f64::MIN_POSITIVE {
+                "above 0".to_owned()
+            } else {
+                format!("at least {min}")
+            };
+            Err(ApiError::invalid_request(format!(
+                "`{param}` must be {low} and at most {max}, got {v}"
+            ))
+            .with_param(param))
         }
         other => Ok(other),
     }
@@ -410,9 +459,11 @@ mod tests {
 
     #[test]
     fn stop_accepts_a_string_or_a_list() {
-        let one = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END"}"#).expect("valid");
+        let one =
+            parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END"}"#).expect("valid");
         assert_eq!(one.generation.stop, vec!["END"]);
-        let many = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#).expect("valid");
+        let many = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#)
+            .expect("valid");
         assert_eq!(many.generation.stop, vec!["a", "b"]);
     }
 
@@ -428,9 +479,15 @@ mod tests {
             (r#""n":2"#, "n"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""logprobs":true"#, "logprobs"),
-            (r#""response_format":{"type":"json_object"}"#, "response_format"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
         ] {
-            let err = parse(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#)).expect_err(field);
+            let err = parse(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
+            ))
+            .expect_err(field);
             assert_eq!(err.status, 400);
             assert_eq!(err.param.as_deref(), Some(param), "{field}");
         }
@@ -446,7 +503,8 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_parameter() {
-        let err = parse(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#).expect_err("type");
+        let err = parse(r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#)
+            .expect_err("type");
         assert_eq!(err.param.as_deref(), Some("temperature"));
         let err = parse(r#"{"messages":"hello"}"#).expect_err("type");
         assert_eq!(err.param.as_deref(), Some("messages"));
@@ -469,7 +527,10 @@ mod tests {
             (r#""presence_penalty":3"#, "presence_penalty"),
             (r#""top_k":-1"#, "top_k"),
         ] {
-            let err = parse(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#)).expect_err(field);
+            let err = parse(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
+            ))
+            .expect_err(field);
             assert_eq!(err.param.as_deref(), Some(param), "{field}");
         }
     }
@@ -501,6 +562,8 @@ mod tests {
             choices: vec![],
             usage: Some(None),
         };
-        assert!(serde_json::to_string(&chunk).expect("json").contains(r#""usage":null"#));
+        assert!(serde_json::to_string(&chunk)
+            .expect("json")
+            .contains(r#""usage":null"#));
     }
 }

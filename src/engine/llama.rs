@@ -94,7 +94,10 @@ pub type ReadySignal = oneshot::Receiver<Result<(), String>>;
 impl LlamaEngine {
     /// Spawns the model thread and returns at once; the model loads in the background and
     /// the [`ReadySignal`] says how that went.
-    pub fn start(config: ModelConfig, gauges: EngineGauges) -> std::io::Result<(Arc<Self>, ReadySignal)> {
+    pub fn start(
+        config: ModelConfig,
+        gauges: EngineGauges,
+    ) -> std::io::Result<(Arc<Self>, ReadySignal)> {
         let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
         let loaded = Arc::new(OnceLock::new());
@@ -140,7 +143,11 @@ impl LlamaEngine {
         })
     }
 
-    fn tokenize_prompt(&self, loaded: &Loaded, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, EngineError> {
+    fn tokenize_prompt(
+        &self,
+        loaded: &Loaded,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<LlamaToken>, EngineError> {
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
@@ -319,7 +326,12 @@ fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
         .with_kv_unified(true)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    Ok((Arc::new(model), context_params, template, context_per_sequence))
+    Ok((
+        Arc::new(model),
+        context_params,
+        template,
+        context_per_sequence,
+    ))
 }
 
 /// One admitted request holding a slot (a llama.cpp sequence id) and KV cells.
@@ -443,7 +455,8 @@ impl StepLoop<'_> {
             self.total_cells - self.reserved_cells,
         );
         for _ in 0..admitted {
-            let (Some(request), Some(seq_id)) = (self.waiting.pop_front(), self.free_seq_ids.pop()) else {
+            let (Some(request), Some(seq_id)) = (self.waiting.pop_front(), self.free_seq_ids.pop())
+            else {
                 break;
             };
             self.gauges.waiting_requests.dec();
@@ -583,7 +596,12 @@ impl StepLoop<'_> {
                         if wants_logits {
                             index = Some(self.batch.n_tokens());
                         }
-                        self.batch.add(token, seq.n_past + offset as i32, &[seq.seq_id], wants_logits)?;
+                        self.batch.add(
+                            token,
+                            seq.n_past + offset as i32,
+                            &[seq.seq_id],
+                            wants_logits,
+                        )?;
                     }
                     logits_at.push(index);
                 }
@@ -662,7 +680,10 @@ impl StepLoop<'_> {
 
     /// Frees a sequence's KV cells and slot at once.
     fn release(&mut self, seq: Sequence) {
-        if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq.seq_id as u32), None, None) {
+        if let Err(err) = self
+            .ctx
+            .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None)
+        {
             tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
         }
         self.reserved_cells -= seq.reservation;

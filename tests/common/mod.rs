@@ -46,7 +46,9 @@ impl TestServer {
             model.n_ctx = 4096;
         }
         edit(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
         let base = format!("http://{}", listener.local_addr().expect("local addr"));
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(tiergate::server::run(listener, config, async {
@@ -70,8 +72,14 @@ impl TestServer {
                     return;
                 }
             }
-            assert!(!self.task.is_finished(), "server stopped before it was ready");
-            assert!(Instant::now() < deadline, "models did not load within 120 s");
+            assert!(
+                !self.task.is_finished(),
+                "server stopped before it was ready"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "models did not load within 120 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -158,7 +166,9 @@ pub fn streamed_text(payloads: &[String]) -> String {
         .filter(|p| p.as_str() != "[DONE]")
         .filter_map(|p| {
             let chunk: Value = serde_json::from_str(p).expect("chunk json");
-            chunk["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
         })
         .collect()
 }
@@ -181,5 +191,9 @@ pub async fn first_bytes(resp: reqwest::Response, at_least: usize) -> Vec<u8> {
 }
 
 pub fn fast_model(config: &Config) -> &ModelConfig {
-    config.models.iter().find(|m| m.id == FAST).expect("fast model in config")
+    config
+        .models
+        .iter()
+        .find(|m| m.id == FAST)
+        .expect("fast model in config")
 }
