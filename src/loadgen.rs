@@ -193,6 +193,8 @@ async fn one_request(
         "temperature": 0.8,
         "stream": true,
         "stream_options": {"include_usage": true},
+        // Fixed-length outputs, so levels and servers are compared on equal work.
+        "ignore_eos": true,
     });
     let mut request = client
         .post(format!(

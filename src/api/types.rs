@@ -41,6 +41,9 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f64>,
     #[serde(default)]
     pub frequency_penalty: Option<f64>,
+    /// llama.cpp's server extension: generate to `max_tokens` whatever the model wants.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
     /// Accepted for compatibility; recorded nowhere yet.
     #[serde(default)]
     pub user: Option<String>,
@@ -224,6 +227,7 @@ impl ChatCompletionRequest {
                 sampling,
                 max_tokens,
                 stop,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
             },
         })
     }

@@ -23,6 +23,7 @@ use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{DecodeError, LogOptions};
 use tokio::sync::{mpsc, oneshot};
@@ -64,6 +65,7 @@ struct QueuedRequest {
     max_new_tokens: u32,
     sampling: SamplingParams,
     stop: Vec<String>,
+    ignore_eos: bool,
     events: mpsc::UnboundedSender<TokenEvent>,
 }
 
@@ -202,6 +204,7 @@ impl Engine for LlamaEngine {
             max_new_tokens,
             sampling: request.sampling,
             stop: request.stop,
+            ignore_eos: request.ignore_eos,
             events: events_tx,
         };
         // Count before sending: the model thread decrements on admission, which may come
@@ -276,6 +279,10 @@ fn model_thread(
         live: Vec::new(),
         gauges,
         model_id: config.id.clone(),
+        eog_tokens: {
+            let vocab = model.vocab();
+            vocab.tokens().filter(|&t| vocab.is_eog(t)).collect()
+        },
     };
     let _ = loaded_slot.set(Loaded {
         model: model.clone(),
@@ -314,16 +321,21 @@ fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
         .apply_chat_template(&template, &[probe], true)
         .map_err(|e| format!("{id}: chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"))?;
 
-    let context_per_sequence = config.n_ctx.min(model.n_ctx_train());
+    let context_per_sequence = if config.kv_unified {
+        config.n_ctx
+    } else {
+        config.n_ctx / config.slots
+    }
+    .min(model.n_ctx_train());
     let threads = config.threads as i32;
     let context_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.n_ctx))
         .with_n_batch(config.batch)
         .with_n_ubatch(config.batch)
         .with_n_seq_max(config.slots)
-        // One pool of cells shared by every slot: a long conversation may use what short
-        // ones leave free, and admission reserves cells so the pool cannot overflow.
-        .with_kv_unified(true)
+        // Unified: one pool of cells shared by every slot; admission reserves cells so the
+        // pool cannot overflow. Split: each slot owns n_ctx / slots cells.
+        .with_kv_unified(config.kv_unified)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     Ok((
@@ -397,6 +409,8 @@ struct StepLoop<'m> {
     live: Vec<Sequence>,
     gauges: EngineGauges,
     model_id: String,
+    /// Every end-of-generation token, masked out for `ignore_eos` requests.
+    eog_tokens: Vec<LlamaToken>,
 }
 
 impl StepLoop<'_> {
@@ -472,7 +486,11 @@ impl StepLoop<'_> {
                 generated: 0,
                 max_new_tokens: request.max_new_tokens,
                 reservation,
-                sampler: build_sampler(self.model, &request.sampling),
+                sampler: build_sampler(
+                    self.model,
+                    &request.sampling,
+                    request.ignore_eos.then_some(&self.eog_tokens),
+                ),
                 utf8: Utf8Decoder::default(),
                 stops: StopMatcher::new(request.stop),
                 events: request.events,
@@ -694,8 +712,19 @@ impl StepLoop<'_> {
 
 /// llama.cpp's default order, cheapest cut first: penalties → top_k → top_p → temperature → draw.
 /// Temperature 0 is greedy, with no randomness at all.
-fn build_sampler(model: &LlamaModel, params: &SamplingParams) -> LlamaSampler {
+fn build_sampler(
+    model: &LlamaModel,
+    params: &SamplingParams,
+    banned: Option<&[LlamaToken]>,
+) -> LlamaSampler {
     let mut chain = Vec::new();
+    if let Some(banned) = banned {
+        let biases: Vec<LlamaLogitBias> = banned
+            .iter()
+            .map(|&token| LlamaLogitBias::new(token, f32::NEG_INFINITY))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(model.n_vocab(), &biases));
+    }
     if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
         // The last 64 tokens, as llama.cpp's server counts them; repeat penalty off (1.0).
         chain.push(LlamaSampler::penalties(

@@ -75,6 +75,9 @@ pub struct GenerationRequest {
     /// `None`: the model's configured default, clamped to the context left after the prompt.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
+    /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

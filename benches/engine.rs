@@ -1,0 +1,149 @@
+//! Decode throughput of the engine's step loop alone, without HTTP: the figure to compare
+//! with llama.cpp's `llama-batched-bench` (32-token prompts, 64 generated tokens per
+//! sequence, every sequence started together).
+//!
+//!   cargo bench --bench engine            # every model in config/tiergate.toml
+//!   TIERGATE_BENCH_MODELS=gemma-3-270m TIERGATE_BENCH_KV_UNIFIED=1 cargo bench --bench engine
+//!
+//! Prints one JSON object per (model, sampling, sequences). `decode_tok_s` counts tokens
+//! after every sequence has its first token (batched-bench's S_TG); `total_tok_s` counts
+//! all generated tokens over the whole run, prefill included.
+
+use std::path::Path;
+use std::time::Instant;
+
+use futures::future::join_all;
+use serde_json::json;
+use tiergate::config::Config;
+use tiergate::engine::llama::LlamaEngine;
+use tiergate::engine::{ChatMessage, Engine, GenerationRequest, Role, SamplingParams, TokenEvent};
+use tiergate::metrics::{Metrics, ModelLabels};
+
+const GENERATED: u32 = 64;
+const SEQUENCES: [usize; 3] = [1, 4, 16];
+/// About 32 tokens once templated.
+const PROMPT: &str = "Write a long story about a lighthouse keeper who finds a message in a bottle on a stormy night.";
+
+fn main() {
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tiergate.toml");
+    let mut config = Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    if let Ok(only) = std::env::var("TIERGATE_BENCH_MODELS") {
+        config
+            .models
+            .retain(|m| only.split(',').any(|id| id == m.id));
+    }
+    let kv_unified = std::env::var("TIERGATE_BENCH_KV_UNIFIED").is_ok_and(|v| v == "1");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let metrics = Metrics::new();
+    for mut model in config.models {
+        model.kv_unified = kv_unified;
+        let labels = ModelLabels {
+            model: model.id.clone(),
+            tier: model.tier.clone(),
+        };
+        let (engine, ready) =
+            LlamaEngine::start(model.clone(), metrics.engine_gauges(&labels)).expect("thread");
+        runtime
+            .block_on(ready)
+            .expect("ready signal")
+            .unwrap_or_else(|e| panic!("{e}"));
+        // One warm-up so first-touch page faults of the weights are not measured.
+        runtime.block_on(run_batch(engine.as_ref(), 1, greedy()));
+        for (sampling_name, sampling) in [("greedy", greedy()), ("top_k40_t0.8", top_k())] {
+            for sequences in SEQUENCES {
+                let (total_s, decode_s) =
+                    runtime.block_on(run_batch(engine.as_ref(), sequences, sampling.clone()));
+                let generated = sequences as f64 * f64::from(GENERATED);
+                let after_first = sequences as f64 * f64::from(GENERATED - 1);
+                println!(
+                    "{}",
+                    json!({
+                        "model": model.id,
+                        "threads": model.threads,
+                        "kv_unified": kv_unified,
+                        "sampling": sampling_name,
+                        "sequences": sequences,
+                        "decode_tok_s": (after_first / decode_s).round(),
+                        "total_tok_s": (generated / total_s).round(),
+                        "wall_s": (total_s * 1000.0).round() / 1000.0,
+                    })
+                );
+            }
+        }
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
+}
+
+fn top_k() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        seed: Some(1),
+        ..SamplingParams::default()
+    }
+}
+
+/// Starts `sequences` generations together; returns (total seconds, seconds from the last
+/// first token to the end).
+async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingParams) -> (f64, f64) {
+    let started = Instant::now();
+    let streams: Vec<_> = (0..sequences)
+        .map(|_| {
+            engine
+                .submit(GenerationRequest {
+                    messages: vec![ChatMessage {
+                        role: Role::User,
+                        content: PROMPT.into(),
+                    }],
+                    sampling: sampling.clone(),
+                    max_tokens: Some(GENERATED),
+                    stop: Vec::new(),
+                    ignore_eos: true,
+                })
+                .expect("submit")
+        })
+        .collect();
+    let firsts_and_ends = join_all(streams.into_iter().map(|mut stream| async move {
+        let mut first = None;
+        while let Some(event) = stream.next_event().await {
+            match event {
+                TokenEvent::Text(_) => {
+                    first.get_or_insert_with(Instant::now);
+                }
+                TokenEvent::Finished { usage, .. } => {
+                    assert_eq!(
+                        usage.completion_tokens, GENERATED,
+                        "ignore_eos must run to max_tokens"
+                    );
+                    break;
+                }
+                TokenEvent::Failed(err) => panic!("{err}"),
+            }
+        }
+        (first.unwrap_or_else(Instant::now), Instant::now())
+    }))
+    .await;
+    let last_first = firsts_and_ends
+        .iter()
+        .map(|(first, _)| *first)
+        .max()
+        .unwrap_or(started);
+    let end = firsts_and_ends
+        .iter()
+        .map(|(_, end)| *end)
+        .max()
+        .unwrap_or(started);
+    (
+        end.duration_since(started).as_secs_f64(),
+        end.duration_since(last_first).as_secs_f64(),
+    )
+}
