@@ -40,6 +40,12 @@ fn main() {
     let metrics = Metrics::new();
     for mut model in config.models {
         model.kv_unified = kv_unified;
+        if let Some(n_ctx) = std::env::var("TIERGATE_BENCH_N_CTX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            model.n_ctx = n_ctx;
+        }
         let labels = ModelLabels {
             model: model.id.clone(),
             tier: model.tier.clone(),
@@ -64,6 +70,7 @@ fn main() {
                         "model": model.id,
                         "threads": model.threads,
                         "kv_unified": kv_unified,
+                        "n_ctx": model.n_ctx,
                         "sampling": sampling_name,
                         "sequences": sequences,
                         "decode_tok_s": (after_first / decode_s).round(),

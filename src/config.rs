@@ -231,6 +231,15 @@ impl RawConfig {
                     raw.slots
                 ));
             }
+            if !raw.kv_unified && raw.slots > 0 && raw.n_ctx / raw.slots < 64 {
+                problems.push(format!(
+                    "{}: {} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
+                    key("n_ctx"),
+                    raw.n_ctx,
+                    raw.slots,
+                    raw.n_ctx / raw.slots
+                ));
+            }
             if raw.threads == Some(0) {
                 problems.push(format!(
                     "{}: must be at least 1 (leave it out to use every core)",

@@ -43,7 +43,9 @@ impl TestServer {
             // Tests run two at a time on a 2-core machine: one thread per model keeps them
             // from oversubscribing the cores.
             model.threads = 1;
-            model.n_ctx = 4096;
+            // 8 slots of 1024 cells: enough for every test, small enough to load fast.
+            model.slots = 8;
+            model.n_ctx = 8 * 1024;
         }
         edit(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -135,6 +137,23 @@ impl TestServer {
         let text = self.metrics().await;
         text.lines()
             .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+    }
+
+    /// Waits until a sample reaches `value`: the step loop retires a sequence at the end of
+    /// its step, just after the client has read the last event.
+    pub async fn wait_for_metric(&self, sample: &str, value: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let current = self.metric(sample).await;
+            if current == Some(value) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sample} is {current:?}, not {value}, after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn stop(mut self) {
