@@ -336,6 +336,9 @@ fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
         // Unified: one pool of cells shared by every slot; admission reserves cells so the
         // pool cannot overflow. Split: each slot owns n_ctx / slots cells.
         .with_kv_unified(config.kv_unified)
+        // Sliding-window layers (Gemma 3) keep only their window, as llama.cpp's server
+        // does; the library default keeps full-size caches, which only costs memory.
+        .with_swa_full(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     Ok((
