@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{first_bytes, parse_sse, streamed_text, user, TestServer, FAST, FULL};
+use common::{parse_sse, read_at_least, streamed_text, user, TestServer, FAST, FULL};
 use serde_json::{json, Value};
 
 const ACTIVE_FAST: &str = r#"tiergate_active_sequences{model="smollm2-135m-instruct",tier="fast"}"#;
@@ -131,7 +131,8 @@ async fn client_disconnect_frees_its_sequence_and_the_next_request_is_served() {
     });
     let resp = server.post_chat(&body).await;
     assert_eq!(resp.status(), 200);
-    let seen = first_bytes(resp, 400).await;
+    let mut body = resp.bytes_stream();
+    let seen = read_at_least(&mut body, 400).await;
     assert!(
         seen.len() >= 400,
         "stream ended early: {}",
@@ -142,7 +143,7 @@ async fn client_disconnect_frees_its_sequence_and_the_next_request_is_served() {
         Some(1.0),
         "the sequence should still be generating"
     );
-    // `resp` was moved into first_bytes and is dropped: the client is gone.
+    drop(body); // the client goes away mid-stream
 
     server
         .wait_for_metric(ACTIVE_FAST, 0.0, Duration::from_secs(3))

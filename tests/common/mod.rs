@@ -196,10 +196,12 @@ pub fn user(content: &str) -> Value {
     json!([{"role": "user", "content": content}])
 }
 
-/// Reads a streaming response chunk by chunk, for tests that act mid-stream.
-pub async fn first_bytes(resp: reqwest::Response, at_least: usize) -> Vec<u8> {
+/// Reads at least `at_least` bytes of a streaming body, leaving the rest unread.
+pub async fn read_at_least<S>(body: &mut S, at_least: usize) -> Vec<u8>
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+{
     let mut seen = Vec::new();
-    let mut body = resp.bytes_stream();
     while seen.len() < at_least {
         match body.next().await {
             Some(Ok(bytes)) => seen.extend_from_slice(&bytes),
