@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Same load, same model, same machine: tiergate against llama.cpp's own llama-server.
+#
+#   benches/compare-llama-server.sh /path/to/llama-server [fast|full]...
+#
+# llama-server is not built by this project; see README (Performance) for how to build it
+# from the llama-cpp-python sdist. Each tier is measured on tiergate and then on a
+# llama-server started with the matching settings (16 slots, 2048 cells each, 2 threads),
+# one after the other, so that both see the same machine. Prints one JSON report per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+llama_server=${1:?usage: $0 /path/to/llama-server [tier...]}
+shift
+tiers=("${@:-fast full}")
+[ $# -gt 0 ] || tiers=(fast full)
+bin=target/release/tiergate
+threads=${TIERGATE_BENCH_THREADS:-$(nproc)}
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_ready() { for _ in $(seq 1 900); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
+run_load() { "$bin" bench --url "$1" --model "$2" --concurrency 1,4,16 --max-tokens 64; }
+
+declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
+declare -A template=([fast]="" [full]="--chat-template gemma")
+
+for tier in "${tiers[@]}"; do
+  port=$(free_port)
+  "$bin" serve --listen "127.0.0.1:$port" 2>/tmp/compare-tiergate.log &
+  pids+=($!)
+  wait_ready "http://127.0.0.1:$port/ready"
+  echo "== tiergate $tier" >&2
+  run_load "http://127.0.0.1:$port" "$tier"
+  cleanup; pids=()
+
+  port=$(free_port)
+  # shellcheck disable=SC2086
+  "$llama_server" -m "${gguf[$tier]}" ${template[$tier]} -c 32768 -np 16 -t "$threads" -tb "$threads" \
+    --host 127.0.0.1 --port "$port" --no-webui 2>/tmp/compare-llama-server.log &
+  pids+=($!)
+  wait_ready "http://127.0.0.1:$port/health"
+  echo "== llama-server $tier" >&2
+  run_load "http://127.0.0.1:$port" "$tier"
+  cleanup; pids=()
+done
