@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tiergate::config::{Config, DEFAULT_CONFIG_PATH};
 use tiergate::loadgen::{self, BenchOptions};
 use tiergate::telemetry::{self, LogFormat};
@@ -39,28 +39,45 @@ enum Command {
         listen: Option<SocketAddr>,
     },
     /// Load-test an OpenAI-compatible server with streaming requests; prints JSON.
-    Bench {
-        /// Base URL of the server.
-        #[arg(long, env = "TIERGATE_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// Model names to send, each benchmarked in turn (tiergate accepts tier names).
-        #[arg(long = "model", default_values_t = ["fast".to_owned(), "full".to_owned()])]
-        models: Vec<String>,
-        /// Concurrency levels, each a closed loop of this many workers.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
-        concurrency: Vec<usize>,
-        /// Requests per level; 0 = max(16, 4 x concurrency).
-        #[arg(long, default_value_t = 0)]
-        requests: usize,
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
-        /// Sent as a bearer token.
-        #[arg(long, env = "TIERGATE_API_KEY")]
-        api_key: Option<String>,
-        /// Per-request timeout in seconds.
-        #[arg(long, default_value_t = 300)]
-        timeout_s: u64,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Base URL of the server.
+    #[arg(long, env = "TIERGATE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model names to send, each benchmarked in turn (tiergate accepts tier names).
+    #[arg(long = "model", default_values_t = ["fast".to_owned(), "full".to_owned()])]
+    models: Vec<String>,
+    /// Concurrency levels, each a closed loop of this many workers.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    concurrency: Vec<usize>,
+    /// Requests per level; 0 = max(16, 4 x concurrency).
+    #[arg(long, default_value_t = 0)]
+    requests: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Sent as a bearer token.
+    #[arg(long, env = "TIERGATE_API_KEY")]
+    api_key: Option<String>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+}
+
+impl From<BenchArgs> for BenchOptions {
+    fn from(args: BenchArgs) -> Self {
+        Self {
+            url: args.url,
+            models: args.models,
+            concurrency: args.concurrency,
+            requests: args.requests,
+            max_tokens: args.max_tokens,
+            api_key: args.api_key,
+            timeout: Duration::from_secs(args.timeout_s),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -68,23 +85,7 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
-        Command::Bench {
-            url,
-            models,
-            concurrency,
-            requests,
-            max_tokens,
-            api_key,
-            timeout_s,
-        } => bench(BenchOptions {
-            url,
-            models,
-            concurrency,
-            requests,
-            max_tokens,
-            api_key,
-            timeout: Duration::from_secs(timeout_s),
-        }),
+        Command::Bench(args) => bench(args.into()),
     }
 }
 
@@ -96,13 +97,10 @@ fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            eprintln!("error: {err:#}");
             return ExitCode::FAILURE;
         }
     };
@@ -124,11 +122,7 @@ fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
 }
 
 fn bench(options: BenchOptions) -> ExitCode {
-    let report = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(loadgen::run(options)));
+    let report = runtime().and_then(|runtime| runtime.block_on(loadgen::run(options)));
     match report.and_then(|r| serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)) {
         Ok(json) => {
             println!("{json}");
@@ -139,6 +133,13 @@ fn bench(options: BenchOptions) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 /// Ctrl-C or SIGTERM.

@@ -524,3 +524,36 @@ fn sse_parser_rejects_lines_without_data_prefix() {
     let result = std::panic::catch_unwind(|| parse_sse("data:{}\n\n"));
     assert!(result.is_err(), "`data:` without a space must be caught");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_fails_to_load_stops_startup_with_its_reason() {
+    type BreakModel = fn(&mut tiergate::config::ModelConfig);
+    let cases: [(&str, BreakModel); 2] = [
+        ("not found", |m| {
+            m.path = m.path.with_file_name("missing.gguf")
+        }),
+        ("chat template", |m| {
+            m.chat_template = Some("no-such-template".into())
+        }),
+    ];
+    for (reason, break_model) in cases {
+        let mut config = common::shipped_config();
+        config.models.retain(|m| m.id == FAST);
+        break_model(&mut config.models[0]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(60),
+            tiergate::server::run(listener, config, std::future::pending()),
+        )
+        .await
+        .expect("start-up must fail, not hang");
+        let err = outcome.expect_err("a broken model must stop start-up");
+        let message = format!("{err:#}");
+        assert!(
+            message.contains(FAST) && message.contains(reason),
+            "{message}"
+        );
+    }
+}

@@ -80,9 +80,16 @@ pub async fn chat_completions(
     let response = if request.stream {
         stream_response(meta, first, tokens, state.clone(), labels)
     } else {
-        let outcome = collect(first, &mut tokens).await;
-        record_outcome(&state, &labels, &outcome);
-        complete_response(&meta, outcome?)
+        match collect(first, &mut tokens).await {
+            Ok(completion) => {
+                record_finished(&state, &labels, completion.2);
+                complete_response(&meta, completion)
+            }
+            Err(err) => {
+                state.count_request(&labels, status_of(&err));
+                return Err(err.into());
+            }
+        }
     };
     Ok(with_route_headers(
         response,
@@ -101,22 +108,14 @@ fn status_of(err: &EngineError) -> StatusCode {
     ApiError::from(err.clone()).status
 }
 
-fn record_outcome(
-    state: &AppState,
-    labels: &ModelLabels,
-    outcome: &Result<(String, FinishReason, Usage), EngineError>,
-) {
-    match outcome {
-        Ok((_, _, usage)) => {
-            state.count_request(labels, StatusCode::OK);
-            state
-                .metrics()
-                .generated_tokens
-                .get_or_create(labels)
-                .inc_by(u64::from(usage.completion_tokens));
-        }
-        Err(err) => state.count_request(labels, status_of(err)),
-    }
+/// Counts a request that generated to the end.
+fn record_finished(state: &AppState, labels: &ModelLabels, usage: Usage) {
+    state.count_request(labels, StatusCode::OK);
+    state
+        .metrics()
+        .generated_tokens
+        .get_or_create(labels)
+        .inc_by(u64::from(usage.completion_tokens));
 }
 
 fn with_route_headers(mut response: Response, tier: &str, model: &str) -> Response {
@@ -245,11 +244,7 @@ impl SseState {
                 usage,
             } => {
                 self.phase = Phase::Done;
-                record_outcome(
-                    &self.state,
-                    &self.labels,
-                    &Ok((String::new(), finish_reason, usage)),
-                );
+                record_finished(&self.state, &self.labels, usage);
                 let mut out = meta.chunk(Delta::default(), Some(finish_reason)).to_vec();
                 if meta.include_usage {
                     out.extend_from_slice(&meta.usage_chunk(usage));

@@ -249,7 +249,7 @@ fn model_thread(
     let ctx = match model.new_context(backend, context_params) {
         Ok(ctx) => ctx,
         Err(e) => {
-            let reason = format!("{}: cannot create a context: {e}", config.id);
+            let reason = format!("cannot create a context: {e}");
             let _ = ready.send(Err(reason.clone()));
             return Err(reason);
         }
@@ -297,29 +297,32 @@ fn model_thread(
 type LoadedParts = (Arc<LlamaModel>, LlamaContextParams, LlamaChatTemplate, u32);
 
 fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
-    let id = &config.id;
     if !config.path.is_file() {
         return Err(format!(
-            "{id}: model file {} not found (run `just models` to fetch the default models)",
+            "model file {} not found (run `just models` to fetch the default models)",
             config.path.display()
         ));
     }
     let backend = backend()?;
     let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
     let model = LlamaModel::load_from_file(backend, &config.path, &params)
-        .map_err(|e| format!("{id}: cannot load {}: {e}", config.path.display()))?;
+        .map_err(|e| format!("cannot load {}: {e}", config.path.display()))?;
 
     let template = match &config.chat_template {
-        Some(name) => LlamaChatTemplate::new(name).map_err(|e| format!("{id}: chat_template: {e}"))?,
+        Some(name) => LlamaChatTemplate::new(name).map_err(|e| format!("chat_template: {e}"))?,
         None => model.chat_template(None).map_err(|_| {
-            format!("{id}: the model file has no chat template; set `chat_template` (e.g. \"gemma\") in config")
+            "the model file has no chat template; set `chat_template` (e.g. \"gemma\") in config".to_owned()
         })?,
     };
     // Fail at start-up, not on the first request, when llama.cpp does not know the template.
     let probe = LlamaChatMessage::new("user".into(), "hi".into()).map_err(|e| e.to_string())?;
     model
         .apply_chat_template(&template, &[probe], true)
-        .map_err(|e| format!("{id}: chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"))?;
+        .map_err(|e| {
+            format!(
+                "chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"
+            )
+        })?;
 
     let context_per_sequence = if config.kv_unified {
         config.n_ctx
