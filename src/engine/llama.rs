@@ -408,6 +408,7 @@ struct StepLoop<'m> {
     total_cells: u32,
     /// Sum of the live sequences' reservations.
     reserved_cells: u32,
+    /// Kept sorted high to low, so `pop` hands out the lowest free id: see [`Self::plan`].
     free_seq_ids: Vec<i32>,
     /// Taken off the queue, not yet admitted (no slot or not enough free cells).
     waiting: VecDeque<QueuedRequest>,
@@ -529,9 +530,11 @@ impl StepLoop<'_> {
                     if work.iter().any(|w| matches!(w, Work::Prompt { .. })) {
                         tracing::warn!(model = %self.model_id, "KV cache full: deferring prompt chunks");
                         work.retain(|w| matches!(w, Work::Decode { .. }));
-                    } else if let Some(newest) = work.pop() {
+                    } else if let Some(newest) = work.iter().map(|w| w.seq()).max() {
+                        // `live` is in admission order, so the largest index is the newest.
                         tracing::warn!(model = %self.model_id, "KV cache full: ending the newest sequence");
-                        self.finish(newest.seq(), FinishReason::Length);
+                        work.retain(|w| w.seq() != newest);
+                        self.finish(newest, FinishReason::Length);
                     }
                 }
                 Err(err) => {
@@ -567,7 +570,8 @@ impl StepLoop<'_> {
         }
     }
 
-    /// Decode tokens first, then prompt chunks in admission order.
+    /// Decode tokens get the batch budget first, then prompt chunks in admission order;
+    /// the batch itself is written in seq-id order.
     fn plan(&self) -> Vec<Work> {
         let mut work: Vec<Work> = self
             .live
@@ -593,6 +597,11 @@ impl StepLoop<'_> {
                 .filter(|&(_, tokens)| tokens > 0)
                 .map(|(seq, tokens)| Work::Prompt { seq, tokens }),
         );
+        // With a split KV cache llama.cpp cuts a batch into micro-batches of sequences whose
+        // ids run consecutively in batch order (`split_equal(.., sequential = true)`); each
+        // micro-batch is a full pass over the weights. Writing the batch in seq-id order,
+        // with the lowest free ids handed out first, keeps a step to one pass.
+        work.sort_by_key(|w| self.live[w.seq()].seq_id);
         work
     }
 
@@ -712,6 +721,7 @@ impl StepLoop<'_> {
         }
         self.reserved_cells -= seq.reservation;
         self.free_seq_ids.push(seq.seq_id);
+        self.free_seq_ids.sort_unstable_by(|a, b| b.cmp(a));
         self.gauges.active_sequences.dec();
     }
 }
