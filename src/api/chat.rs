@@ -82,7 +82,7 @@ pub async fn chat_completions(
     } else {
         match collect(first, &mut tokens).await {
             Ok(completion) => {
-                record_finished(&state, &labels, completion.2);
+                record_finished(&state, &labels, completion.usage);
                 complete_response(&meta, completion)
             }
             Err(err) => {
@@ -130,10 +130,14 @@ fn with_route_headers(mut response: Response, tier: &str, model: &str) -> Respon
 }
 
 /// Reads the whole generation for a non-streaming reply.
-async fn collect(
-    first: TokenEvent,
-    tokens: &mut TokenStream,
-) -> Result<(String, FinishReason, Usage), EngineError> {
+/// A whole non-streaming generation.
+struct Completion {
+    text: String,
+    finish_reason: FinishReason,
+    usage: Usage,
+}
+
+async fn collect(first: TokenEvent, tokens: &mut TokenStream) -> Result<Completion, EngineError> {
     let mut text = String::new();
     let mut event = first;
     loop {
@@ -142,17 +146,25 @@ async fn collect(
             TokenEvent::Finished {
                 finish_reason,
                 usage,
-            } => return Ok((text, finish_reason, usage)),
+            } => {
+                return Ok(Completion {
+                    text,
+                    finish_reason,
+                    usage,
+                })
+            }
             TokenEvent::Failed(err) => return Err(err),
         }
         event = tokens.next_event().await.unwrap_or_else(engine_gone);
     }
 }
 
-fn complete_response(
-    meta: &ResponseMeta,
-    (text, finish_reason, usage): (String, FinishReason, Usage),
-) -> Response {
+fn complete_response(meta: &ResponseMeta, completion: Completion) -> Response {
+    let Completion {
+        text,
+        finish_reason,
+        usage,
+    } = completion;
     let body = CompletionBody {
         id: &meta.id,
         object: "chat.completion",

@@ -11,7 +11,7 @@
 //! The model itself (`LlamaModel`) is `Sync`, so prompts are templated and tokenized on the
 //! caller's thread; only the context, which is not `Send`, stays on the model thread.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
@@ -274,7 +274,7 @@ fn model_thread(
         batch_capacity,
         total_cells,
         reserved_cells: 0,
-        free_seq_ids: (0..config.slots as i32).rev().collect(),
+        free_seq_ids: (0..config.slots as i32).collect(),
         waiting: VecDeque::new(),
         live: Vec::new(),
         gauges,
@@ -408,8 +408,8 @@ struct StepLoop<'m> {
     total_cells: u32,
     /// Sum of the live sequences' reservations.
     reserved_cells: u32,
-    /// Kept sorted high to low, so `pop` hands out the lowest free id: see [`Self::plan`].
-    free_seq_ids: Vec<i32>,
+    /// Ordered, so `pop_first` hands out the lowest free id: see [`Self::plan`].
+    free_seq_ids: BTreeSet<i32>,
     /// Taken off the queue, not yet admitted (no slot or not enough free cells).
     waiting: VecDeque<QueuedRequest>,
     /// Admitted sequences, oldest first.
@@ -476,7 +476,8 @@ impl StepLoop<'_> {
             self.total_cells - self.reserved_cells,
         );
         for _ in 0..admitted {
-            let (Some(request), Some(seq_id)) = (self.waiting.pop_front(), self.free_seq_ids.pop())
+            let (Some(request), Some(seq_id)) =
+                (self.waiting.pop_front(), self.free_seq_ids.pop_first())
             else {
                 break;
             };
@@ -720,8 +721,7 @@ impl StepLoop<'_> {
             tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
         }
         self.reserved_cells -= seq.reservation;
-        self.free_seq_ids.push(seq.seq_id);
-        self.free_seq_ids.sort_unstable_by(|a, b| b.cmp(a));
+        self.free_seq_ids.insert(seq.seq_id);
         self.gauges.active_sequences.dec();
     }
 }
