@@ -113,6 +113,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
                     }],
                     sampling: sampling.clone(),
                     max_tokens: Some(GENERATED),
+                    max_tokens_cap: None,
                     stop: Vec::new(),
                     ignore_eos: true,
                 })

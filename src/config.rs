@@ -1,19 +1,32 @@
-//! `config/tiergate.toml`: raw serde structs that reject unknown keys, then a validated
-//! [`Config`]. Every problem is reported in one run, each naming the file and the key.
+//! `config/tiergate.toml`: raw serde structs, then a validated [`Config`]. Every problem
+//! (unknown keys included) is reported in one run, each with file, line and key.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::tomlfile::{Problem, Problems, TomlFile};
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/tiergate.toml";
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    pub router: RouterConfig,
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Policy files in order, resolved against the config's directory: their rules are
+    /// tried in this order, later files' `[defaults]` override earlier ones.
+    pub policies: Vec<PathBuf>,
+    /// Reload the policies when a file changes (SIGHUP always reloads).
+    pub watch: bool,
+    /// Header a client may set to ask for a route (`when.hint` in a rule).
+    pub hint_header: String,
 }
 
 #[derive(Debug, Clone)]
@@ -21,8 +34,6 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body; larger ones get 413.
     pub body_limit_bytes: usize,
-    /// The tier that `model: "auto"` resolves to.
-    pub default_tier: String,
 }
 
 #[derive(Debug, Clone)]
@@ -55,20 +66,20 @@ pub struct ModelConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    router: RawRouter,
     #[serde(default, rename = "model")]
     models: Vec<RawModel>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 struct RawServer {
     listen: String,
     body_limit_bytes: u64,
-    default_tier: String,
 }
 
 impl Default for RawServer {
@@ -76,13 +87,29 @@ impl Default for RawServer {
         Self {
             listen: "127.0.0.1:8080".into(),
             body_limit_bytes: 1 << 20,
-            default_tier: "fast".into(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
+struct RawRouter {
+    policies: Vec<PathBuf>,
+    watch: bool,
+    hint_header: String,
+}
+
+impl Default for RawRouter {
+    fn default() -> Self {
+        Self {
+            policies: vec![PathBuf::from("../router-policies/default.toml")],
+            watch: true,
+            hint_header: "x-tiergate-route-hint".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 struct RawModel {
     id: String,
     tier: String,
@@ -125,46 +152,27 @@ mod defaults {
     }
 }
 
-/// Every problem found in one config file.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub problems: Vec<String>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let file = self.file.display();
-        for (i, problem) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{file}: {problem}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 impl Config {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            problems: vec![format!("cannot read: {e}")],
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|problems| ConfigError {
-            file: path.to_owned(),
-            problems,
-        })
+    pub fn load(path: &Path) -> Result<Self, Problems> {
+        let (raw, file) = TomlFile::load::<RawConfig>(path).map_err(Problems)?;
+        raw.validate(&file).map_err(Problems)
     }
 
-    /// Parses config text; relative model paths resolve against `base_dir`.
-    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, Vec<String>> {
-        // toml's message already carries line, column and the offending key.
-        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
-        raw.validate(base_dir)
+    /// Parses config text as if read from `path`; relative paths resolve against its directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Problems> {
+        let (raw, file) = TomlFile::parse::<RawConfig>(path, text).map_err(Problems)?;
+        raw.validate(&file).map_err(Problems)
+    }
+
+    /// Every tier some model serves, in config order.
+    pub fn tiers(&self) -> Vec<String> {
+        let mut tiers: Vec<String> = Vec::new();
+        for model in &self.models {
+            if !tiers.contains(&model.tier) {
+                tiers.push(model.tier.clone());
+            }
+        }
+        tiers
     }
 
     pub fn threads_available() -> u32 {
@@ -175,25 +183,47 @@ impl Config {
 }
 
 impl RawConfig {
-    fn validate(self, base_dir: &Path) -> Result<Config, Vec<String>> {
+    fn validate(self, file: &TomlFile) -> Result<Config, Vec<Problem>> {
+        let base_dir = file.path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(file.problem(key, message));
 
         let listen = self
             .server
             .listen
             .parse::<SocketAddr>()
             .map_err(|e| {
-                problems.push(format!(
-                    "server.listen: `{}` is not an address like 127.0.0.1:8080 ({e})",
-                    self.server.listen
-                ))
+                problem(
+                    "server.listen".into(),
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:8080 ({e})",
+                        self.server.listen
+                    ),
+                )
             })
             .ok();
         if self.server.body_limit_bytes < 1024 {
-            problems.push("server.body_limit_bytes: must be at least 1024".into());
+            problem(
+                "server.body_limit_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        if self.router.policies.is_empty() {
+            problem(
+                "router.policies".into(),
+                "name at least one policy file".into(),
+            );
+        }
+        if !self.router.hint_header.is_empty()
+            && axum::http::HeaderName::from_bytes(self.router.hint_header.as_bytes()).is_err()
+        {
+            problem(
+                "router.hint_header".into(),
+                format!("`{}` is not a valid header name", self.router.hint_header),
+            );
         }
         if self.models.is_empty() {
-            problems.push("model: at least one [[model]] is required".into());
+            problem("model".into(), "at least one [[model]] is required".into());
         }
 
         let mut ids = HashSet::new();
@@ -201,76 +231,71 @@ impl RawConfig {
         for (i, raw) in self.models.into_iter().enumerate() {
             let key = |field: &str| format!("model[{i}].{field}");
             if raw.id.trim().is_empty() || raw.id == "auto" {
-                problems.push(format!(
-                    "{}: must be a non-empty name other than `auto`",
-                    key("id")
-                ));
-            } else if !ids.insert(raw.id.clone()) {
-                problems.push(format!(
-                    "{}: `{}` is used by another model",
+                problem(
                     key("id"),
-                    raw.id
-                ));
+                    "must be a non-empty name other than `auto`".into(),
+                );
+            } else if !ids.insert(raw.id.clone()) {
+                problem(key("id"), format!("`{}` is used by another model", raw.id));
             }
             if raw.tier.trim().is_empty() || raw.tier == "auto" {
-                problems.push(format!(
-                    "{}: must be a non-empty name other than `auto`",
-                    key("tier")
-                ));
+                problem(
+                    key("tier"),
+                    "must be a non-empty name other than `auto`".into(),
+                );
             }
             if raw.n_ctx < 64 {
-                problems.push(format!("{}: must be at least 64", key("n_ctx")));
+                problem(key("n_ctx"), "must be at least 64".into());
             }
             if !(1..=256).contains(&raw.slots) {
-                problems.push(format!("{}: must be between 1 and 256", key("slots")));
+                problem(key("slots"), "must be between 1 and 256".into());
             }
             if raw.batch < raw.slots.max(1) {
-                problems.push(format!(
-                    "{}: must be at least `slots` ({}), so every generating sequence fits one step",
+                problem(
                     key("batch"),
-                    raw.slots
-                ));
+                    format!(
+                        "must be at least `slots` ({}), so every generating sequence fits one step",
+                        raw.slots
+                    ),
+                );
             }
             if !raw.kv_unified && raw.slots > 0 && raw.n_ctx / raw.slots < 64 {
-                problems.push(format!(
-                    "{}: {} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
+                problem(
                     key("n_ctx"),
-                    raw.n_ctx,
-                    raw.slots,
-                    raw.n_ctx / raw.slots
-                ));
+                    format!(
+                        "{} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
+                        raw.n_ctx,
+                        raw.slots,
+                        raw.n_ctx / raw.slots
+                    ),
+                );
             }
             if raw.threads == Some(0) {
-                problems.push(format!(
-                    "{}: must be at least 1 (leave it out to use every core)",
-                    key("threads")
-                ));
+                problem(
+                    key("threads"),
+                    "must be at least 1 (leave it out to use every core)".into(),
+                );
             }
             if raw.max_tokens_default == 0 {
-                problems.push(format!("{}: must be at least 1", key("max_tokens_default")));
+                problem(key("max_tokens_default"), "must be at least 1".into());
             }
             if raw.queue_capacity == 0 {
-                problems.push(format!("{}: must be at least 1", key("queue_capacity")));
+                problem(key("queue_capacity"), "must be at least 1".into());
             }
             if raw
                 .chat_template
                 .as_deref()
                 .is_some_and(|t| t.trim().is_empty())
             {
-                problems.push(format!(
-                    "{}: must name a template or be left out",
-                    key("chat_template")
-                ));
+                problem(
+                    key("chat_template"),
+                    "must name a template or be left out".into(),
+                );
             }
-            let path = if raw.path.is_absolute() {
-                raw.path
-            } else {
-                base_dir.join(raw.path)
-            };
             models.push(ModelConfig {
                 id: raw.id,
                 tier: raw.tier,
-                path,
+                path: resolve(base_dir, raw.path),
                 n_ctx: raw.n_ctx,
                 slots: raw.slots,
                 batch: raw.batch,
@@ -283,21 +308,21 @@ impl RawConfig {
             });
         }
 
-        if !models.is_empty() && !models.iter().any(|m| m.tier == self.server.default_tier) {
-            let tiers: Vec<_> = models.iter().map(|m| m.tier.as_str()).collect();
-            problems.push(format!(
-                "server.default_tier: `{}` is not the tier of any model (tiers: {})",
-                self.server.default_tier,
-                tiers.join(", ")
-            ));
-        }
-
         match listen {
             Some(listen) if problems.is_empty() => Ok(Config {
                 server: ServerConfig {
                     listen,
                     body_limit_bytes: self.server.body_limit_bytes as usize,
-                    default_tier: self.server.default_tier,
+                },
+                router: RouterConfig {
+                    policies: self
+                        .router
+                        .policies
+                        .into_iter()
+                        .map(|p| resolve(base_dir, p))
+                        .collect(),
+                    watch: self.router.watch,
+                    hint_header: self.router.hint_header.to_ascii_lowercase(),
                 },
                 models,
             }),
@@ -306,49 +331,77 @@ impl RawConfig {
     }
 }
 
+/// Relative paths in config are relative to the config file, not the working directory.
+/// `dir/..` pairs are folded so messages show `router-policies/x.toml`, not
+/// `config/../router-policies/x.toml` (lexically: the default paths hold no symlinks).
+fn resolve(base_dir: &Path, path: PathBuf) -> PathBuf {
+    use std::path::Component;
+    let joined = if path.is_absolute() {
+        path
+    } else {
+        base_dir.join(path)
+    };
+    let mut folded = PathBuf::new();
+    for part in joined.components() {
+        match part {
+            Component::ParentDir
+                if matches!(folded.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                folded.pop();
+            }
+            Component::CurDir => {}
+            other => folded.push(other),
+        }
+    }
+    folded
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MINIMAL: &str = r#"
-[server]
-default_tier = "fast"
-
 [[model]]
 id = "small"
 tier = "fast"
 path = "small.gguf"
 "#;
 
+    fn parse(text: &str) -> Result<Config, Problems> {
+        Config::parse(Path::new("/etc/tiergate/tiergate.toml"), text)
+    }
+
     #[test]
     fn minimal_config_gets_defaults_and_resolves_paths_against_the_file() {
-        let config = Config::parse(MINIMAL, Path::new("/etc/tiergate")).expect("valid");
+        let config = parse(MINIMAL).expect("valid");
         let model = &config.models[0];
         assert_eq!(model.path, Path::new("/etc/tiergate/small.gguf"));
         assert_eq!(model.slots, 8);
         assert_eq!(model.threads, Config::threads_available());
         assert_eq!(config.server.listen.port(), 8080);
+        assert_eq!(
+            config.router.policies,
+            [Path::new("/etc/router-policies/default.toml")]
+        );
+        assert_eq!(config.tiers(), ["fast"]);
     }
 
     #[test]
     fn unknown_key_is_an_error_naming_key_and_line() {
         let text = MINIMAL.replace("tier = \"fast\"\npath", "tier = \"fast\"\nslot = 3\npath");
-        let problems = Config::parse(&text, Path::new(".")).expect_err("unknown key");
+        let problems = parse(&text).expect_err("unknown key").0;
         assert_eq!(problems.len(), 1);
-        assert!(
-            problems[0].contains("unknown field `slot`"),
-            "{}",
-            problems[0]
+        assert_eq!(
+            problems[0].to_string(),
+            "/etc/tiergate/tiergate.toml:5: model[0].slot: unknown key"
         );
-        assert!(problems[0].contains("line 8"), "{}", problems[0]);
     }
 
     #[test]
-    fn every_bad_value_is_reported_in_one_run() {
+    fn every_bad_value_is_reported_in_one_run_with_lines() {
         let text = r#"
 [server]
 listen = "nowhere"
-default_tier = "huge"
 
 [[model]]
 id = "a"
@@ -357,35 +410,24 @@ path = "a.gguf"
 slots = 0
 threads = 0
 "#;
-        let problems = Config::parse(text, Path::new(".")).expect_err("invalid");
-        let joined = problems.join("\n");
-        for key in [
-            "server.listen",
-            "model[0].slots",
-            "model[0].threads",
-            "server.default_tier",
-        ] {
-            assert!(joined.contains(key), "missing {key} in:\n{joined}");
-        }
+        let problems = parse(text).expect_err("invalid").0;
+        let shown: Vec<(Option<usize>, &str)> =
+            problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            shown,
+            [
+                (Some(3), "server.listen"),
+                (Some(9), "model[0].slots"),
+                (Some(10), "model[0].threads"),
+            ]
+        );
     }
 
     #[test]
     fn duplicate_model_ids_are_rejected() {
         let text =
             format!("{MINIMAL}\n[[model]]\nid = \"small\"\ntier = \"full\"\npath = \"b.gguf\"\n");
-        let problems = Config::parse(&text, Path::new(".")).expect_err("duplicate");
-        assert!(problems[0].contains("model[1].id"), "{problems:?}");
-    }
-
-    #[test]
-    fn error_display_prefixes_each_problem_with_the_file() {
-        let err = ConfigError {
-            file: PathBuf::from("config/x.toml"),
-            problems: vec!["a: bad".into(), "b: worse".into()],
-        };
-        assert_eq!(
-            err.to_string(),
-            "config/x.toml: a: bad\nconfig/x.toml: b: worse"
-        );
+        let problems = parse(&text).expect_err("duplicate").0;
+        assert_eq!(problems[0].key, "model[1].id", "{problems:?}");
     }
 }

@@ -2,9 +2,12 @@
 //! OpenAI-compatible chat completions with continuous batching.
 
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod engine;
 pub mod loadgen;
 pub mod metrics;
+pub mod router;
 pub mod server;
 pub mod telemetry;
+pub mod tomlfile;

@@ -1,11 +1,13 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tiergate::check::RouteOptions;
 use tiergate::config::{Config, DEFAULT_CONFIG_PATH};
 use tiergate::loadgen::{self, BenchOptions};
+use tiergate::router::Caller;
 use tiergate::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -40,6 +42,40 @@ enum Command {
     },
     /// Load-test an OpenAI-compatible server with streaming requests; prints JSON.
     Bench(BenchArgs),
+    /// Validate the config and every routing policy; lists all problems, exits 1 on any.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Show how a prompt (or a chat request file) would be routed, without a server.
+    Route(RouteArgs),
+}
+
+#[derive(Args)]
+struct RouteArgs {
+    /// The user message to route.
+    #[arg(required_unless_present = "request", conflicts_with = "request")]
+    prompt: Option<String>,
+    /// A chat completion request body (JSON) instead of a prompt.
+    #[arg(long)]
+    request: Option<PathBuf>,
+    /// Print the features and every rule tried with why it did or did not match.
+    #[arg(long)]
+    explain: bool,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Policy files to use instead of the config's `router.policies` (repeatable).
+    #[arg(long = "policy")]
+    policies: Vec<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// As if sent with this API key.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// As if sent with this routing hint header.
+    #[arg(long)]
+    hint: Option<String>,
 }
 
 #[derive(Args)]
@@ -82,18 +118,24 @@ impl From<BenchArgs> for BenchOptions {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let filter = match cli.command {
+        Command::Serve { .. } | Command::Bench(_) => telemetry::SERVER_FILTER,
+        Command::Check { .. } | Command::Route(_) => telemetry::TOOL_FILTER,
+    };
+    telemetry::init(cli.log_format, filter);
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Bench(args) => bench(args.into()),
+        Command::Check { config } => check(&config),
+        Command::Route(args) => route(args),
     }
 }
 
 fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
     let config = match Config::load(&config_path) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
+        Err(problems) => {
+            eprintln!("{problems}");
             return ExitCode::FAILURE;
         }
     };
@@ -130,6 +172,59 @@ fn bench(options: BenchOptions) -> ExitCode {
         }
         Err(err) => {
             eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config_path: &Path) -> ExitCode {
+    match tiergate::check::check(config_path) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            eprintln!("{problems}");
+            eprintln!("{} problem(s)", problems.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn route(args: RouteArgs) -> ExitCode {
+    let options = RouteOptions {
+        config: args.config,
+        policies: args.policies,
+        prompt: args.prompt,
+        request: args.request,
+        caller: Caller {
+            api_key: args.api_key,
+            tenant: None,
+            hint: args.hint.map(|h| h.to_ascii_lowercase()),
+        },
+    };
+    match tiergate::check::explain(&options) {
+        Ok(explanation) if args.json => match serde_json::to_string_pretty(&explanation) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(explanation) if args.explain => {
+            print!("{}", tiergate::check::render(&explanation));
+            ExitCode::SUCCESS
+        }
+        Ok(explanation) => {
+            let route = &explanation.route;
+            println!("{} (rule `{}`)", route.tier, route.rule);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{err:#}");
             ExitCode::FAILURE
         }
     }

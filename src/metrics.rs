@@ -25,6 +25,17 @@ pub struct RequestLabels {
     pub status: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub tier: String,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Time to first token spans prefill on a loaded CPU: from a few ms to tens of seconds.
 const TTFT_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
@@ -39,6 +50,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub generated_tokens: Family<ModelLabels, Counter>,
     pub prompt_tokens: Family<ModelLabels, Counter>,
+    pub route_decisions: Family<RouteLabels, Counter>,
+    pub policy_reloads: Family<OutcomeLabels, Counter>,
 }
 
 /// The gauges one model's step loop owns, already bound to its labels.
@@ -70,6 +83,8 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
+        let route_decisions = Family::<RouteLabels, Counter>::default();
+        let policy_reloads = Family::<OutcomeLabels, Counter>::default();
 
         registry.register(
             "active_sequences",
@@ -108,6 +123,17 @@ impl Metrics {
             prompt_tokens.clone(),
         );
 
+        registry.register(
+            "route_decisions",
+            "Requests routed, by chosen tier and the policy rule that chose it",
+            route_decisions.clone(),
+        );
+        registry.register(
+            "policy_reloads",
+            "Routing policy reloads by outcome (applied, rejected)",
+            policy_reloads.clone(),
+        );
+
         Self {
             registry,
             active_sequences,
@@ -117,6 +143,8 @@ impl Metrics {
             requests,
             generated_tokens,
             prompt_tokens,
+            route_decisions,
+            policy_reloads,
         }
     }
 

@@ -11,7 +11,8 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::llama::LlamaEngine;
 use crate::engine::Engine;
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::{Metrics, ModelLabels, OutcomeLabels};
+use crate::router::{reload, PolicyStore};
 
 /// Serves until `shutdown` resolves. Returns an error if any model fails to load, so that
 /// a broken model stops the process instead of leaving it half-ready.
@@ -21,6 +22,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // A policy with problems stops start-up with all of them listed.
+    let policies = Arc::new(
+        PolicyStore::load(config.router.policies.clone(), config.tiers())
+            .map_err(|problems| anyhow::anyhow!("invalid routing policy:\n{problems}"))?,
+    );
+    let reload_counter = metrics.policy_reloads.clone();
+    let _reloader = AbortOnDrop(
+        reload::spawn(policies.clone(), config.router.watch, move |outcome| {
+            reload_counter
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.as_str().to_owned(),
+                })
+                .inc();
+        })
+        .context("cannot watch the routing policy files")?,
+    );
     let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
     let mut ready_signals = Vec::new();
     for model in &config.models {
@@ -36,7 +53,8 @@ pub async fn run(
 
     let state = AppState::new(
         engines,
-        config.server.default_tier.clone(),
+        policies,
+        config.router.hint_header.clone(),
         config.server.body_limit_bytes,
         metrics,
     );
@@ -63,5 +81,14 @@ pub async fn run(
     tokio::select! {
         served = serving => served.context("the HTTP server failed"),
         failure = loading => Err(failure),
+    }
+}
+
+/// Stops a background task when the server that owns it stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

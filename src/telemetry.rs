@@ -3,7 +3,9 @@
 use tracing_subscriber::EnvFilter;
 
 /// llama.cpp logs every tensor while loading; its warnings are what an operator needs.
-const DEFAULT_FILTER: &str = "info,llama_cpp_2=warn,llama-cpp-2=warn";
+pub const SERVER_FILTER: &str = "info,llama_cpp_2=warn,llama-cpp-2=warn";
+/// Offline commands load vocabularies only; llama.cpp's load warnings are noise there.
+pub const TOOL_FILTER: &str = "warn,llama_cpp_2=error,llama-cpp-2=error";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -11,9 +13,10 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init(format: LogFormat) {
+/// `default_filter` applies when `RUST_LOG` is not set.
+pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

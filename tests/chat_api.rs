@@ -260,7 +260,7 @@ async fn bad_input_gets_an_openai_error_with_the_right_status() {
     const CONTEXT: u32 = 512;
     const BODY_LIMIT: usize = 64 * 1024;
     let server = TestServer::start(|config| {
-        config.models.retain(|m| m.id == FAST);
+        common::only_fast_tier(config);
         // Split KV: each of the 2 slots owns CONTEXT cells.
         config.models[0].slots = 2;
         config.models[0].n_ctx = 2 * CONTEXT;
@@ -440,7 +440,7 @@ async fn full_kv_cache_defers_admission_instead_of_failing() {
     // One shared pool of 256 cells: a request reserving prompt + 150 tokens leaves no room
     // for a second one, although 4 slots are free.
     let server = TestServer::start(|config| {
-        config.models.retain(|m| m.id == FAST);
+        common::only_fast_tier(config);
         config.models[0].n_ctx = 256;
         config.models[0].slots = 4;
         config.models[0].kv_unified = true;
@@ -538,7 +538,7 @@ async fn a_model_that_fails_to_load_stops_startup_with_its_reason() {
     ];
     for (reason, break_model) in cases {
         let mut config = common::shipped_config();
-        config.models.retain(|m| m.id == FAST);
+        common::only_fast_tier(&mut config);
         break_model(&mut config.models[0]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

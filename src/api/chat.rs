@@ -11,8 +11,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use bytes::Bytes;
 use futures::stream;
 
@@ -24,9 +25,12 @@ use super::types::{
 use super::AppState;
 use crate::engine::{EngineError, FinishReason, TokenEvent, TokenStream, Usage};
 use crate::metrics::ModelLabels;
+use crate::router::{Features, RequestTokens, Route};
 
 pub const TIER_HEADER: HeaderName = HeaderName::from_static("x-tiergate-tier");
 pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-tiergate-model");
+pub const RULE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-rule");
+pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-pinned");
 
 /// Identity shared by every chunk of one response.
 struct ResponseMeta {
@@ -38,11 +42,33 @@ struct ResponseMeta {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
-    let request = ChatRequest::from_json(&body)?;
-    let engine = state.resolve_model(&request.model)?;
+    let mut request = ChatRequest::from_json(&body)?;
+    let pin = state.requested_tier(&request.model)?;
+    let features = Features::extract(
+        &request.generation.messages,
+        request.generation.max_tokens,
+        state.caller(&headers),
+    );
+    let route = state.policy().route(
+        &features,
+        &RequestTokens {
+            tokenizers: &state,
+            messages: &request.generation.messages,
+        },
+        pin.as_deref(),
+    );
+    state.count_route(&route);
+    let engine = state.engine_for_tier(&route.tier)?;
+    if let Some(cap) = route.max_tokens {
+        let generation = &mut request.generation;
+        generation.max_tokens = generation.max_tokens.map(|n| n.min(cap));
+        generation.max_tokens_cap = Some(cap);
+    }
+
     let info = engine.info();
     let labels = ModelLabels {
         model: info.id.clone(),
@@ -91,11 +117,37 @@ pub async fn chat_completions(
             }
         }
     };
-    Ok(with_route_headers(
-        response,
-        &engine.info().tier,
-        &engine.info().id,
-    ))
+    Ok(with_route_headers(response, &route, &engine.info().id))
+}
+
+/// `POST /v1/route`: how a chat request would be routed, without generating.
+pub async fn explain_route(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
+    let request = ChatRequest::from_json(&body)?;
+    let pin = state.requested_tier(&request.model)?;
+    let messages = &request.generation.messages;
+    let features = Features::extract(
+        messages,
+        request.generation.max_tokens,
+        state.caller(&headers),
+    );
+    let explanation = state.policy().explain(
+        &features,
+        &RequestTokens {
+            tokenizers: &state,
+            messages,
+        },
+        pin.as_deref(),
+    );
+    let engine = state.engine_for_tier(&explanation.route.tier)?;
+    let mut body = serde_json::to_value(&explanation)
+        .map_err(|e| ApiError::internal(format!("could not encode the explanation: {e}")))?;
+    body["model"] = serde_json::Value::from(engine.info().id.clone());
+    Ok(Json(body).into_response())
 }
 
 fn engine_gone() -> TokenEvent {
@@ -118,18 +170,24 @@ fn record_finished(state: &AppState, labels: &ModelLabels, usage: Usage) {
         .inc_by(u64::from(usage.completion_tokens));
 }
 
-fn with_route_headers(mut response: Response, tier: &str, model: &str) -> Response {
+/// Every response says which tier and model served it and which rule chose them.
+fn with_route_headers(mut response: Response, route: &Route, model: &str) -> Response {
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(tier) {
-        headers.insert(TIER_HEADER, value);
+    for (name, value) in [
+        (TIER_HEADER, route.tier.as_str()),
+        (MODEL_HEADER, model),
+        (RULE_HEADER, route.rule.as_str()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
     }
-    if let Ok(value) = HeaderValue::from_str(model) {
-        headers.insert(MODEL_HEADER, value);
+    if route.pinned {
+        headers.insert(PINNED_HEADER, HeaderValue::from_static("true"));
     }
     response
 }
 
-/// Reads the whole generation for a non-streaming reply.
 /// A whole non-streaming generation.
 struct Completion {
     text: String,

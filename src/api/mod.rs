@@ -7,14 +7,15 @@ pub mod types;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::engine::Engine;
-use crate::metrics::{Metrics, ModelLabels, RequestLabels};
+use crate::engine::{ChatMessage, Engine};
+use crate::metrics::{Metrics, ModelLabels, RequestLabels, RouteLabels};
+use crate::router::{Caller, Policy, PolicyStore, Route, Tokenizers};
 use error::ApiError;
 
 /// Shared by every handler; cheap to clone.
@@ -25,7 +26,8 @@ pub struct AppState {
 
 struct Inner {
     engines: Vec<Arc<dyn Engine>>,
-    default_tier: String,
+    policies: Arc<PolicyStore>,
+    hint_header: String,
     body_limit: usize,
     metrics: Arc<Metrics>,
 }
@@ -33,14 +35,16 @@ struct Inner {
 impl AppState {
     pub fn new(
         engines: Vec<Arc<dyn Engine>>,
-        default_tier: String,
+        policies: Arc<PolicyStore>,
+        hint_header: String,
         body_limit: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engines,
-                default_tier,
+                policies,
+                hint_header,
                 body_limit,
                 metrics,
             }),
@@ -55,20 +59,70 @@ impl AppState {
         self.inner.body_limit
     }
 
-    /// `auto` → the default tier; otherwise an exact model id, then a tier name.
-    pub fn resolve_model(&self, requested: &str) -> Result<Arc<dyn Engine>, ApiError> {
+    /// The policy in force now; a request keeps it to the end even if a reload happens.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner.policies.current()
+    }
+
+    /// The tier a request's `model` names: `None` for `auto` (the policy decides), the
+    /// model's tier for a model id, or the tier itself. Anything else is 404.
+    pub fn requested_tier(&self, requested: &str) -> Result<Option<String>, ApiError> {
+        if requested == "auto" {
+            return Ok(None);
+        }
         let engines = &self.inner.engines;
-        let tier = if requested == "auto" {
-            self.inner.default_tier.as_str()
-        } else {
-            requested
-        };
         engines
             .iter()
             .find(|e| e.info().id == requested)
-            .or_else(|| engines.iter().find(|e| e.info().tier == tier))
-            .cloned()
+            .or_else(|| engines.iter().find(|e| e.info().tier == requested))
+            .map(|e| Some(e.info().tier.clone()))
             .ok_or_else(|| ApiError::model_not_found(requested, &self.model_names()))
+    }
+
+    /// The engine serving `tier` (policies are validated against configured tiers).
+    pub fn engine_for_tier(&self, tier: &str) -> Result<Arc<dyn Engine>, ApiError> {
+        self.inner
+            .engines
+            .iter()
+            .find(|e| e.info().tier == tier)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "the policy chose tier `{tier}`, which no model serves"
+                ))
+            })
+    }
+
+    /// Who is calling: the bearer token (or `x-api-key`) and the routing hint header.
+    pub fn caller(&self, headers: &HeaderMap) -> Caller {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let api_key = text("authorization")
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .or_else(|| text("x-api-key"))
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty());
+        let hint = (!self.inner.hint_header.is_empty())
+            .then(|| text(&self.inner.hint_header))
+            .flatten()
+            .map(|h| h.trim().to_ascii_lowercase());
+        Caller {
+            api_key,
+            tenant: None,
+            hint,
+        }
+    }
+
+    pub fn count_route(&self, route: &Route) {
+        self.metrics()
+            .route_decisions
+            .get_or_create(&RouteLabels {
+                tier: route.tier.clone(),
+                rule: route.rule.clone(),
+            })
+            .inc();
     }
 
     fn model_names(&self) -> Vec<String> {
@@ -104,10 +158,21 @@ impl AppState {
     }
 }
 
+/// The router counts prompt tokens with the engines' own tokenizers.
+impl Tokenizers for AppState {
+    fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String> {
+        let engine = self.engine_for_tier(tier).map_err(|e| e.message)?;
+        engine
+            .count_prompt_tokens(messages)
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let body_limit = state.body_limit();
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/route", post(chat::explain_route))
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/ready", get(ready))

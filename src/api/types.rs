@@ -226,6 +226,7 @@ impl ChatCompletionRequest {
                 messages,
                 sampling,
                 max_tokens,
+                max_tokens_cap: None,
                 stop,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
             },

@@ -18,16 +18,16 @@ use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::{DecodeError, LogOptions};
+use llama_cpp_2::DecodeError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::prompt::{backend, Prompter};
 use super::schedule;
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
@@ -37,24 +37,9 @@ use super::{
 use crate::config::ModelConfig;
 use crate::metrics::EngineGauges;
 
-/// llama.cpp's backend may be initialised once per process; every model thread shares it.
-fn backend() -> Result<&'static LlamaBackend, String> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
-    BACKEND
-        .get_or_init(|| {
-            // llama.cpp logs every tensor at load; route it into tracing, where the
-            // subscriber's filter decides (default: warnings and up).
-            llama_cpp_2::send_logs_to_tracing(LogOptions::default());
-            LlamaBackend::init().map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
 /// What exists once the model thread has loaded the model.
 struct Loaded {
-    model: Arc<LlamaModel>,
-    template: LlamaChatTemplate,
+    prompter: Arc<Prompter>,
     /// The most positions one sequence may use: `n_ctx`, capped by the training context.
     context_per_sequence: u32,
 }
@@ -144,25 +129,6 @@ impl LlamaEngine {
             model: self.info.id.clone(),
         })
     }
-
-    fn tokenize_prompt(
-        &self,
-        loaded: &Loaded,
-        messages: &[ChatMessage],
-    ) -> Result<Vec<LlamaToken>, EngineError> {
-        let chat = messages
-            .iter()
-            .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Template(format!("a message contains a NUL byte ({e})")))?;
-        let prompt = loaded
-            .model
-            .apply_chat_template(&loaded.template, &chat, true)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
-        // add_special: BOS where the model wants one (llama.cpp's templates do not write it).
-        // parse_special: the template's own markers must become control tokens.
-        Ok(loaded.model.vocab().tokenize(prompt.as_bytes(), true, true))
-    }
 }
 
 impl Engine for LlamaEngine {
@@ -174,9 +140,13 @@ impl Engine for LlamaEngine {
         self.loaded().is_ok()
     }
 
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        Ok(self.loaded()?.prompter.tokenize(messages)?.len() as u32)
+    }
+
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {
         let loaded = self.loaded()?;
-        let prompt = self.tokenize_prompt(loaded, &request.messages)?;
+        let prompt = loaded.prompter.tokenize(&request.messages)?;
         let prompt_tokens = prompt.len() as u32;
         let context = loaded.context_per_sequence;
         // At least one position must be left to generate into.
@@ -195,7 +165,10 @@ impl Engine for LlamaEngine {
                 });
             }
             Some(max_tokens) => max_tokens,
-            None => self.max_tokens_default.min(context - prompt_tokens),
+            None => self
+                .max_tokens_default
+                .min(request.max_tokens_cap.unwrap_or(u32::MAX))
+                .min(context - prompt_tokens),
         };
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -238,15 +211,15 @@ fn model_thread(
     gauges: EngineGauges,
 ) -> Result<(), String> {
     let setup = load(&config);
-    let (model, context_params, template, context_per_sequence) = match setup {
+    let (prompter, context_params, context_per_sequence) = match setup {
         Ok(parts) => parts,
         Err(reason) => {
             let _ = ready.send(Err(reason.clone()));
             return Err(reason);
         }
     };
-    let backend = backend()?;
-    let ctx = match model.new_context(backend, context_params) {
+    let model = prompter.model().clone();
+    let ctx = match model.new_context(backend()?, context_params) {
         Ok(ctx) => ctx,
         Err(e) => {
             let reason = format!("cannot create a context: {e}");
@@ -285,8 +258,7 @@ fn model_thread(
         },
     };
     let _ = loaded_slot.set(Loaded {
-        model: model.clone(),
-        template,
+        prompter: Arc::new(prompter),
         context_per_sequence,
     });
     let _ = ready.send(Ok(()));
@@ -294,35 +266,12 @@ fn model_thread(
     Ok(())
 }
 
-type LoadedParts = (Arc<LlamaModel>, LlamaContextParams, LlamaChatTemplate, u32);
+type LoadedParts = (Prompter, LlamaContextParams, u32);
 
 fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
-    if !config.path.is_file() {
-        return Err(format!(
-            "model file {} not found (run `just models` to fetch the default models)",
-            config.path.display()
-        ));
-    }
-    let backend = backend()?;
     let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
-    let model = LlamaModel::load_from_file(backend, &config.path, &params)
-        .map_err(|e| format!("cannot load {}: {e}", config.path.display()))?;
-
-    let template = match &config.chat_template {
-        Some(name) => LlamaChatTemplate::new(name).map_err(|e| format!("chat_template: {e}"))?,
-        None => model.chat_template(None).map_err(|_| {
-            "the model file has no chat template; set `chat_template` (e.g. \"gemma\") in config".to_owned()
-        })?,
-    };
-    // Fail at start-up, not on the first request, when llama.cpp does not know the template.
-    let probe = LlamaChatMessage::new("user".into(), "hi".into()).map_err(|e| e.to_string())?;
-    model
-        .apply_chat_template(&template, &[probe], true)
-        .map_err(|e| {
-            format!(
-                "chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"
-            )
-        })?;
+    let prompter = Prompter::load(config, &params)?;
+    let model = prompter.model();
 
     let context_per_sequence = if config.kv_unified {
         config.n_ctx
@@ -344,12 +293,7 @@ fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
         .with_swa_full(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    Ok((
-        Arc::new(model),
-        context_params,
-        template,
-        context_per_sequence,
-    ))
+    Ok((prompter, context_params, context_per_sequence))
 }
 
 /// One admitted request holding a slot (a llama.cpp sequence id) and KV cells.

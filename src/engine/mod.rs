@@ -5,6 +5,7 @@
 //! continuous-batching step loop.
 
 pub mod llama;
+pub mod prompt;
 pub mod schedule;
 pub mod text;
 
@@ -74,6 +75,9 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// `None`: the model's configured default, clamped to the context left after the prompt.
     pub max_tokens: Option<u32>,
+    /// A routing policy's limit on the default above (an explicit `max_tokens` has
+    /// already been clamped to it by the caller).
+    pub max_tokens_cap: Option<u32>,
     pub stop: Vec<String>,
     /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
     /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
@@ -197,4 +201,8 @@ pub trait Engine: Send + Sync + 'static {
 
     /// True once the model is loaded and its step loop is running.
     fn is_ready(&self) -> bool;
+
+    /// Tokens the templated `messages` take on this model (what `usage.prompt_tokens`
+    /// would say), without queueing anything. The router calls it off the model thread.
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError>;
 }

@@ -26,10 +26,24 @@ pub fn shipped_config() -> Config {
     Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Keeps only the fast model, with a policy that routes everything to it (the default
+/// policy names the full tier, which would then be an unknown tier).
+pub fn only_fast_tier(config: &mut Config) {
+    config.models.retain(|m| m.id == FAST);
+    config.router.policies = vec![fixture("fast-only.toml")];
+}
+
+/// A file under `tests/fixtures`.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
 impl TestServer {
     /// Only the fast tier: most API behaviour does not depend on the model.
     pub async fn fast() -> Self {
-        Self::start(|config| config.models.retain(|m| m.id == FAST)).await
+        Self::start(only_fast_tier).await
     }
 
     /// Both default tiers.

@@ -1,0 +1,132 @@
+//! Hot reload: a change to a policy file (or SIGHUP) rebuilds the policy. A policy with
+//! problems is logged and counted and the one in force keeps serving.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::PolicyStore;
+
+/// Editors write a file in several events (truncate, write, rename); wait this long after
+/// the first for the rest, then reload once.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Reload outcomes, for the `policy_reloads_total` counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Applied,
+    Rejected,
+}
+
+impl ReloadOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// Listens for SIGHUP and, with `watch_files`, changes to the policy files; runs until the
+/// handle is aborted. `record` hears every outcome.
+pub fn spawn(
+    store: Arc<PolicyStore>,
+    watch_files: bool,
+    record: impl Fn(ReloadOutcome) + Send + 'static,
+) -> notify::Result<JoinHandle<()>> {
+    let watched: HashSet<(PathBuf, std::ffi::OsString)> = store
+        .files()
+        .iter()
+        .filter_map(|f| dir_and_name(f))
+        .collect();
+    // Unbounded is fine: the watcher thread only sends "something changed", and the task
+    // drains everything pending on each reload.
+    let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
+    let interesting = watched.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) && event.paths.iter().any(|p| {
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
+                return false;
+            };
+            interesting.contains(&(dir.to_owned(), name.to_owned()))
+        });
+        if relevant {
+            let _ = changed_tx.send(());
+        }
+    })?;
+    if watch_files {
+        let dirs: HashSet<&PathBuf> = watched.iter().map(|(dir, _)| dir).collect();
+        for dir in dirs {
+            watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+    }
+
+    Ok(tokio::spawn(async move {
+        // The watcher stops when dropped; this task owns it.
+        let _watcher = watcher;
+        let mut hangup = hangup_signal();
+        loop {
+            let reason = tokio::select! {
+                Some(()) = changed_rx.recv() => "file changed",
+                Some(()) = hangup.recv() => "SIGHUP",
+                else => return,
+            };
+            tokio::time::sleep(SETTLE).await;
+            while changed_rx.try_recv().is_ok() {}
+            match store.reload() {
+                Ok(()) => {
+                    tracing::info!(reason, files = ?store.files(), "routing policy reloaded");
+                    record(ReloadOutcome::Applied);
+                }
+                Err(problems) => {
+                    tracing::error!(
+                        reason,
+                        "routing policy rejected, the previous one keeps serving:\n{problems}"
+                    );
+                    record(ReloadOutcome::Rejected);
+                }
+            }
+        }
+    }))
+}
+
+/// The canonical directory and the file name: what inotify reports for the file.
+fn dir_and_name(file: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
+    let dir = file.parent()?;
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    Some((dir.canonicalize().ok()?, file.file_name()?.to_owned()))
+}
+
+/// SIGHUP as a channel; on other platforms a channel that never fires.
+fn hangup_signal() -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut hangups) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    if tx.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
