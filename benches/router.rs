@@ -67,10 +67,7 @@ fn setup() -> Setup {
 
 fn route_once(setup: &Setup, messages: &[ChatMessage]) -> String {
     let features = Features::extract(messages, None, Caller::default());
-    let tokens = RequestTokens {
-        tokenizers: &setup.tokenizers,
-        messages,
-    };
+    let tokens = RequestTokens::new(&setup.tokenizers, messages);
     setup.policy.route(&features, &tokens, None).rule
 }
 

@@ -139,10 +139,7 @@ pub fn explain(options: &RouteOptions) -> anyhow::Result<Explanation> {
     let features = Features::extract(&messages, max_tokens, options.caller.clone());
     Ok(policy.explain(
         &features,
-        &RequestTokens {
-            tokenizers: &tokenizers,
-            messages: &messages,
-        },
+        &RequestTokens::new(&tokenizers, &messages),
         pin.as_deref(),
     ))
 }

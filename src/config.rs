@@ -15,7 +15,28 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/tiergate.toml";
 pub struct Config {
     pub server: ServerConfig,
     pub router: RouterConfig,
+    pub cache: CacheConfig,
+    /// Empty: the API is open. Otherwise every request needs one of these keys.
+    pub api_keys: Vec<ApiKeyConfig>,
     pub models: Vec<ModelConfig>,
+}
+
+/// Bounds of the reply cache; when either is reached the oldest entries go first.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKeyConfig {
+    /// The secret itself (from `key`, or read from the variable `key_env` names).
+    pub key: String,
+    /// Shown to routing rules (`when.tenants`) and logs instead of the key.
+    pub tenant: Option<String>,
+    pub requests_per_minute: Option<u32>,
+    /// Prompt tokens plus the completion tokens a request may generate.
+    pub tokens_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +55,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body; larger ones get 413.
     pub body_limit_bytes: usize,
+    /// On SIGTERM, how long in-flight responses may take to finish before the process exits.
+    pub drain_timeout_s: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +86,9 @@ pub struct ModelConfig {
     /// `n_ctx / slots` cells per slot. Shared pools make every token attend over every
     /// sequence's cells, which costs throughput at high concurrency.
     pub kv_unified: bool,
+    /// Fault injection: sleep this long before every decode step, to drill degradation
+    /// (a stalled tier). 0 in production.
+    pub fault_step_delay_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +97,10 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     router: RawRouter,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default, rename = "api_key")]
+    api_keys: Vec<RawApiKey>,
     #[serde(default, rename = "model")]
     models: Vec<RawModel>,
 }
@@ -80,6 +110,7 @@ struct RawConfig {
 struct RawServer {
     listen: String,
     body_limit_bytes: u64,
+    drain_timeout_s: u64,
 }
 
 impl Default for RawServer {
@@ -87,8 +118,34 @@ impl Default for RawServer {
         Self {
             listen: "127.0.0.1:8080".into(),
             body_limit_bytes: 1 << 20,
+            drain_timeout_s: 30,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawCache {
+    max_entries: u64,
+    max_bytes: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawApiKey {
+    key: Option<String>,
+    key_env: Option<String>,
+    tenant: Option<String>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +189,8 @@ struct RawModel {
     queue_capacity: u32,
     #[serde(default)]
     kv_unified: bool,
+    #[serde(default)]
+    fault_step_delay_ms: u64,
 }
 
 mod defaults {
@@ -225,6 +284,54 @@ impl RawConfig {
         if self.models.is_empty() {
             problem("model".into(), "at least one [[model]] is required".into());
         }
+        if self.cache.max_entries == 0 {
+            problem(
+                "cache.max_entries".into(),
+                "must be at least 1 (policies turn caching off with cache = \"off\")".into(),
+            );
+        }
+
+        let mut api_keys = Vec::new();
+        for (i, raw) in self.api_keys.into_iter().enumerate() {
+            let key = |field: &str| format!("api_key[{i}].{field}");
+            let secret = match (raw.key, raw.key_env) {
+                (Some(secret), None) => Some(secret),
+                (None, Some(var)) => match std::env::var(&var) {
+                    Ok(secret) => Some(secret),
+                    Err(_) => {
+                        problem(key("key_env"), format!("the variable `{var}` is not set"));
+                        None
+                    }
+                },
+                _ => {
+                    problem(
+                        key("key"),
+                        "set exactly one of `key` and `key_env`".into(),
+                    );
+                    None
+                }
+            };
+            let Some(secret) = secret else { continue };
+            if secret.trim().is_empty() {
+                problem(key("key"), "must not be empty".into());
+            } else if api_keys.iter().any(|k: &ApiKeyConfig| k.key == secret) {
+                problem(key("key"), "the same key is listed twice".into());
+            }
+            for (field, value) in [
+                ("requests_per_minute", raw.requests_per_minute),
+                ("tokens_per_minute", raw.tokens_per_minute),
+            ] {
+                if value == Some(0) {
+                    problem(key(field), "must be at least 1 (leave it out for no limit)".into());
+                }
+            }
+            api_keys.push(ApiKeyConfig {
+                key: secret.trim().to_owned(),
+                tenant: raw.tenant,
+                requests_per_minute: raw.requests_per_minute,
+                tokens_per_minute: raw.tokens_per_minute,
+            });
+        }
 
         let mut ids = HashSet::new();
         let mut models = Vec::new();
@@ -305,6 +412,7 @@ impl RawConfig {
                 max_tokens_default: raw.max_tokens_default,
                 queue_capacity: raw.queue_capacity as usize,
                 kv_unified: raw.kv_unified,
+                fault_step_delay_ms: raw.fault_step_delay_ms,
             });
         }
 
@@ -313,7 +421,13 @@ impl RawConfig {
                 server: ServerConfig {
                     listen,
                     body_limit_bytes: self.server.body_limit_bytes as usize,
+                    drain_timeout_s: self.server.drain_timeout_s,
                 },
+                cache: CacheConfig {
+                    max_entries: self.cache.max_entries as usize,
+                    max_bytes: self.cache.max_bytes as usize,
+                },
+                api_keys,
                 router: RouterConfig {
                     policies: self
                         .router
@@ -421,6 +535,22 @@ threads = 0
                 (Some(10), "model[0].threads"),
             ]
         );
+    }
+
+    #[test]
+    fn api_keys_take_their_secret_from_the_file_or_the_environment() {
+        let text = format!(
+            "{MINIMAL}\n[[api_key]]\nkey = \"sk-a\"\ntenant = \"acme\"\nrequests_per_minute = 60\n\n[[api_key]]\nkey_env = \"TIERGATE_TEST_UNSET_KEY_VAR\"\n"
+        );
+        let problems = parse(&text).expect_err("unset variable").0;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "api_key[1].key_env");
+        assert_eq!(problems[0].line, Some(13));
+
+        let text = format!("{MINIMAL}\n[[api_key]]\nkey = \"sk-a\"\ntenant = \"acme\"\n");
+        let config = parse(&text).expect("valid");
+        assert_eq!(config.api_keys[0].key, "sk-a");
+        assert_eq!(config.api_keys[0].tenant.as_deref(), Some("acme"));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! tiergate: an LLM gateway that hosts GGUF model tiers in-process (llama.cpp) and serves
 //! OpenAI-compatible chat completions with continuous batching.
 
+pub mod admission;
 pub mod api;
+pub mod cache;
 pub mod check;
 pub mod config;
 pub mod engine;

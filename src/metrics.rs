@@ -36,6 +36,32 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradeLabels {
+    pub from: String,
+    pub to: String,
+    /// `predicted_ttft`, `queue_full` or `ttft_watchdog`.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub tier: String,
+    /// `hit`, `stale` (served past its TTL because no tier could answer in time),
+    /// `shared` (joined an identical running generation) or `miss`.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: String,
+}
+
 /// Time to first token spans prefill on a loaded CPU: from a few ms to tens of seconds.
 const TTFT_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
@@ -52,6 +78,12 @@ pub struct Metrics {
     pub prompt_tokens: Family<ModelLabels, Counter>,
     pub route_decisions: Family<RouteLabels, Counter>,
     pub policy_reloads: Family<OutcomeLabels, Counter>,
+    pub degradations: Family<DegradeLabels, Counter>,
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    pub cache_evictions: Counter,
+    pub rate_limited: Family<ReasonLabels, Counter>,
+    pub shed: Family<TierLabels, Counter>,
+    pub budget_cuts: Family<TierLabels, Counter>,
 }
 
 /// The gauges one model's step loop owns, already bound to its labels.
@@ -85,6 +117,12 @@ impl Metrics {
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
         let route_decisions = Family::<RouteLabels, Counter>::default();
         let policy_reloads = Family::<OutcomeLabels, Counter>::default();
+        let degradations = Family::<DegradeLabels, Counter>::default();
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        let cache_evictions = Counter::default();
+        let rate_limited = Family::<ReasonLabels, Counter>::default();
+        let shed = Family::<TierLabels, Counter>::default();
+        let budget_cuts = Family::<TierLabels, Counter>::default();
 
         registry.register(
             "active_sequences",
@@ -134,6 +172,37 @@ impl Metrics {
             policy_reloads.clone(),
         );
 
+        registry.register(
+            "degradations",
+            "Requests served by a smaller tier or the cache than routed, by reason",
+            degradations.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
+            cache_lookups.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Cached replies evicted to stay within the entry and byte bounds",
+            cache_evictions.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by an API key's quota (429) or for a missing/unknown key (401)",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "shed",
+            "Requests refused with 503 because no tier could answer within the budget",
+            shed.clone(),
+        );
+        registry.register(
+            "budget_cuts",
+            "Replies ended with finish_reason length because the total budget ran out",
+            budget_cuts.clone(),
+        );
+
         Self {
             registry,
             active_sequences,
@@ -145,6 +214,12 @@ impl Metrics {
             prompt_tokens,
             route_decisions,
             policy_reloads,
+            degradations,
+            cache_lookups,
+            cache_evictions,
+            rate_limited,
+            shed,
+            budget_cuts,
         }
     }
 

@@ -7,7 +7,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::admission::Admission;
+use crate::api::{self, AppState, StateParts};
+use crate::cache::{CacheCounters, ReplyCache};
 use crate::config::Config;
 use crate::engine::llama::LlamaEngine;
 use crate::engine::Engine;
@@ -51,18 +57,42 @@ pub async fn run(
         ready_signals.push((model.id.clone(), ready));
     }
 
-    let state = AppState::new(
+    let cache = Arc::new(ReplyCache::new(
+        config.cache.max_entries,
+        config.cache.max_bytes,
+        CacheCounters {
+            evictions: metrics.cache_evictions.clone(),
+        },
+    ));
+    // Flipped when shutdown begins; `/ready` reads it, the drain timer waits on it.
+    let (draining_tx, draining) = watch::channel(false);
+    let state = AppState::new(StateParts {
         engines,
         policies,
-        config.router.hint_header.clone(),
-        config.server.body_limit_bytes,
+        admission: Admission::new(&config.api_keys),
+        cache,
+        hint_header: config.router.hint_header.clone(),
+        body_limit: config.server.body_limit_bytes,
         metrics,
-    );
+        draining: draining.clone(),
+    });
     let app = api::router(state);
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
 
-    let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let drain_timeout = Duration::from_secs(config.server.drain_timeout_s);
+    let begin_drain = async move {
+        shutdown.await;
+        tracing::info!(?drain_timeout, "draining: no new connections, in-flight replies may finish");
+        let _ = draining_tx.send(true);
+    };
+    // Stops accepting at once, then waits for every open response to finish.
+    let serving = axum::serve(listener, app).with_graceful_shutdown(begin_drain);
+    let drain_deadline = async move {
+        let mut draining = draining;
+        let _ = draining.wait_for(|d| *d).await;
+        tokio::time::sleep(drain_timeout).await;
+    };
     let loading = async move {
         for (id, ready) in ready_signals {
             match ready.await {
@@ -81,6 +111,10 @@ pub async fn run(
     tokio::select! {
         served = serving => served.context("the HTTP server failed"),
         failure = loading => Err(failure),
+        () = drain_deadline => {
+            tracing::warn!(?drain_timeout, "drain timeout: ending the replies still open");
+            Ok(())
+        }
     }
 }
 

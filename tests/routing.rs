@@ -182,10 +182,7 @@ fn default_policy_sends_each_kind_of_prompt_to_its_tier() {
     let mut wrong = Vec::new();
     for (case, messages, max_tokens, caller, tier, rule) in cases {
         let features = Features::extract(&messages, max_tokens, caller);
-        let tokens = RequestTokens {
-            tokenizers: &tokenizers,
-            messages: &messages,
-        };
+        let tokens = RequestTokens::new(&tokenizers, &messages);
         let route = policy.route(&features, &tokens, None);
         if (route.tier.as_str(), route.rule.as_str()) != (tier, rule) {
             wrong.push(format!(

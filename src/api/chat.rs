@@ -5,7 +5,6 @@
 //! chunk measures the true time to first token.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -17,20 +16,27 @@ use axum::Json;
 use bytes::Bytes;
 use futures::stream;
 
+use super::budget::{Acquired, Attempt, CacheUse, Deadlines, Degradation, Source};
 use super::error::ApiError;
 use super::types::{
-    AssistantMessage, ChatRequest, ChunkBody, ChunkChoice, CompletionBody, CompletionChoice, Delta,
-    UsageBody,
+    AssistantMessage, ChatRequest, ChunkBody, ChunkChoice, ChunkNote, CompletionBody,
+    CompletionChoice, Delta, UsageBody,
 };
 use super::AppState;
-use crate::engine::{EngineError, FinishReason, TokenEvent, TokenStream, Usage};
-use crate::metrics::ModelLabels;
-use crate::router::{Features, RequestTokens, Route};
+use crate::engine::{EngineError, FinishReason, TokenEvent, Usage};
+use crate::metrics::{ModelLabels, TierLabels};
+use crate::router::{Features, RequestTokens, Route, TokenCounter};
 
 pub const TIER_HEADER: HeaderName = HeaderName::from_static("x-tiergate-tier");
 pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-tiergate-model");
 pub const RULE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-rule");
 pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-pinned");
+/// `<from>-><to>; reason=<why>` when a smaller tier or the cache answered instead.
+pub const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-degraded");
+/// `miss`, `shared`, `hit` or `stale` for cacheable requests.
+pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-cache");
+/// `total` on a non-streaming reply cut short by its total budget.
+pub const BUDGET_CUT_HEADER: HeaderName = HeaderName::from_static("x-tiergate-budget-cut");
 
 /// Identity shared by every chunk of one response.
 struct ResponseMeta {
@@ -38,6 +44,7 @@ struct ResponseMeta {
     created: u64,
     model: String,
     include_usage: bool,
+    total_budget_ms: u64,
 }
 
 pub async fn chat_completions(
@@ -45,79 +52,114 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let mut caller = state.caller(&headers);
+    // Keys and request quotas first: an unknown caller costs no parsing or tokenizing.
+    let client = state.admit(&caller)?;
+    caller.tenant = client.as_ref().and_then(|c| c.tenant.clone());
+    let api_key = caller.api_key.clone();
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
     let mut request = ChatRequest::from_json(&body)?;
     let pin = state.requested_tier(&request.model)?;
     let features = Features::extract(
         &request.generation.messages,
         request.generation.max_tokens,
-        state.caller(&headers),
+        caller,
     );
-    let route = state.policy().route(
-        &features,
-        &RequestTokens {
-            tokenizers: &state,
-            messages: &request.generation.messages,
-        },
-        pin.as_deref(),
-    );
+    let tokens = RequestTokens::new(&state, &request.generation.messages);
+    let route = state.policy().route(&features, &tokens, pin.as_deref());
     state.count_route(&route);
-    let engine = state.engine_for_tier(&route.tier)?;
     if let Some(cap) = route.max_tokens {
-        let generation = &mut request.generation;
-        generation.max_tokens = generation.max_tokens.map(|n| n.min(cap));
-        generation.max_tokens_cap = Some(cap);
+        request.generation.max_tokens = request.generation.max_tokens.map(|n| n.min(cap));
+        request.generation.max_tokens_cap = Some(cap);
+    }
+    let generation = &request.generation;
+    let routed = state.engine_for_tier(&route.tier)?;
+    let routed_labels = ModelLabels {
+        model: routed.info().id.clone(),
+        tier: route.tier.clone(),
+    };
+    if let Some(client) = &client {
+        // The most this request can use: its prompt plus the completion it may generate
+        // (a request without max_tokens or a policy cap is charged its prompt only).
+        let prompt = tokens.prompt_tokens(&route.tier).unwrap_or(0);
+        let completion = generation.max_tokens.or(route.max_tokens).unwrap_or(0);
+        state.spend_tokens(client, prompt.saturating_add(completion))?;
     }
 
-    let info = engine.info();
+    let accepted_at = Instant::now();
+    let deadlines = Deadlines::new(accepted_at, &route);
+    let acquired = Attempt {
+        state: &state,
+        generation,
+        route: &route,
+        tokens: &tokens,
+        api_key: api_key.as_deref(),
+        deadlines,
+    }
+    .acquire()
+    .await
+    .inspect_err(|e| state.count_request(&routed_labels, e.status))?;
+
     let labels = ModelLabels {
-        model: info.id.clone(),
-        tier: info.tier.clone(),
+        model: acquired.model.clone(),
+        tier: acquired.tier.clone(),
     };
+    let generated_here = acquired.cache.is_none_or(CacheUse::generated);
+    let metrics = state.metrics();
+    metrics
+        .time_to_first_token
+        .get_or_create(&labels)
+        .observe(accepted_at.elapsed().as_secs_f64());
+    if generated_here {
+        metrics
+            .prompt_tokens
+            .get_or_create(&labels)
+            .inc_by(u64::from(acquired.prompt_tokens));
+    }
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        model: info.id.clone(),
+        model: acquired.model.clone(),
         include_usage: request.include_usage,
+        total_budget_ms: route.total_ms,
+    };
+    let served = ServedBy {
+        tier: acquired.tier.clone(),
+        model: acquired.model.clone(),
+        degraded: acquired.degraded.clone(),
+        cache: acquired.cache,
+    };
+    let accounting = Accounting {
+        state: state.clone(),
+        labels,
+        generated_here,
     };
 
-    let accepted_at = Instant::now();
-    let mut tokens = engine
-        .submit(request.generation)
-        .inspect_err(|e| state.count_request(&labels, status_of(e)))?;
-    let first = tokens.next_event().await.unwrap_or_else(engine_gone);
-    if let TokenEvent::Failed(err) = first {
-        state.count_request(&labels, status_of(&err));
-        return Err(err.into());
-    }
-    let metrics = state.metrics();
-    metrics
-        .time_to_first_token
-        .get_or_create(&labels)
-        .observe(accepted_at.elapsed().as_secs_f64());
-    metrics
-        .prompt_tokens
-        .get_or_create(&labels)
-        .inc_by(u64::from(tokens.prompt_tokens));
-
     let response = if request.stream {
-        stream_response(meta, first, tokens, state.clone(), labels)
+        stream_response(meta, acquired, deadlines.total, accounting)
     } else {
-        match collect(first, &mut tokens).await {
+        let mut reply = Reply::new(acquired);
+        match reply.collect(deadlines.total).await {
             Ok(completion) => {
-                record_finished(&state, &labels, completion.usage);
-                complete_response(&meta, completion)
+                accounting.finished(&completion);
+                let mut response = complete_response(&meta, &completion);
+                if completion.budget_cut {
+                    response
+                        .headers_mut()
+                        .insert(BUDGET_CUT_HEADER, HeaderValue::from_static("total"));
+                }
+                response
             }
             Err(err) => {
-                state.count_request(&labels, status_of(&err));
+                state.count_request(&accounting.labels, status_of(&err));
                 return Err(err.into());
             }
         }
     };
-    Ok(with_route_headers(response, &route, &engine.info().id))
+    Ok(with_route_headers(response, &route, &served))
 }
 
 /// `POST /v1/route`: how a chat request would be routed, without generating.
@@ -137,10 +179,7 @@ pub async fn explain_route(
     );
     let explanation = state.policy().explain(
         &features,
-        &RequestTokens {
-            tokenizers: &state,
-            messages,
-        },
+        &RequestTokens::new(&state, messages),
         pin.as_deref(),
     );
     let engine = state.engine_for_tier(&explanation.route.tier)?;
@@ -150,79 +189,150 @@ pub async fn explain_route(
     Ok(Json(body).into_response())
 }
 
-fn engine_gone() -> TokenEvent {
-    TokenEvent::Failed(EngineError::Decode(
-        "the model thread ended the sequence without finishing it".into(),
-    ))
-}
-
 fn status_of(err: &EngineError) -> StatusCode {
     ApiError::from(err.clone()).status
 }
 
-/// Counts a request that generated to the end.
-fn record_finished(state: &AppState, labels: &ModelLabels, usage: Usage) {
-    state.count_request(labels, StatusCode::OK);
-    state
-        .metrics()
-        .generated_tokens
-        .get_or_create(labels)
-        .inc_by(u64::from(usage.completion_tokens));
+/// Which tier and model answered, and how.
+struct ServedBy {
+    tier: String,
+    model: String,
+    degraded: Option<Degradation>,
+    cache: Option<CacheUse>,
 }
 
-/// Every response says which tier and model served it and which rule chose them.
-fn with_route_headers(mut response: Response, route: &Route, model: &str) -> Response {
-    let headers = response.headers_mut();
-    for (name, value) in [
-        (TIER_HEADER, route.tier.as_str()),
-        (MODEL_HEADER, model),
-        (RULE_HEADER, route.rule.as_str()),
-    ] {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
+/// Per-response metric bookkeeping.
+struct Accounting {
+    state: AppState,
+    labels: ModelLabels,
+    /// False for replies replayed from the cache or followed from another response's
+    /// generation: their tokens were counted once, by the response that generated them.
+    generated_here: bool,
+}
+
+impl Accounting {
+    fn finished(&self, completion: &Completion) {
+        self.state.count_request(&self.labels, StatusCode::OK);
+        let metrics = self.state.metrics();
+        if self.generated_here {
+            metrics
+                .generated_tokens
+                .get_or_create(&self.labels)
+                .inc_by(u64::from(completion.usage.completion_tokens));
+        }
+        if completion.budget_cut {
+            metrics
+                .budget_cuts
+                .get_or_create(&TierLabels {
+                    tier: self.labels.tier.clone(),
+                })
+                .inc();
         }
     }
-    if route.pinned {
-        headers.insert(PINNED_HEADER, HeaderValue::from_static("true"));
+}
+
+/// Every response says which tier and model served it, which rule chose the route,
+/// and whether it was degraded or came from the cache.
+fn with_route_headers(mut response: Response, route: &Route, served: &ServedBy) -> Response {
+    let headers = response.headers_mut();
+    let degraded = served.degraded.as_ref().map(ToString::to_string);
+    let pairs = [
+        (TIER_HEADER, Some(served.tier.as_str())),
+        (MODEL_HEADER, Some(served.model.as_str())),
+        (RULE_HEADER, Some(route.rule.as_str())),
+        (PINNED_HEADER, route.pinned.then_some("true")),
+        (DEGRADED_HEADER, degraded.as_deref()),
+        (CACHE_HEADER, served.cache.map(CacheUse::as_str)),
+    ];
+    for (name, value) in pairs {
+        if let Some(Ok(value)) = value.map(HeaderValue::from_str) {
+            headers.insert(name, value);
+        }
     }
     response
 }
 
-/// A whole non-streaming generation.
+/// A whole non-streaming generation (or as much as the total budget allowed).
 struct Completion {
     text: String,
     finish_reason: FinishReason,
     usage: Usage,
+    budget_cut: bool,
 }
 
-async fn collect(first: TokenEvent, tokens: &mut TokenStream) -> Result<Completion, EngineError> {
-    let mut text = String::new();
-    let mut event = first;
-    loop {
-        match event {
-            TokenEvent::Text(piece) => text.push_str(&piece),
-            TokenEvent::Finished {
-                finish_reason,
-                usage,
-            } => {
-                return Ok(Completion {
-                    text,
+/// Reads one reply's events under its total budget.
+struct Reply {
+    source: Source,
+    first: Option<TokenEvent>,
+    prompt_tokens: u32,
+    /// Text events delivered: the completion-token count reported when the budget cuts
+    /// a reply short (a text event carries at least one token).
+    pieces: u32,
+}
+
+impl Reply {
+    fn new(acquired: Acquired) -> Self {
+        Self {
+            source: acquired.source,
+            first: Some(acquired.first),
+            prompt_tokens: acquired.prompt_tokens,
+            pieces: 0,
+        }
+    }
+
+    /// The next event, or `None` when the total budget ran out first (dropping the
+    /// source then cancels the sequence).
+    async fn next(&mut self, deadline: Instant) -> Option<TokenEvent> {
+        let event = match self.first.take() {
+            Some(first) => first,
+            None => tokio::time::timeout_at(deadline.into(), self.source.next_event())
+                .await
+                .ok()?,
+        };
+        if matches!(event, TokenEvent::Text(_)) {
+            self.pieces += 1;
+        }
+        Some(event)
+    }
+
+    fn cut_usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.pieces,
+        }
+    }
+
+    async fn collect(&mut self, deadline: Instant) -> Result<Completion, EngineError> {
+        let mut text = String::new();
+        loop {
+            match self.next(deadline).await {
+                Some(TokenEvent::Text(piece)) => text.push_str(&piece),
+                Some(TokenEvent::Finished {
                     finish_reason,
                     usage,
-                })
+                }) => {
+                    return Ok(Completion {
+                        text,
+                        finish_reason,
+                        usage,
+                        budget_cut: false,
+                    })
+                }
+                Some(TokenEvent::Failed(err)) => return Err(err),
+                None => {
+                    return Ok(Completion {
+                        text,
+                        finish_reason: FinishReason::Length,
+                        usage: self.cut_usage(),
+                        budget_cut: true,
+                    })
+                }
             }
-            TokenEvent::Failed(err) => return Err(err),
         }
-        event = tokens.next_event().await.unwrap_or_else(engine_gone);
     }
 }
 
-fn complete_response(meta: &ResponseMeta, completion: Completion) -> Response {
-    let Completion {
-        text,
-        finish_reason,
-        usage,
-    } = completion;
+fn complete_response(meta: &ResponseMeta, completion: &Completion) -> Response {
     let body = CompletionBody {
         id: &meta.id,
         object: "chat.completion",
@@ -232,12 +342,12 @@ fn complete_response(meta: &ResponseMeta, completion: Completion) -> Response {
             index: 0,
             message: AssistantMessage {
                 role: "assistant",
-                content: &text,
+                content: &completion.text,
             },
             logprobs: None,
-            finish_reason: finish_reason.as_str(),
+            finish_reason: completion.finish_reason.as_str(),
         }],
-        usage: usage.into(),
+        usage: completion.usage.into(),
     };
     match serde_json::to_string(&body) {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
@@ -259,6 +369,29 @@ impl ResponseMeta {
                 finish_reason: finish_reason.map(FinishReason::as_str),
             }],
             usage: self.include_usage.then_some(None),
+            tiergate: None,
+        })
+    }
+
+    /// The last content chunk of a reply the total budget cut short: `finish_reason`
+    /// is `length`, and a `tiergate` field says why (headers are long gone by then).
+    fn budget_cut_chunk(&self) -> Bytes {
+        self.encode(&ChunkBody {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta: Delta::default(),
+                logprobs: None,
+                finish_reason: Some(FinishReason::Length.as_str()),
+            }],
+            usage: self.include_usage.then_some(None),
+            tiergate: Some(ChunkNote {
+                budget_cut: "total",
+                total_ms: self.total_budget_ms,
+            }),
         })
     }
 
@@ -271,6 +404,7 @@ impl ResponseMeta {
             model: &self.model,
             choices: Vec::new(),
             usage: Some(Some(UsageBody::from(usage))),
+            tiergate: None,
         })
     }
 
@@ -279,28 +413,44 @@ impl ResponseMeta {
         let json = serde_json::to_string(chunk).unwrap_or_else(|_| "{}".into());
         Bytes::from(format!("data: {json}\n\n"))
     }
-}
 
-/// Where the SSE body is in its life.
-enum Phase {
-    /// The first event is in hand; the role chunk goes out with it.
-    First(TokenEvent),
-    Streaming,
-    Done,
+    /// The end of a stream: the finishing chunk, the usage chunk if asked, `[DONE]`.
+    fn ending(&self, last: Bytes, usage: Usage) -> Bytes {
+        let mut out = last.to_vec();
+        if self.include_usage {
+            out.extend_from_slice(&self.usage_chunk(usage));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Bytes::from(out)
+    }
 }
 
 struct SseState {
-    meta: Arc<ResponseMeta>,
-    tokens: TokenStream,
-    phase: Phase,
-    state: AppState,
-    labels: ModelLabels,
+    meta: ResponseMeta,
+    reply: Reply,
+    /// The role chunk goes out with the first event.
+    started: bool,
+    done: bool,
+    deadline: Instant,
+    accounting: Accounting,
 }
 
 impl SseState {
-    /// Bytes for one engine event; the phase moves to Done after the last one.
-    fn render(&mut self, event: TokenEvent) -> Bytes {
+    /// Bytes for the next event; `done` is set after the last one.
+    async fn next_bytes(&mut self) -> Bytes {
         let meta = &self.meta;
+        let Some(event) = self.reply.next(self.deadline).await else {
+            self.done = true;
+            let usage = self.reply.cut_usage();
+            self.accounting.finished(&Completion {
+                text: String::new(),
+                finish_reason: FinishReason::Length,
+                usage,
+                budget_cut: true,
+            });
+            tracing::info!(id = %meta.id, total_ms = meta.total_budget_ms, "total budget spent: reply cut");
+            return meta.ending(meta.budget_cut_chunk(), usage);
+        };
         match event {
             TokenEvent::Text(text) => meta.chunk(
                 Delta {
@@ -313,20 +463,22 @@ impl SseState {
                 finish_reason,
                 usage,
             } => {
-                self.phase = Phase::Done;
-                record_finished(&self.state, &self.labels, usage);
-                let mut out = meta.chunk(Delta::default(), Some(finish_reason)).to_vec();
-                if meta.include_usage {
-                    out.extend_from_slice(&meta.usage_chunk(usage));
-                }
-                out.extend_from_slice(b"data: [DONE]\n\n");
-                Bytes::from(out)
+                self.done = true;
+                self.accounting.finished(&Completion {
+                    text: String::new(),
+                    finish_reason,
+                    usage,
+                    budget_cut: false,
+                });
+                meta.ending(meta.chunk(Delta::default(), Some(finish_reason)), usage)
             }
             TokenEvent::Failed(err) => {
-                self.phase = Phase::Done;
+                self.done = true;
                 tracing::warn!(id = %meta.id, %err, "generation failed after the stream started");
-                self.state
-                    .count_request_outcome(&self.labels, "stream_error");
+                let accounting = &self.accounting;
+                accounting
+                    .state
+                    .count_request_outcome(&accounting.labels, "stream_error");
                 ApiError::from(err).sse_event()
             }
         }
@@ -335,40 +487,39 @@ impl SseState {
 
 fn stream_response(
     meta: ResponseMeta,
-    first: TokenEvent,
-    tokens: TokenStream,
-    state: AppState,
-    labels: ModelLabels,
+    acquired: Acquired,
+    deadline: Instant,
+    accounting: Accounting,
 ) -> Response {
     let initial = SseState {
-        meta: Arc::new(meta),
-        tokens,
-        phase: Phase::First(first),
-        state,
-        labels,
+        meta,
+        reply: Reply::new(acquired),
+        started: false,
+        done: false,
+        deadline,
+        accounting,
     };
-    // Dropping this stream (client gone) drops the TokenStream, which the step loop sees
-    // as a closed channel: the sequence leaves and its KV cells are freed.
+    // Dropping this stream (client gone) drops the reply's source, which the step loop
+    // sees as a closed channel: the sequence leaves and its KV cells are freed.
     let body = stream::unfold(initial, |mut sse| async move {
-        let bytes = match std::mem::replace(&mut sse.phase, Phase::Streaming) {
-            Phase::Done => return None,
-            Phase::First(event) => {
-                let role = sse.meta.chunk(
-                    Delta {
-                        role: Some("assistant"),
-                        content: Some(""),
-                    },
-                    None,
-                );
-                let rest = sse.render(event);
-                let mut both = role.to_vec();
-                both.extend_from_slice(&rest);
-                Bytes::from(both)
-            }
-            Phase::Streaming => {
-                let event = sse.tokens.next_event().await.unwrap_or_else(engine_gone);
-                sse.render(event)
-            }
+        if sse.done {
+            return None;
+        }
+        let bytes = if sse.started {
+            sse.next_bytes().await
+        } else {
+            sse.started = true;
+            let role = sse.meta.chunk(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                },
+                None,
+            );
+            let rest = sse.next_bytes().await;
+            let mut both = role.to_vec();
+            both.extend_from_slice(&rest);
+            Bytes::from(both)
         };
         Some((Ok::<Bytes, Infallible>(bytes), sse))
     });

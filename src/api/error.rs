@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::admission::Denied;
 use crate::engine::EngineError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +97,26 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    /// 401 for a missing or unknown API key (OpenAI's shape and code).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .with_code("invalid_api_key")
+    }
+
+    /// 429: a quota is spent; `kind` is OpenAI's `requests` or `tokens`.
+    pub fn rate_limited(kind: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, kind, message)
+            .with_code("rate_limit_exceeded")
+            .with_retry_after(retry_after)
+    }
+
+    /// 503: no tier can answer within the request's budget right now.
+    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .with_code("overloaded")
+            .with_retry_after(retry_after)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -129,6 +150,40 @@ impl ApiError {
     /// The same error as an SSE event, for failures after the stream has started.
     pub fn sse_event(&self) -> Bytes {
         Bytes::from(format!("event: error\ndata: {}\n\n", self.json()))
+    }
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least 1 (0 would invite a retry storm).
+pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::MissingKey => Self::unauthorized(
+                "no API key: send it as `Authorization: Bearer <key>` (or `x-api-key`)",
+            ),
+            Denied::UnknownKey => Self::unauthorized("the API key is not valid"),
+            Denied::RequestRate { retry_after } => Self::rate_limited(
+                "requests",
+                "rate limit reached for requests per minute on this API key",
+                retry_after_secs(retry_after),
+            ),
+            Denied::TokenRate { retry_after } => Self::rate_limited(
+                "tokens",
+                "rate limit reached for tokens per minute on this API key",
+                retry_after_secs(retry_after),
+            ),
+            Denied::OverTokenQuota { tokens, per_minute } => Self::rate_limited(
+                "tokens",
+                format!(
+                    "the request needs {tokens} tokens (prompt plus max_tokens), more than this \
+                     API key's whole quota of {per_minute} per minute; lower max_tokens"
+                ),
+                60,
+            ),
+        }
     }
 }
 

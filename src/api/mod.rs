@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP surface.
 
+pub mod budget;
 pub mod chat;
 pub mod error;
 pub mod types;
@@ -13,8 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use tokio::sync::watch;
+
+use crate::admission::{Admission, Client, Denied};
+use crate::cache::ReplyCache;
 use crate::engine::{ChatMessage, Engine};
-use crate::metrics::{Metrics, ModelLabels, RequestLabels, RouteLabels};
+use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels};
 use crate::router::{Caller, Policy, PolicyStore, Route, Tokenizers};
 use error::ApiError;
 
@@ -25,30 +30,103 @@ pub struct AppState {
 }
 
 struct Inner {
+    /// In config order, which is also the degrade order: a tier degrades to the tier
+    /// listed before it.
     engines: Vec<Arc<dyn Engine>>,
     policies: Arc<PolicyStore>,
+    admission: Admission,
+    cache: Arc<ReplyCache>,
     hint_header: String,
     body_limit: usize,
     metrics: Arc<Metrics>,
+    /// Turns true when shutdown begins: `/ready` then says 503 so balancers stop sending.
+    draining: watch::Receiver<bool>,
+}
+
+/// Everything [`AppState`] is built from.
+pub struct StateParts {
+    pub engines: Vec<Arc<dyn Engine>>,
+    pub policies: Arc<PolicyStore>,
+    pub admission: Admission,
+    pub cache: Arc<ReplyCache>,
+    pub hint_header: String,
+    pub body_limit: usize,
+    pub metrics: Arc<Metrics>,
+    pub draining: watch::Receiver<bool>,
 }
 
 impl AppState {
-    pub fn new(
-        engines: Vec<Arc<dyn Engine>>,
-        policies: Arc<PolicyStore>,
-        hint_header: String,
-        body_limit: usize,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(parts: StateParts) -> Self {
+        let StateParts {
+            engines,
+            policies,
+            admission,
+            cache,
+            hint_header,
+            body_limit,
+            metrics,
+            draining,
+        } = parts;
         Self {
             inner: Arc::new(Inner {
                 engines,
                 policies,
+                admission,
+                cache,
                 hint_header,
                 body_limit,
                 metrics,
+                draining,
             }),
         }
+    }
+
+    pub fn cache(&self) -> &Arc<ReplyCache> {
+        &self.inner.cache
+    }
+
+    /// Checks the caller's key and spends one request of its quota; refusals are counted.
+    pub fn admit(&self, caller: &Caller) -> Result<Option<Client>, ApiError> {
+        self.inner
+            .admission
+            .admit(caller.api_key.as_deref())
+            .map_err(|denied| self.refuse(denied))
+    }
+
+    /// Spends a request's tokens from its key's per-minute token quota.
+    pub fn spend_tokens(&self, client: &Client, tokens: u32) -> Result<(), ApiError> {
+        self.inner
+            .admission
+            .spend_tokens(client, tokens)
+            .map_err(|denied| self.refuse(denied))
+    }
+
+    fn refuse(&self, denied: Denied) -> ApiError {
+        self.metrics()
+            .rate_limited
+            .get_or_create(&ReasonLabels {
+                reason: denied.reason().to_owned(),
+            })
+            .inc();
+        denied.into()
+    }
+
+    /// `tier` first, then each smaller tier (those listed before it), nearest first.
+    pub fn degrade_path(&self, tier: &str) -> Vec<String> {
+        let mut tiers: Vec<&str> = Vec::new();
+        for engine in &self.inner.engines {
+            let name = engine.info().tier.as_str();
+            if name == tier {
+                break;
+            }
+            if !tiers.contains(&name) {
+                tiers.push(name);
+            }
+        }
+        std::iter::once(tier)
+            .chain(tiers.into_iter().rev())
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -212,6 +290,13 @@ async fn ready(State(state): State<AppState>) -> Response {
         .iter()
         .map(|e| (e.info().id.clone(), json!(e.is_ready())))
         .collect();
+    if *state.inner.draining.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining", "models": models})),
+        )
+            .into_response();
+    }
     if state.all_ready() {
         (
             StatusCode::OK,

@@ -395,6 +395,16 @@ pub struct ChunkBody<'a> {
     /// Present (as null until the last chunk) only when the client asked for usage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<UsageBody>>,
+    /// tiergate's own note on the last chunk (OpenAI clients ignore unknown fields).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiergate: Option<ChunkNote>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkNote {
+    /// `total`: the reply's total budget ran out, so it ended with `length`.
+    pub budget_cut: &'static str,
+    pub total_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -566,6 +576,7 @@ mod tests {
             model: "m",
             choices: vec![],
             usage: Some(None),
+            tiergate: None,
         };
         assert!(serde_json::to_string(&chunk)
             .expect("json")

@@ -15,6 +15,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -27,6 +28,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::load::{LoadMeter, LoadSnapshot};
 use super::prompt::{backend, Prompter};
 use super::schedule;
 use super::text::{StopMatcher, Utf8Decoder};
@@ -73,6 +75,8 @@ pub struct LlamaEngine {
     /// receiving end and drains it between steps.
     queue: SyncSender<QueuedRequest>,
     gauges: EngineGauges,
+    /// Written by the model thread, read by the budget planner.
+    load: Arc<LoadMeter>,
 }
 
 /// Resolves when the model thread has loaded its model (or failed to).
@@ -89,6 +93,7 @@ impl LlamaEngine {
         let (ready_tx, ready_rx) = oneshot::channel();
         let loaded = Arc::new(OnceLock::new());
         let stopped = Arc::new(OnceLock::new());
+        let load = Arc::new(LoadMeter::new(config.slots));
         let engine = Arc::new(Self {
             info: ModelInfo {
                 id: config.id.clone(),
@@ -100,12 +105,13 @@ impl LlamaEngine {
             stopped: stopped.clone(),
             queue: queue_tx,
             gauges: gauges.clone(),
+            load: load.clone(),
         });
         std::thread::Builder::new()
             .name(format!("model-{}", config.id))
             .spawn(move || {
                 let id = config.id.clone();
-                let outcome = model_thread(config, &loaded, queue_rx, ready_tx, gauges);
+                let outcome = model_thread(config, &loaded, queue_rx, ready_tx, gauges, load);
                 let reason = match outcome {
                     Ok(()) => "the model thread stopped".to_owned(),
                     Err(reason) => {
@@ -138,6 +144,10 @@ impl Engine for LlamaEngine {
 
     fn is_ready(&self) -> bool {
         self.loaded().is_ok()
+    }
+
+    fn load(&self) -> LoadSnapshot {
+        self.load.snapshot()
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
@@ -183,6 +193,7 @@ impl Engine for LlamaEngine {
         // Count before sending: the model thread decrements on admission, which may come
         // before try_send returns.
         self.gauges.waiting_requests.inc();
+        self.load.queued(prompt_tokens);
         match self.queue.try_send(queued) {
             Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
             Err(err) => {
@@ -209,8 +220,9 @@ fn model_thread(
     queue: Receiver<QueuedRequest>,
     ready: oneshot::Sender<Result<(), String>>,
     gauges: EngineGauges,
+    load: Arc<LoadMeter>,
 ) -> Result<(), String> {
-    let setup = load(&config);
+    let setup = load_model(&config);
     let (prompter, context_params, context_per_sequence) = match setup {
         Ok(parts) => parts,
         Err(reason) => {
@@ -251,6 +263,8 @@ fn model_thread(
         waiting: VecDeque::new(),
         live: Vec::new(),
         gauges,
+        load,
+        step_delay: Duration::from_millis(config.fault_step_delay_ms),
         model_id: config.id.clone(),
         eog_tokens: {
             let vocab = model.vocab();
@@ -261,6 +275,7 @@ fn model_thread(
         prompter: Arc::new(prompter),
         context_per_sequence,
     });
+    step_loop.warm_up();
     let _ = ready.send(Ok(()));
     step_loop.run(&queue);
     Ok(())
@@ -268,7 +283,7 @@ fn model_thread(
 
 type LoadedParts = (Prompter, LlamaContextParams, u32);
 
-fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
+fn load_model(config: &ModelConfig) -> Result<LoadedParts, String> {
     let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
     let prompter = Prompter::load(config, &params)?;
     let model = prompter.model();
@@ -299,6 +314,7 @@ fn load(config: &ModelConfig) -> Result<LoadedParts, String> {
 /// One admitted request holding a slot (a llama.cpp sequence id) and KV cells.
 struct Sequence {
     seq_id: i32,
+    admitted_at: Instant,
     prompt: Vec<LlamaToken>,
     /// Prompt tokens already in the KV cache.
     prompt_done: usize,
@@ -359,6 +375,9 @@ struct StepLoop<'m> {
     /// Admitted sequences, oldest first.
     live: Vec<Sequence>,
     gauges: EngineGauges,
+    load: Arc<LoadMeter>,
+    /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
+    step_delay: Duration,
     model_id: String,
     /// Every end-of-generation token, masked out for `ignore_eos` requests.
     eog_tokens: Vec<LlamaToken>,
@@ -391,7 +410,67 @@ impl StepLoop<'_> {
                 self.step();
                 self.retire_finished();
             }
+            self.publish_load();
         }
+    }
+
+    /// One decode call, after the injected stall if any: a stalled tier looks slow to
+    /// the load meter, as a real one would.
+    fn timed_decode(&mut self) -> Result<(), DecodeError> {
+        if !self.step_delay.is_zero() {
+            std::thread::sleep(self.step_delay);
+        }
+        self.ctx.decode(&mut self.batch)
+    }
+
+    /// Measures a short prefill and one decode step before the first request, so TTFT
+    /// predictions start from this machine's speed rather than from nothing.
+    fn warm_up(&mut self) {
+        const PROMPT: usize = 32;
+        let Some(seq_id) = self.free_seq_ids.first().copied() else {
+            return;
+        };
+        let token = self.model.vocab().bos();
+        let run = |this: &mut Self, positions: std::ops::Range<usize>| {
+            this.batch.clear();
+            let last = positions.end - 1;
+            for pos in positions.clone() {
+                this.batch
+                    .add(token, pos as i32, &[seq_id], pos == last)
+                    .map_err(|e| e.to_string())?;
+            }
+            let started = Instant::now();
+            this.timed_decode().map_err(|e| e.to_string())?;
+            let elapsed = started.elapsed();
+            Ok::<_, String>(elapsed)
+        };
+        let outcome = run(self, 0..PROMPT).and_then(|prefill| {
+            let step = run(self, PROMPT..PROMPT + 1)?;
+            Ok((prefill, step))
+        });
+        self.batch.clear();
+        self.ctx
+            .clear_kv_cache_seq(Some(seq_id as u32), None, None)
+            .ok();
+        match outcome {
+            Ok((prefill, step)) => {
+                self.load.record_step(prefill, PROMPT, 0);
+                self.load.record_step(step, 0, 1);
+                tracing::debug!(model = %self.model_id, ?prefill, ?step, "warm-up measured");
+            }
+            Err(err) => tracing::warn!(model = %self.model_id, %err, "warm-up decode failed"),
+        }
+    }
+
+    fn publish_load(&self) {
+        let queued: usize = self.waiting.iter().map(|r| r.prompt.len()).sum();
+        let prefilling: usize = self
+            .live
+            .iter()
+            .map(|s| s.prompt.len() - s.prompt_done)
+            .sum();
+        self.load
+            .set_occupancy(self.live.len(), self.waiting.len(), queued + prefilling);
     }
 
     /// Sequences whose receiver is gone (client disconnected) leave before the next step.
@@ -431,6 +510,7 @@ impl StepLoop<'_> {
             self.reserved_cells += reservation;
             self.live.push(Sequence {
                 seq_id,
+                admitted_at: Instant::now(),
                 prompt: request.prompt,
                 prompt_done: 0,
                 n_past: 0,
@@ -466,8 +546,20 @@ impl StepLoop<'_> {
                     return;
                 }
             };
-            match self.ctx.decode(&mut self.batch) {
-                Ok(()) => break logits_at,
+            let started = Instant::now();
+            match self.timed_decode() {
+                Ok(()) => {
+                    let (mut prompt_tokens, mut decode_tokens) = (0, 0);
+                    for w in &work {
+                        match w {
+                            Work::Prompt { tokens, .. } => prompt_tokens += *tokens,
+                            Work::Decode { .. } => decode_tokens += 1,
+                        }
+                    }
+                    self.load
+                        .record_step(started.elapsed(), prompt_tokens, decode_tokens);
+                    break logits_at;
+                }
                 Err(DecodeError::NoKvCacheSlot) => {
                     // Reservations make this rare (cells can still run short, e.g. when
                     // llama.cpp pads). Retry smaller: first without prompt chunks, then
@@ -666,6 +758,7 @@ impl StepLoop<'_> {
         }
         self.reserved_cells -= seq.reservation;
         self.free_seq_ids.insert(seq.seq_id);
+        self.load.record_sequence(seq.admitted_at.elapsed());
         self.gauges.active_sequences.dec();
     }
 }

@@ -5,6 +5,7 @@
 //! continuous-batching step loop.
 
 pub mod llama;
+pub mod load;
 pub mod prompt;
 pub mod schedule;
 pub mod text;
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 
 /// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
 /// by the API layer before it gets here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     System,
     User,
@@ -201,6 +202,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// True once the model is loaded and its step loop is running.
     fn is_ready(&self) -> bool;
+
+    /// Live queue state and measured speeds, for predicting time to first token.
+    fn load(&self) -> load::LoadSnapshot;
 
     /// Tokens the templated `messages` take on this model (what `usage.prompt_tokens`
     /// would say), without queueing anything. The router calls it off the model thread.

@@ -16,7 +16,7 @@ pub mod policy;
 pub mod reload;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -32,14 +32,34 @@ pub trait Tokenizers: Send + Sync {
 }
 
 /// One request's messages bound to the tokenizers, as the policy's [`TokenCounter`].
+/// Counts are remembered per tier for the whole request: routing, the token quota and
+/// the TTFT prediction all ask, and tokenizing a long prompt costs milliseconds.
 pub struct RequestTokens<'a> {
-    pub tokenizers: &'a dyn Tokenizers,
-    pub messages: &'a [ChatMessage],
+    tokenizers: &'a dyn Tokenizers,
+    messages: &'a [ChatMessage],
+    counted: Mutex<Vec<(String, Result<u32, String>)>>,
+}
+
+impl<'a> RequestTokens<'a> {
+    pub fn new(tokenizers: &'a dyn Tokenizers, messages: &'a [ChatMessage]) -> Self {
+        Self {
+            tokenizers,
+            messages,
+            counted: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl TokenCounter for RequestTokens<'_> {
     fn prompt_tokens(&self, tier: &str) -> Result<u32, String> {
-        self.tokenizers.count(tier, self.messages)
+        // Plain data behind the lock: a poisoned one is still consistent.
+        let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, count)) = counted.iter().find(|(t, _)| t == tier) {
+            return count.clone();
+        }
+        let count = self.tokenizers.count(tier, self.messages);
+        counted.push((tier.to_owned(), count.clone()));
+        count
     }
 }
 

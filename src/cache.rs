@@ -1,0 +1,664 @@
+//! Exact-match reply cache, and sharing of identical generations while they run.
+//!
+//! ```text
+//! lookup(key) ─ fresh ─► replay the stored pieces
+//!      │ miss
+//!      ▼
+//! join(key) ─ someone is generating it ─► follow their event log from the start
+//!      │ nobody
+//!      ▼
+//! lead: one engine stream pumped into a shared log by a task; on success the reply is stored
+//! ```
+//!
+//! A shared generation is cancelled (its sequence leaves the engine) as soon as its last
+//! follower goes away, so a timed-out or disconnected client never keeps a slot busy.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
+
+use crate::engine::{
+    ChatMessage, FinishReason, GenerationRequest, Role, SamplingParams, TokenEvent, TokenStream,
+    Usage,
+};
+
+/// Everything that shapes a reply. Built by destructuring the request without `..`, so
+/// a new request field does not compile until someone decides whether it belongs here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    /// The API key the reply belongs to; `None` for routes whose cache is shared.
+    scope: Option<String>,
+    tier: String,
+    messages: Vec<(Role, String)>,
+    /// Floats by their bits: the key needs `Eq`, and equal requests have equal bits.
+    temperature: u32,
+    top_p: u32,
+    top_k: u32,
+    seed: Option<u32>,
+    presence_penalty: u32,
+    frequency_penalty: u32,
+    max_tokens: Option<u32>,
+    max_tokens_cap: Option<u32>,
+    stop: Vec<String>,
+    ignore_eos: bool,
+}
+
+impl ReplyKey {
+    pub fn new(request: &GenerationRequest, tier: &str, scope: Option<&str>) -> Self {
+        let GenerationRequest {
+            messages,
+            sampling,
+            max_tokens,
+            max_tokens_cap,
+            stop,
+            ignore_eos,
+        } = request;
+        let SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+        } = sampling;
+        Self {
+            scope: scope.map(str::to_owned),
+            tier: tier.to_owned(),
+            messages: messages
+                .iter()
+                .map(|ChatMessage { role, content }| (*role, content.clone()))
+                .collect(),
+            temperature: temperature.to_bits(),
+            top_p: top_p.to_bits(),
+            top_k: *top_k,
+            seed: *seed,
+            presence_penalty: presence_penalty.to_bits(),
+            frequency_penalty: frequency_penalty.to_bits(),
+            max_tokens: *max_tokens,
+            max_tokens_cap: *max_tokens_cap,
+            stop: stop.clone(),
+            ignore_eos: *ignore_eos,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.messages.iter().map(|(_, m)| m.len()).sum::<usize>()
+            + self.stop.iter().map(String::len).sum::<usize>()
+    }
+}
+
+/// Whether sampling makes the same request give the same reply.
+pub fn is_reproducible(sampling: &SamplingParams) -> bool {
+    sampling.temperature == 0.0 || sampling.seed.is_some()
+}
+
+/// A finished reply, kept in the pieces it streamed in so a replay looks the same.
+#[derive(Debug)]
+pub struct CachedReply {
+    pub pieces: Vec<String>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    stored_at: Instant,
+    fresh_for: Duration,
+    stale_for: Duration,
+    bytes: usize,
+    id: u64,
+}
+
+impl CachedReply {
+    /// The events that replay this reply through the normal streaming path.
+    pub fn events(&self) -> Vec<TokenEvent> {
+        let mut events: Vec<TokenEvent> = self.pieces.iter().cloned().map(TokenEvent::Text).collect();
+        events.push(TokenEvent::Finished {
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        });
+        events
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+}
+
+#[derive(Debug)]
+pub enum Lookup {
+    Fresh(Arc<CachedReply>),
+    /// Past its TTL but within `max_stale`: served only when no tier can answer in time.
+    Stale(Arc<CachedReply>),
+    Miss,
+}
+
+/// How long a stored reply stays usable (from the route that produced it).
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    pub ttl: Duration,
+    pub max_stale: Duration,
+}
+
+pub struct CacheCounters {
+    pub evictions: Counter,
+}
+
+pub struct ReplyCache {
+    entries: DashMap<ReplyKey, Arc<CachedReply>>,
+    /// Insertion order for eviction; an id that no longer matches the entry is skipped.
+    order: Mutex<VecDeque<(ReplyKey, u64)>>,
+    bytes: AtomicU64,
+    next_id: AtomicU64,
+    max_entries: usize,
+    max_bytes: usize,
+    /// Generations running now, by key; the pump task removes its own entry when it ends.
+    in_flight: DashMap<ReplyKey, Arc<SharedGeneration>>,
+    counters: CacheCounters,
+}
+
+impl ReplyCache {
+    pub fn new(max_entries: usize, max_bytes: usize, counters: CacheCounters) -> Self {
+        Self {
+            entries: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            bytes: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
+            max_entries,
+            max_bytes,
+            in_flight: DashMap::new(),
+            counters,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn lookup(&self, key: &ReplyKey) -> Lookup {
+        self.lookup_at(key, Instant::now())
+    }
+
+    pub fn lookup_at(&self, key: &ReplyKey, now: Instant) -> Lookup {
+        let Some(reply) = self.entries.get(key).map(|e| e.value().clone()) else {
+            return Lookup::Miss;
+        };
+        let age = reply.age(now);
+        if age <= reply.fresh_for {
+            Lookup::Fresh(reply)
+        } else if age <= reply.fresh_for + reply.stale_for {
+            Lookup::Stale(reply)
+        } else {
+            self.remove_if_same(key, reply.id);
+            Lookup::Miss
+        }
+    }
+
+    /// Stores a finished reply, evicting the oldest entries beyond the bounds. A reply
+    /// larger than the whole byte budget is not stored.
+    pub fn store(
+        &self,
+        key: ReplyKey,
+        pieces: Vec<String>,
+        finish_reason: FinishReason,
+        usage: Usage,
+        freshness: Freshness,
+    ) {
+        let bytes = key.bytes() + pieces.iter().map(String::len).sum::<usize>();
+        if bytes > self.max_bytes {
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let reply = Arc::new(CachedReply {
+            pieces,
+            finish_reason,
+            usage,
+            stored_at: Instant::now(),
+            fresh_for: freshness.ttl,
+            stale_for: freshness.max_stale,
+            bytes,
+            id,
+        });
+        let mut order = self.order();
+        if let Some(old) = self.entries.insert(key.clone(), reply) {
+            self.bytes.fetch_sub(old.bytes as u64, Ordering::Relaxed);
+        }
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        order.push_back((key, id));
+        while self.entries.len() > self.max_entries || self.bytes() > self.max_bytes as u64 {
+            let Some((oldest, oldest_id)) = order.pop_front() else {
+                break;
+            };
+            if self.remove_if_same(&oldest, oldest_id) {
+                self.counters.evictions.inc();
+            }
+        }
+        // Entries replaced or expired leave stale ids behind; keep the queue bounded too.
+        if order.len() > 2 * self.max_entries.max(1) {
+            order.retain(|(k, id)| self.entries.get(k).is_some_and(|e| e.id == *id));
+        }
+    }
+
+    fn remove_if_same(&self, key: &ReplyKey, id: u64) -> bool {
+        match self.entries.remove_if(key, |_, reply| reply.id == id) {
+            Some((_, reply)) => {
+                self.bytes.fetch_sub(reply.bytes as u64, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn order(&self) -> MutexGuard<'_, VecDeque<(ReplyKey, u64)>> {
+        // The queue holds plain data; a panic elsewhere cannot leave it half-written.
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the generation of `key` if one is running.
+    pub fn join(&self, key: &ReplyKey) -> Option<Follower> {
+        self.in_flight.get(key).and_then(|g| g.value().follow())
+    }
+
+    /// Runs `tokens` as the shared generation of `key`: a task pumps its events into a
+    /// log that the returned follower (and any that join later) read. On a successful
+    /// finish the reply is stored with `freshness`.
+    pub fn lead(
+        self: &Arc<Self>,
+        key: ReplyKey,
+        tokens: TokenStream,
+        freshness: Freshness,
+    ) -> Follower {
+        let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
+        let follower = shared.follow().unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
+        self.in_flight.insert(key.clone(), shared.clone());
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let outcome = shared.pump(tokens).await;
+            cache
+                .in_flight
+                .remove_if(&key, |_, running| Arc::ptr_eq(running, &shared));
+            if let Some((pieces, finish_reason, usage)) = outcome {
+                cache.store(key, pieces, finish_reason, usage, freshness);
+            }
+        });
+        follower
+    }
+}
+
+/// The event log of one generation that several responses read.
+pub struct SharedGeneration {
+    log: Mutex<EventLog>,
+    /// Woken on every new event (followers wait on it).
+    appended: Notify,
+    /// Woken when the last follower leaves (the pump waits on it).
+    abandoned: Notify,
+}
+
+struct EventLog {
+    prompt_tokens: u32,
+    events: Vec<TokenEvent>,
+    done: bool,
+    followers: usize,
+    /// Once nobody follows, nobody may join: the pump is cancelling the sequence.
+    abandoned: bool,
+}
+
+impl SharedGeneration {
+    fn new(prompt_tokens: u32) -> Self {
+        Self {
+            log: Mutex::new(EventLog {
+                prompt_tokens,
+                events: Vec::new(),
+                done: false,
+                followers: 0,
+                abandoned: false,
+            }),
+            appended: Notify::new(),
+            abandoned: Notify::new(),
+        }
+    }
+
+    fn log(&self) -> MutexGuard<'_, EventLog> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn follow(self: &Arc<Self>) -> Option<Follower> {
+        let mut log = self.log();
+        if log.abandoned {
+            return None;
+        }
+        log.followers += 1;
+        Some(Follower {
+            prompt_tokens: log.prompt_tokens,
+            shared: Some(self.clone()),
+            next: 0,
+        })
+    }
+
+    /// Moves engine events into the log until the last one, or until every follower has
+    /// gone (returning drops `tokens`, which cancels the sequence). A successful reply
+    /// comes back for the cache.
+    async fn pump(&self, mut tokens: TokenStream) -> Option<(Vec<String>, FinishReason, Usage)> {
+        loop {
+            let abandoned = self.abandoned.notified();
+            let event = tokio::select! {
+                event = tokens.next_event() => event.unwrap_or_else(ended_without_finish),
+                () = abandoned => {
+                    if self.log().abandoned {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            let mut log = self.log();
+            let finished = match &event {
+                TokenEvent::Text(_) => None,
+                TokenEvent::Finished {
+                    finish_reason,
+                    usage,
+                } => Some(Some((*finish_reason, *usage))),
+                TokenEvent::Failed(_) => Some(None),
+            };
+            log.events.push(event);
+            if finished.is_some() {
+                log.done = true;
+            }
+            let reply = finished.map(|outcome| {
+                outcome.map(|(finish_reason, usage)| {
+                    let pieces = log
+                        .events
+                        .iter()
+                        .filter_map(|e| match e {
+                            TokenEvent::Text(text) => Some(text.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    (pieces, finish_reason, usage)
+                })
+            });
+            drop(log);
+            self.appended.notify_waiters();
+            if let Some(reply) = reply {
+                return reply;
+            }
+        }
+    }
+}
+
+fn ended_without_finish() -> TokenEvent {
+    TokenEvent::Failed(crate::engine::EngineError::Decode(
+        "the model thread ended the sequence without finishing it".into(),
+    ))
+}
+
+/// One response's read position in a shared generation.
+pub struct Follower {
+    pub prompt_tokens: u32,
+    shared: Option<Arc<SharedGeneration>>,
+    next: usize,
+}
+
+impl Follower {
+    /// A follower of nothing (only if a fresh generation was abandoned before its leader
+    /// could follow it, which cannot happen; kept total instead of panicking).
+    fn detached(prompt_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            shared: None,
+            next: 0,
+        }
+    }
+
+    pub async fn next_event(&mut self) -> Option<TokenEvent> {
+        let shared = self.shared.as_ref()?;
+        loop {
+            // Registered before looking, so an event appended in between still wakes us.
+            let appended = shared.appended.notified();
+            {
+                let log = shared.log();
+                if let Some(event) = log.events.get(self.next) {
+                    self.next += 1;
+                    return Some(event.clone());
+                }
+                if log.done {
+                    return None;
+                }
+            }
+            appended.await;
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let mut log = shared.log();
+        log.followers -= 1;
+        if log.followers == 0 && !log.done {
+            log.abandoned = true;
+            drop(log);
+            // notify_one keeps a permit if the pump is not waiting at this moment.
+            shared.abandoned.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+
+    fn request(text: &str) -> GenerationRequest {
+        GenerationRequest {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: text.into(),
+            }],
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(8),
+            max_tokens_cap: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    fn cache(max_entries: usize, max_bytes: usize) -> ReplyCache {
+        ReplyCache::new(
+            max_entries,
+            max_bytes,
+            CacheCounters {
+                evictions: Counter::default(),
+            },
+        )
+    }
+
+    const FOREVER: Freshness = Freshness {
+        ttl: Duration::from_secs(3600),
+        max_stale: Duration::ZERO,
+    };
+
+    fn store(cache: &ReplyCache, key: &ReplyKey, reply: &str, freshness: Freshness) {
+        let usage = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 1,
+        };
+        cache.store(
+            key.clone(),
+            vec![reply.into()],
+            FinishReason::Stop,
+            usage,
+            freshness,
+        );
+    }
+
+    #[test]
+    fn every_output_shaping_field_changes_the_key() {
+        let base = request("hi");
+        let key = |r: &GenerationRequest| ReplyKey::new(r, "fast", Some("k"));
+        let mut variants = Vec::new();
+        let mut r = base.clone();
+        r.sampling.temperature = 0.5;
+        variants.push(r);
+        let mut r = base.clone();
+        r.sampling.seed = Some(1);
+        variants.push(r);
+        let mut r = base.clone();
+        r.max_tokens = Some(9);
+        variants.push(r);
+        let mut r = base.clone();
+        r.stop = vec!["x".into()];
+        variants.push(r);
+        let mut r = base.clone();
+        r.messages[0].role = Role::System;
+        variants.push(r);
+        for variant in &variants {
+            assert_ne!(key(&base), key(variant), "{variant:?}");
+        }
+        assert_ne!(key(&base), ReplyKey::new(&base, "full", Some("k")));
+        assert_ne!(key(&base), ReplyKey::new(&base, "fast", Some("other")));
+        assert_eq!(key(&base), key(&base.clone()));
+    }
+
+    #[test]
+    fn replies_expire_to_stale_then_out() {
+        let cache = cache(10, 1 << 20);
+        let key = ReplyKey::new(&request("hi"), "fast", None);
+        let freshness = Freshness {
+            ttl: Duration::from_secs(10),
+            max_stale: Duration::from_secs(5),
+        };
+        store(&cache, &key, "hello", freshness);
+        let now = Instant::now();
+        assert!(matches!(cache.lookup_at(&key, now), Lookup::Fresh(_)));
+        assert!(matches!(
+            cache.lookup_at(&key, now + Duration::from_secs(12)),
+            Lookup::Stale(_)
+        ));
+        assert!(matches!(
+            cache.lookup_at(&key, now + Duration::from_secs(16)),
+            Lookup::Miss
+        ));
+        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.bytes(), 0);
+    }
+
+    #[test]
+    fn oldest_entries_are_evicted_beyond_the_entry_bound() {
+        let cache = cache(2, 1 << 20);
+        let keys: Vec<ReplyKey> = (0..3)
+            .map(|i| ReplyKey::new(&request(&format!("q{i}")), "fast", None))
+            .collect();
+        for key in &keys {
+            store(&cache, key, "reply", FOREVER);
+        }
+        assert_eq!(cache.len(), 2);
+        assert!(matches!(cache.lookup(&keys[0]), Lookup::Miss));
+        assert!(matches!(cache.lookup(&keys[2]), Lookup::Fresh(_)));
+        assert_eq!(cache.counters.evictions.get(), 1);
+    }
+
+    #[test]
+    fn byte_bound_holds_and_oversized_replies_are_not_stored() {
+        let cache = cache(100, 64);
+        let small = ReplyKey::new(&request("a"), "fast", None);
+        let other = ReplyKey::new(&request("b"), "fast", None);
+        store(&cache, &small, &"x".repeat(40), FOREVER);
+        store(&cache, &other, &"y".repeat(40), FOREVER);
+        assert!(cache.bytes() <= 64, "{}", cache.bytes());
+        assert!(matches!(cache.lookup(&small), Lookup::Miss));
+        let huge = ReplyKey::new(&request("c"), "fast", None);
+        store(&cache, &huge, &"z".repeat(100), FOREVER);
+        assert!(matches!(cache.lookup(&huge), Lookup::Miss));
+    }
+
+    #[test]
+    fn replacing_an_entry_keeps_the_byte_count_exact() {
+        let cache = cache(10, 1 << 20);
+        let key = ReplyKey::new(&request("a"), "fast", None);
+        store(&cache, &key, "one", FOREVER);
+        let first = cache.bytes();
+        store(&cache, &key, "three", FOREVER);
+        assert_eq!(cache.bytes(), first + 2);
+        assert_eq!(cache.len(), 1);
+    }
+
+    fn engine_stream() -> (
+        tokio::sync::mpsc::UnboundedSender<TokenEvent>,
+        TokenStream,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, TokenStream::new(3, rx))
+    }
+
+    async fn drain(follower: &mut Follower) -> Vec<TokenEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = follower.next_event().await {
+            events.push(event);
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn followers_replay_from_the_start_and_the_reply_is_stored() {
+        let cache = Arc::new(cache(10, 1 << 20));
+        let key = ReplyKey::new(&request("a"), "fast", None);
+        let (tx, tokens) = engine_stream();
+        let mut leader = cache.lead(key.clone(), tokens, FOREVER);
+        tx.send(TokenEvent::Text("Hel".into())).expect("open");
+        assert_eq!(leader.next_event().await, Some(TokenEvent::Text("Hel".into())));
+        let mut late = cache.join(&key).expect("generation is running");
+        let finished = TokenEvent::Finished {
+            finish_reason: FinishReason::Stop,
+            usage: Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+            },
+        };
+        tx.send(TokenEvent::Text("lo".into())).expect("open");
+        tx.send(finished.clone()).expect("open");
+        let hel = TokenEvent::Text("Hel".into());
+        let lo = TokenEvent::Text("lo".into());
+        assert_eq!(drain(&mut leader).await, [lo.clone(), finished.clone()]);
+        assert_eq!(drain(&mut late).await, [hel, lo, finished]);
+        // The pump stores the reply after the last event.
+        for _ in 0..100 {
+            if let Lookup::Fresh(reply) = cache.lookup(&key) {
+                assert_eq!(reply.pieces, ["Hel", "lo"]);
+                assert!(cache.join(&key).is_none());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the finished reply was not stored");
+    }
+
+    #[tokio::test]
+    async fn last_follower_leaving_cancels_the_engine_stream() {
+        let cache = Arc::new(cache(10, 1 << 20));
+        let key = ReplyKey::new(&request("a"), "fast", None);
+        let (tx, tokens) = engine_stream();
+        let leader = cache.lead(key.clone(), tokens, FOREVER);
+        let second = cache.join(&key).expect("running");
+        drop(leader);
+        assert!(!tx.is_closed(), "one follower remains");
+        drop(second);
+        // The pump drops the engine stream, which is what frees the sequence.
+        tokio::time::timeout(Duration::from_secs(5), tx.closed())
+            .await
+            .expect("the engine stream must be dropped");
+        assert!(cache.join(&key).is_none());
+        assert!(matches!(cache.lookup(&key), Lookup::Miss));
+    }
+}
