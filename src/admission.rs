@@ -21,10 +21,17 @@ type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as C
 pub enum Denied {
     MissingKey,
     UnknownKey,
-    RequestRate { retry_after: Duration },
-    TokenRate { retry_after: Duration },
+    RequestRate {
+        retry_after: Duration,
+    },
+    TokenRate {
+        retry_after: Duration,
+    },
     /// One request needs more tokens than the key may use in a whole minute.
-    OverTokenQuota { tokens: u32, per_minute: u32 },
+    OverTokenQuota {
+        tokens: u32,
+        per_minute: u32,
+    },
 }
 
 impl Denied {
@@ -77,9 +84,7 @@ impl<C: Clock + Clone> Admission<C> {
                 let quotas = KeyQuotas {
                     tenant: k.tenant.clone(),
                     requests: k.requests_per_minute.and_then(limiter),
-                    tokens: k
-                        .tokens_per_minute
-                        .and_then(|n| limiter(n).map(|l| (l, n))),
+                    tokens: k.tokens_per_minute.and_then(|n| limiter(n).map(|l| (l, n))),
                 };
                 (k.key.clone(), quotas)
             })
@@ -112,7 +117,8 @@ impl<C: Clock + Clone> Admission<C> {
 
     /// Spends `tokens` of the client's per-minute token quota, all or nothing.
     pub fn spend_tokens(&self, client: &Client, tokens: u32) -> Result<(), Denied> {
-        let Some((limiter, per_minute)) = self.keys.get(&client.key).and_then(|q| q.tokens.as_ref())
+        let Some((limiter, per_minute)) =
+            self.keys.get(&client.key).and_then(|q| q.tokens.as_ref())
         else {
             return Ok(());
         };
@@ -159,7 +165,10 @@ mod tests {
         let admission = Admission::new(&[key("a", None, None)]);
         assert_eq!(admission.admit(None), Err(Denied::MissingKey));
         assert_eq!(admission.admit(Some("b")), Err(Denied::UnknownKey));
-        let client = admission.admit(Some("a")).expect("known key").expect("client");
+        let client = admission
+            .admit(Some("a"))
+            .expect("known key")
+            .expect("client");
         assert_eq!(client.tenant.as_deref(), Some("tenant-a"));
     }
 
@@ -194,7 +203,10 @@ mod tests {
     fn token_quota_is_spent_all_or_nothing() {
         let clock = FakeRelativeClock::default();
         let admission = Admission::with_clock(&[key("a", None, Some(600))], clock.clone());
-        let client = admission.admit(Some("a")).expect("admitted").expect("client");
+        let client = admission
+            .admit(Some("a"))
+            .expect("admitted")
+            .expect("client");
         assert_eq!(admission.spend_tokens(&client, 500), Ok(()));
         let Err(Denied::TokenRate { retry_after }) = admission.spend_tokens(&client, 200) else {
             panic!("200 more tokens exceed the 100 left");

@@ -113,7 +113,8 @@ pub struct CachedReply {
 impl CachedReply {
     /// The events that replay this reply through the normal streaming path.
     pub fn events(&self) -> Vec<TokenEvent> {
-        let mut events: Vec<TokenEvent> = self.pieces.iter().cloned().map(TokenEvent::Text).collect();
+        let mut events: Vec<TokenEvent> =
+            self.pieces.iter().cloned().map(TokenEvent::Text).collect();
         events.push(TokenEvent::Finished {
             finish_reason: self.finish_reason,
             usage: self.usage,
@@ -278,7 +279,9 @@ impl ReplyCache {
         freshness: Freshness,
     ) -> Follower {
         let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
-        let follower = shared.follow().unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
+        let follower = shared
+            .follow()
+            .unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
         self.in_flight.insert(key.clone(), shared.clone());
         let cache = self.clone();
         tokio::spawn(async move {
@@ -594,10 +597,7 @@ mod tests {
         assert_eq!(cache.len(), 1);
     }
 
-    fn engine_stream() -> (
-        tokio::sync::mpsc::UnboundedSender<TokenEvent>,
-        TokenStream,
-    ) {
+    fn engine_stream() -> (tokio::sync::mpsc::UnboundedSender<TokenEvent>, TokenStream) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (tx, TokenStream::new(3, rx))
     }
@@ -617,7 +617,10 @@ mod tests {
         let (tx, tokens) = engine_stream();
         let mut leader = cache.lead(key.clone(), tokens, FOREVER);
         tx.send(TokenEvent::Text("Hel".into())).expect("open");
-        assert_eq!(leader.next_event().await, Some(TokenEvent::Text("Hel".into())));
+        assert_eq!(
+            leader.next_event().await,
+            Some(TokenEvent::Text("Hel".into()))
+        );
         let mut late = cache.join(&key).expect("generation is running");
         let finished = TokenEvent::Finished {
             finish_reason: FinishReason::Stop,

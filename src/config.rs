@@ -86,8 +86,9 @@ pub struct ModelConfig {
     /// `n_ctx / slots` cells per slot. Shared pools make every token attend over every
     /// sequence's cells, which costs throughput at high concurrency.
     pub kv_unified: bool,
-    /// Fault injection: sleep this long before every decode step, to drill degradation
-    /// (a stalled tier). 0 in production.
+    /// Fault injection: sleep this long before every decode step that serves requests
+    /// (not the start-up measurement), to drill degradation: a tier that stalls after
+    /// start-up. 0 in production.
     pub fault_step_delay_ms: u64,
 }
 
@@ -304,10 +305,7 @@ impl RawConfig {
                     }
                 },
                 _ => {
-                    problem(
-                        key("key"),
-                        "set exactly one of `key` and `key_env`".into(),
-                    );
+                    problem(key("key"), "set exactly one of `key` and `key_env`".into());
                     None
                 }
             };
@@ -322,7 +320,10 @@ impl RawConfig {
                 ("tokens_per_minute", raw.tokens_per_minute),
             ] {
                 if value == Some(0) {
-                    problem(key(field), "must be at least 1 (leave it out for no limit)".into());
+                    problem(
+                        key(field),
+                        "must be at least 1 (leave it out for no limit)".into(),
+                    );
                 }
             }
             api_keys.push(ApiKeyConfig {

@@ -83,7 +83,10 @@ pub async fn run(
     let drain_timeout = Duration::from_secs(config.server.drain_timeout_s);
     let begin_drain = async move {
         shutdown.await;
-        tracing::info!(?drain_timeout, "draining: no new connections, in-flight replies may finish");
+        tracing::info!(
+            ?drain_timeout,
+            "draining: no new connections, in-flight replies may finish"
+        );
         let _ = draining_tx.send(true);
     };
     // Stops accepting at once, then waits for every open response to finish.

@@ -53,7 +53,13 @@ pub struct Degradation {
 /// `x-tiergate-degraded: full->fast; reason=predicted_ttft`
 impl fmt::Display for Degradation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}->{}; reason={}", self.from, self.to, self.reason.as_str())
+        write!(
+            f,
+            "{}->{}; reason={}",
+            self.from,
+            self.to,
+            self.reason.as_str()
+        )
     }
 }
 
@@ -277,7 +283,14 @@ impl Attempt<'_> {
                     to: tier.clone(),
                     reason: left_because.unwrap_or(DegradeReason::PredictedTtft),
                 });
-                return Ok(replay(state, &reply, &tier, model, degraded, CacheUse::Stale));
+                return Ok(replay(
+                    state,
+                    &reply,
+                    &tier,
+                    model,
+                    degraded,
+                    CacheUse::Stale,
+                ));
             }
         }
         state

@@ -414,13 +414,16 @@ impl StepLoop<'_> {
         }
     }
 
-    /// One decode call, after the injected stall if any: a stalled tier looks slow to
-    /// the load meter, as a real one would.
+    /// One decode call for requests, after the injected stall if any: a stalled tier
+    /// looks slow to the load meter, as a real one would.
     fn timed_decode(&mut self) -> Result<(), DecodeError> {
+        self.load.step_running(true);
         if !self.step_delay.is_zero() {
             std::thread::sleep(self.step_delay);
         }
-        self.ctx.decode(&mut self.batch)
+        let outcome = self.ctx.decode(&mut self.batch);
+        self.load.step_running(false);
+        outcome
     }
 
     /// Measures a short prefill and one decode step before the first request, so TTFT
@@ -440,7 +443,11 @@ impl StepLoop<'_> {
                     .map_err(|e| e.to_string())?;
             }
             let started = Instant::now();
-            this.timed_decode().map_err(|e| e.to_string())?;
+            // Not `timed_decode`: the injected stall models a tier that stalls after
+            // start-up, so it is for prediction and the watchdog to discover.
+            this.ctx
+                .decode(&mut this.batch)
+                .map_err(|e| e.to_string())?;
             let elapsed = started.elapsed();
             Ok::<_, String>(elapsed)
         };

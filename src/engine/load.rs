@@ -2,21 +2,26 @@
 //! request tasks: lock-free atomics, written by one thread, read by many.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Smoothing of the moving averages: each new measurement weighs this much.
 const EWMA_WEIGHT: f64 = 0.2;
 
 /// Written only by the model thread; any thread may take a [`LoadSnapshot`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoadMeter {
+    origin: Instant,
+    /// Nanoseconds after `origin` when the decode call now running began; 0 when none is.
+    /// A stalled step shows here at once, long before it ends and enters the averages.
+    step_started_ns: AtomicU64,
     slots: AtomicU64,
     live: AtomicU64,
     waiting: AtomicU64,
     /// Prompt tokens not yet in the KV cache: queued requests' and prefilling ones' rest.
     pending_prompt_tokens: AtomicU64,
-    /// f64 bits: prompt tokens per second over steps that carried prompt work.
-    prefill_tokens_per_s: AtomicU64,
+    /// f64 bits: seconds per prompt token over steps that carried prompt work (times are
+    /// averaged, not rates, so one slow step weighs as much as it costs).
+    prefill_s_per_token: AtomicU64,
     /// f64 bits: seconds per decode step.
     step_s: AtomicU64,
     /// f64 bits: seconds from admission to finish of a sequence.
@@ -31,9 +36,11 @@ pub struct LoadSnapshot {
     pub waiting: u64,
     pub pending_prompt_tokens: u64,
     /// Zero until measured.
-    pub prefill_tokens_per_s: f64,
+    pub prefill_s_per_token: f64,
     pub step_s: f64,
     pub sequence_s: f64,
+    /// How long the decode call now running has taken so far.
+    pub step_running_s: f64,
 }
 
 fn load_f64(cell: &AtomicU64) -> f64 {
@@ -53,9 +60,28 @@ fn fold(cell: &AtomicU64, sample: f64) {
 
 impl LoadMeter {
     pub fn new(slots: u32) -> Self {
-        let meter = Self::default();
-        meter.slots.store(u64::from(slots), Ordering::Relaxed);
-        meter
+        let zero = || AtomicU64::new(0);
+        Self {
+            origin: Instant::now(),
+            step_started_ns: zero(),
+            slots: AtomicU64::new(u64::from(slots)),
+            live: zero(),
+            waiting: zero(),
+            pending_prompt_tokens: zero(),
+            prefill_s_per_token: zero(),
+            step_s: zero(),
+            sequence_s: zero(),
+        }
+    }
+
+    /// A decode call begins (`true`) or ends (`false`).
+    pub fn step_running(&self, running: bool) {
+        let ns = if running {
+            (self.origin.elapsed().as_nanos() as u64).max(1)
+        } else {
+            0
+        };
+        self.step_started_ns.store(ns, Ordering::Relaxed);
     }
 
     pub fn set_occupancy(&self, live: usize, waiting: usize, pending_prompt_tokens: usize) {
@@ -92,7 +118,7 @@ impl LoadMeter {
         // Never credit prefill with less than a tenth of the call: a noisy step average
         // must not make prompts look free.
         let prefill_s = (seconds - decode_share).max(seconds * 0.1);
-        fold(&self.prefill_tokens_per_s, prompt_tokens as f64 / prefill_s);
+        fold(&self.prefill_s_per_token, prefill_s / prompt_tokens as f64);
     }
 
     pub fn record_sequence(&self, lifetime: Duration) {
@@ -100,12 +126,20 @@ impl LoadMeter {
     }
 
     pub fn snapshot(&self) -> LoadSnapshot {
+        let started_ns = self.step_started_ns.load(Ordering::Relaxed);
+        let step_running_s = if started_ns == 0 {
+            0.0
+        } else {
+            let now_ns = self.origin.elapsed().as_nanos() as u64;
+            now_ns.saturating_sub(started_ns) as f64 / 1e9
+        };
         LoadSnapshot {
+            step_running_s,
             slots: self.slots.load(Ordering::Relaxed),
             live: self.live.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
             pending_prompt_tokens: self.pending_prompt_tokens.load(Ordering::Relaxed),
-            prefill_tokens_per_s: load_f64(&self.prefill_tokens_per_s),
+            prefill_s_per_token: load_f64(&self.prefill_s_per_token),
             step_s: load_f64(&self.step_s),
             sequence_s: load_f64(&self.sequence_s),
         }
@@ -115,8 +149,10 @@ impl LoadMeter {
 impl LoadSnapshot {
     /// Expected time to the first token of a new request with `prompt_tokens`:
     /// waiting for a slot, prefilling everything queued ahead plus its own prompt, and the
-    /// step that samples its first token. Unmeasured rates count as free: a cold engine is
-    /// assumed to fit, and the watchdog catches it if it does not.
+    /// step that samples its first token. Unmeasured rates count as free (the engines
+    /// measure themselves at start-up; the watchdog catches what prediction misses).
+    /// A decode call that has run longer than the average step stands in for the
+    /// average: a stalled tier is seen while it stalls.
     pub fn predict_ttft(&self, prompt_tokens: u32) -> Duration {
         let free = self.slots.saturating_sub(self.live);
         // Requests that must leave before this one gets a slot.
@@ -127,13 +163,10 @@ impl LoadSnapshot {
             // Slots turn over at slots / sequence_s per second.
             must_finish as f64 * self.sequence_s / self.slots as f64
         };
-        let prefill = if self.prefill_tokens_per_s > 0.0 {
-            (self.pending_prompt_tokens + u64::from(prompt_tokens)) as f64
-                / self.prefill_tokens_per_s
-        } else {
-            0.0
-        };
-        Duration::from_secs_f64(slot_wait + prefill + self.step_s)
+        let prefill = (self.pending_prompt_tokens + u64::from(prompt_tokens)) as f64
+            * self.prefill_s_per_token;
+        let step = self.step_s.max(self.step_running_s);
+        Duration::from_secs_f64(slot_wait + prefill + step)
     }
 }
 
@@ -147,9 +180,10 @@ mod tests {
             live: 0,
             waiting: 0,
             pending_prompt_tokens: 0,
-            prefill_tokens_per_s: 1000.0,
+            prefill_s_per_token: 0.001,
             step_s: 0.05,
             sequence_s: 2.0,
+            step_running_s: 0.0,
         }
     }
 
@@ -203,7 +237,33 @@ mod tests {
         meter.record_step(Duration::from_millis(50), 0, 2);
         // 150 ms for 100 prompt tokens plus decoding: 100 ms of it was prefill.
         meter.record_step(Duration::from_millis(150), 100, 2);
-        let rate = meter.snapshot().prefill_tokens_per_s;
-        assert!((rate - 1000.0).abs() < 1e-6, "{rate}");
+        let per_token = meter.snapshot().prefill_s_per_token;
+        assert!((per_token - 0.001).abs() < 1e-9, "{per_token}");
+    }
+
+    #[test]
+    fn a_step_running_long_counts_as_the_step_time() {
+        let stalled = LoadSnapshot {
+            step_running_s: 3.0,
+            ..snapshot()
+        };
+        let ttft = stalled.predict_ttft(0);
+        assert!((ttft.as_secs_f64() - 3.0).abs() < 1e-9, "{ttft:?}");
+        // A short running step does not lower the average.
+        let busy = LoadSnapshot {
+            step_running_s: 0.01,
+            ..snapshot()
+        };
+        assert!((busy.predict_ttft(0).as_secs_f64() - 0.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn running_step_is_visible_in_a_snapshot_until_it_ends() {
+        let meter = LoadMeter::new(1);
+        meter.step_running(true);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(meter.snapshot().step_running_s >= 0.02);
+        meter.step_running(false);
+        assert_eq!(meter.snapshot().step_running_s, 0.0);
     }
 }

@@ -1,0 +1,320 @@
+//! Latency budgets, degradation, the reply cache and admission control, end to end on
+//! the real models. The stalled tier is the real Gemma engine slowed by
+//! `fault_step_delay_ms`, not a stand-in.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{fixture, parse_sse, streamed_text, user, TestServer, FAST, FULL};
+use serde_json::{json, Value};
+use tiergate::config::{ApiKeyConfig, Config};
+
+const HINT: &str = "x-tiergate-route-hint";
+
+/// A fast-only server on the budgets fixture, with three API keys.
+async fn keyed_fast_server() -> TestServer {
+    TestServer::start(|config: &mut Config| {
+        common::only_fast_tier(config);
+        config.router.policies = vec![fixture("budgets.toml")];
+        config.api_keys = vec![
+            key("key-a", None),
+            key("key-b", None),
+            key("key-limited", Some(2)),
+        ];
+    })
+    .await
+}
+
+fn key(key: &str, requests_per_minute: Option<u32>) -> ApiKeyConfig {
+    ApiKeyConfig {
+        key: key.into(),
+        tenant: None,
+        requests_per_minute,
+        tokens_per_minute: None,
+    }
+}
+
+/// Sends a chat request with an API key and a route hint.
+async fn post(
+    server: &TestServer,
+    api_key: Option<&str>,
+    hint: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut request = server.client.post(server.url("/v1/chat/completions"));
+    if let Some(api_key) = api_key {
+        request = request.bearer_auth(api_key);
+    }
+    if let Some(hint) = hint {
+        request = request.header(HINT, hint);
+    }
+    request.json(body).send().await.expect("request sent")
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> Value {
+    json!({"model": "auto", "messages": user(prompt), "max_tokens": max_tokens, "temperature": 0})
+}
+
+/// The text and `x-tiergate-cache` of a non-streaming reply that must succeed.
+async fn complete(
+    server: &TestServer,
+    api_key: &str,
+    hint: &str,
+    body: &Value,
+) -> (String, Option<String>, Value) {
+    let response = post(server, Some(api_key), Some(hint), body).await;
+    assert_eq!(response.status(), 200);
+    let cache = header(&response, "x-tiergate-cache").map(str::to_owned);
+    let json: Value = response.json().await.expect("json");
+    let text = json["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    (text, cache, json)
+}
+
+#[tokio::test]
+async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot() {
+    let server = TestServer::start(|config: &mut Config| {
+        config.router.policies = vec![fixture("stalled-full.toml")];
+        let full = config
+            .models
+            .iter_mut()
+            .find(|m| m.id == FULL)
+            .expect("full model");
+        full.fault_step_delay_ms = 8000;
+    })
+    .await;
+    let full_active = format!(r#"tiergate_active_sequences{{model="{FULL}",tier="full"}}"#);
+    let body = json!({
+        "model": "auto", "messages": user("Say hello."), "max_tokens": 8,
+        "temperature": 0.7, "stream": true,
+    });
+
+    // 1. Start-up measured a healthy tier, so the request is admitted there; the stall
+    //    keeps its first token away, the watchdog cancels it at 2 s and fails over.
+    let started = Instant::now();
+    let response = post(&server, None, Some("full"), &body).await;
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=ttft_watchdog")
+    );
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the watchdog waits out the budget first: {waited:?}"
+    );
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    let first: Value = serde_json::from_str(&payloads[0]).expect("chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["model"], FAST, "chunks name the model that answered");
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+
+    // 2. While the full tier's step is still stalled, prediction sees it: the next request
+    //    degrades before queueing there, and its first token comes within the budget.
+    let started = Instant::now();
+    let response = post(&server, None, Some("full"), &body).await;
+    let ttft = started.elapsed();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=predicted_ttft")
+    );
+    assert!(
+        ttft < Duration::from_secs(2),
+        "headers come with the first token: {ttft:?}"
+    );
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    assert!(!streamed_text(&payloads).is_empty());
+
+    // 3. A request pinned to the full tier cannot degrade: 503 with Retry-After.
+    let pinned =
+        json!({"model": FULL, "messages": user("Hi"), "max_tokens": 4, "temperature": 0.7});
+    let response = post(&server, None, None, &pinned).await;
+    assert_eq!(response.status(), 503);
+    let retry_after: u64 = header(&response, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    assert!(retry_after >= 1);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "overloaded", "{error}");
+
+    // 4. The cancelled sequence leaves the full tier once its stalled step returns.
+    server
+        .wait_for_metric(&full_active, 0.0, Duration::from_secs(30))
+        .await;
+    let metrics = server.metrics().await;
+    for sample in [
+        r#"tiergate_degradations_total{from="full",to="fast",reason="ttft_watchdog"} 1"#,
+        r#"tiergate_degradations_total{from="full",to="fast",reason="predicted_ttft"} 1"#,
+        r#"tiergate_shed_total{tier="full"} 1"#,
+    ] {
+        assert!(metrics.contains(sample), "{sample} missing from\n{metrics}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cached_replies_hit_expire_and_stay_per_key_unless_shared() {
+    let server = keyed_fast_server().await;
+    let body = greedy("Name one colour of the rainbow.", 12);
+
+    let (text, cache, _) = complete(&server, "key-a", "cached", &body).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    let (again, cache, _) = complete(&server, "key-a", "cached", &body).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+    assert_eq!(again, text);
+
+    // A hit streams in the same SSE format as a generation.
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let response = post(&server, Some("key-a"), Some("cached"), &streaming).await;
+    assert_eq!(header(&response, "x-tiergate-cache"), Some("hit"));
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    let first: Value = serde_json::from_str(&payloads[0]).expect("chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(streamed_text(&payloads), text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+
+    // Another key does not see key-a's reply...
+    let (_, cache, _) = complete(&server, "key-b", "cached", &body).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    // ...unless the route shares its cache.
+    let (_, cache, _) = complete(&server, "key-a", "shared", &body).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    let (_, cache, _) = complete(&server, "key-b", "shared", &body).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+
+    // A one-second TTL expires.
+    let short = greedy("Name one fruit.", 6);
+    let (_, cache, _) = complete(&server, "key-a", "short-ttl", &short).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    let (_, cache, _) = complete(&server, "key-a", "short-ttl", &short).await;
+    assert_eq!(cache.as_deref(), Some("hit"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (_, cache, _) = complete(&server, "key-a", "short-ttl", &short).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+
+    // Requests that may sample differently are never cached.
+    let sampled =
+        json!({"model": "auto", "messages": user("Hi"), "max_tokens": 4, "temperature": 0.9});
+    let response = post(&server, Some("key-a"), Some("cached"), &sampled).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-cache"), None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn identical_concurrent_requests_share_one_generation() {
+    let server = keyed_fast_server().await;
+    let generated = format!(r#"tiergate_generation_tokens_total{{model="{FAST}",tier="fast"}}"#);
+    let before = server.metric(&generated).await.unwrap_or(0.0);
+    let body = greedy("Write a sentence about the sea.", 24);
+    let replies =
+        futures::future::join_all((0..6).map(|_| complete(&server, "key-a", "cached", &body)))
+            .await;
+
+    let misses = replies
+        .iter()
+        .filter(|(_, cache, _)| cache.as_deref() == Some("miss"))
+        .count();
+    assert_eq!(misses, 1, "exactly one request generates: {replies:?}");
+    for (text, cache, _) in &replies {
+        assert!(
+            matches!(cache.as_deref(), Some("miss" | "shared" | "hit")),
+            "{cache:?}"
+        );
+        assert_eq!(text, &replies[0].0);
+    }
+    let completion_tokens = replies[0].2["usage"]["completion_tokens"]
+        .as_f64()
+        .expect("usage");
+    let after = server.metric(&generated).await.unwrap_or(0.0);
+    assert_eq!(
+        after - before,
+        completion_tokens,
+        "the tokens of one generation, not six"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_are_required_and_quotas_answer_429_with_retry_after() {
+    let server = keyed_fast_server().await;
+    let body = json!({"model": "auto", "messages": user("Hi"), "max_tokens": 1});
+
+    for api_key in [None, Some("not-a-key")] {
+        let response = post(&server, api_key, None, &body).await;
+        assert_eq!(response.status(), 401, "{api_key:?}");
+        let error: Value = response.json().await.expect("json");
+        assert_eq!(error["error"]["code"], "invalid_api_key", "{error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+    }
+
+    for _ in 0..2 {
+        let response = post(&server, Some("key-limited"), None, &body).await;
+        assert_eq!(response.status(), 200);
+    }
+    let response = post(&server, Some("key-limited"), None, &body).await;
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = header(&response, "retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
+    // Two per minute: the next request's allowance returns within 30 s.
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded", "{error}");
+    assert_eq!(error["error"]["type"], "requests");
+    // Other keys are not affected.
+    assert_eq!(
+        post(&server, Some("key-a"), None, &body).await.status(),
+        200
+    );
+
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"tiergate_rate_limited_total{reason="requests_per_minute"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"tiergate_rate_limited_total{reason="auth"} 2"#));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn total_budget_ends_the_reply_with_length_and_says_so() {
+    let server = keyed_fast_server().await;
+    let fast_active = format!(r#"tiergate_active_sequences{{model="{FAST}",tier="fast"}}"#);
+    let body = json!({
+        "model": "auto", "messages": user("Count upwards from one."),
+        "max_tokens": 1000, "ignore_eos": true, "temperature": 0.7, "stream": true,
+    });
+    let response = post(&server, Some("key-a"), Some("tight-total"), &body).await;
+    assert_eq!(response.status(), 200);
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let last: Value = serde_json::from_str(&payloads[payloads.len() - 2]).expect("chunk");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(last["tiergate"]["budget_cut"], "total", "{last}");
+    assert!(payloads.len() < 1000, "cut long before max_tokens");
+    server
+        .wait_for_metric(&fast_active, 0.0, Duration::from_secs(10))
+        .await;
+
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let response = post(&server, Some("key-a"), Some("tight-total"), &whole).await;
+    assert_eq!(header(&response, "x-tiergate-budget-cut"), Some("total"));
+    let json: Value = response.json().await.expect("json");
+    assert_eq!(json["choices"][0]["finish_reason"], "length");
+    assert!(json["usage"]["completion_tokens"].as_u64().expect("usage") < 1000);
+    server.stop().await;
+}
