@@ -50,7 +50,7 @@ fn main() {
             model: model.id.clone(),
             tier: model.tier.clone(),
         };
-        let (engine, ready) =
+        let (engine, ready, thread) =
             LlamaEngine::start(model.clone(), metrics.engine_gauges(&labels)).expect("thread");
         runtime
             .block_on(ready)
@@ -80,6 +80,8 @@ fn main() {
                 );
             }
         }
+        drop(engine);
+        runtime.block_on(thread.stop(std::time::Duration::from_secs(10)));
     }
 }
 

@@ -46,14 +46,16 @@ pub async fn run(
     );
     let mut engines: Vec<Arc<dyn Engine>> = Vec::new();
     let mut ready_signals = Vec::new();
+    let mut model_threads = Vec::new();
     for model in &config.models {
         let gauges = metrics.engine_gauges(&ModelLabels {
             model: model.id.clone(),
             tier: model.tier.clone(),
         });
-        let (engine, ready) = LlamaEngine::start(model.clone(), gauges)
+        let (engine, ready, thread) = LlamaEngine::start(model.clone(), gauges)
             .with_context(|| format!("cannot start the thread for model {}", model.id))?;
         engines.push(engine);
+        model_threads.push(thread);
         ready_signals.push((model.id.clone(), ready));
     }
 
@@ -111,15 +113,24 @@ pub async fn run(
         tracing::info!("all models ready");
         std::future::pending().await
     };
-    tokio::select! {
+    let outcome = tokio::select! {
         served = serving => served.context("the HTTP server failed"),
         failure = loading => Err(failure),
         () = drain_deadline => {
             tracing::warn!(?drain_timeout, "drain timeout: ending the replies still open");
             Ok(())
         }
+    };
+    // Replies are finished or abandoned: free every model before returning, so nothing
+    // of llama.cpp is still running when the process exits.
+    for thread in model_threads {
+        thread.stop(MODEL_STOP_TIMEOUT).await;
     }
+    outcome
 }
+
+/// Long enough for a step in flight to end and the model to be freed.
+const MODEL_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stops a background task when the server that owns it stops.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -298,8 +298,10 @@ async fn total_budget_ends_the_reply_with_length_and_says_so() {
         "max_tokens": 1000, "ignore_eos": true, "temperature": 0.7, "stream": true,
     });
     let response = post(&server, Some("key-a"), Some("tight-total"), &body).await;
-    assert_eq!(response.status(), 200);
-    let payloads = parse_sse(&response.text().await.expect("body"));
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    assert_eq!(status, 200, "{text}");
+    let payloads = parse_sse(&text);
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
     let last: Value = serde_json::from_str(&payloads[payloads.len() - 2]).expect("chunk");
     assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");

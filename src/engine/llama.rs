@@ -13,8 +13,10 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -82,18 +84,47 @@ pub struct LlamaEngine {
 /// Resolves when the model thread has loaded its model (or failed to).
 pub type ReadySignal = oneshot::Receiver<Result<(), String>>;
 
+/// How often an idle or stalled model thread looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// The owner's handle on a model thread. The server stops and joins every model thread
+/// before it returns: a thread still freeing its llama.cpp context while the process runs
+/// its exit handlers crashes the process.
+pub struct ModelThread {
+    model: String,
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl ModelThread {
+    /// Asks the thread to stop after its current step (sequences still live are dropped,
+    /// which ends their streams) and waits up to `within` for it to free the model.
+    pub async fn stop(self, within: Duration) {
+        self.stop.store(true, Ordering::Release);
+        let model = self.model;
+        let joined = tokio::task::spawn_blocking(move || self.handle.join());
+        match tokio::time::timeout(within, joined).await {
+            Ok(Ok(Ok(()))) => tracing::debug!(%model, "model thread stopped"),
+            Ok(_) => tracing::error!(%model, "model thread panicked"),
+            Err(_) => tracing::warn!(%model, ?within, "model thread did not stop in time"),
+        }
+    }
+}
+
 impl LlamaEngine {
     /// Spawns the model thread and returns at once; the model loads in the background and
     /// the [`ReadySignal`] says how that went.
     pub fn start(
         config: ModelConfig,
         gauges: EngineGauges,
-    ) -> std::io::Result<(Arc<Self>, ReadySignal)> {
+    ) -> std::io::Result<(Arc<Self>, ReadySignal, ModelThread)> {
         let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
         let loaded = Arc::new(OnceLock::new());
         let stopped = Arc::new(OnceLock::new());
         let load = Arc::new(LoadMeter::new(config.slots));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
         let engine = Arc::new(Self {
             info: ModelInfo {
                 id: config.id.clone(),
@@ -107,11 +138,17 @@ impl LlamaEngine {
             gauges: gauges.clone(),
             load: load.clone(),
         });
-        std::thread::Builder::new()
+        let model = config.id.clone();
+        let handle = std::thread::Builder::new()
             .name(format!("model-{}", config.id))
             .spawn(move || {
                 let id = config.id.clone();
-                let outcome = model_thread(config, &loaded, queue_rx, ready_tx, gauges, load);
+                let channels = ThreadChannels {
+                    queue: queue_rx,
+                    ready: ready_tx,
+                    stop: stop_flag,
+                };
+                let outcome = model_thread(config, &loaded, channels, gauges, load);
                 let reason = match outcome {
                     Ok(()) => "the model thread stopped".to_owned(),
                     Err(reason) => {
@@ -121,7 +158,15 @@ impl LlamaEngine {
                 };
                 let _ = stopped.set(reason);
             })?;
-        Ok((engine, ready_rx))
+        Ok((
+            engine,
+            ready_rx,
+            ModelThread {
+                model,
+                stop,
+                handle,
+            },
+        ))
     }
 
     fn loaded(&self) -> Result<&Loaded, EngineError> {
@@ -213,15 +258,22 @@ impl Engine for LlamaEngine {
     }
 }
 
+/// What the model thread receives from its owner.
+struct ThreadChannels {
+    queue: Receiver<QueuedRequest>,
+    ready: oneshot::Sender<Result<(), String>>,
+    stop: Arc<AtomicBool>,
+}
+
 /// Body of the model thread: load, hand over [`Loaded`], signal ready, run the step loop.
 fn model_thread(
     config: ModelConfig,
     loaded_slot: &OnceLock<Loaded>,
-    queue: Receiver<QueuedRequest>,
-    ready: oneshot::Sender<Result<(), String>>,
+    channels: ThreadChannels,
     gauges: EngineGauges,
     load: Arc<LoadMeter>,
 ) -> Result<(), String> {
+    let ThreadChannels { queue, ready, stop } = channels;
     let setup = load_model(&config);
     let (prompter, context_params, context_per_sequence) = match setup {
         Ok(parts) => parts,
@@ -265,6 +317,7 @@ fn model_thread(
         gauges,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
+        stop,
         model_id: config.id.clone(),
         eog_tokens: {
             let vocab = model.vocab();
@@ -378,6 +431,8 @@ struct StepLoop<'m> {
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
     step_delay: Duration,
+    /// Set by [`ModelThread::stop`].
+    stop: Arc<AtomicBool>,
     model_id: String,
     /// Every end-of-generation token, masked out for `ignore_eos` requests.
     eog_tokens: Vec<LlamaToken>,
@@ -387,14 +442,18 @@ impl StepLoop<'_> {
     fn run(&mut self, queue: &Receiver<QueuedRequest>) {
         let mut queue_open = true;
         loop {
+            if self.stop_requested() {
+                return;
+            }
             if self.live.is_empty() && self.waiting.is_empty() {
                 if !queue_open {
                     return;
                 }
-                // Idle: block until work arrives or every engine handle is gone.
-                match queue.recv() {
+                // Idle: wait for work, every engine handle gone, or a stop request.
+                match queue.recv_timeout(STOP_POLL) {
                     Ok(request) => self.waiting.push_back(request),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while queue_open {
@@ -418,12 +477,22 @@ impl StepLoop<'_> {
     /// looks slow to the load meter, as a real one would.
     fn timed_decode(&mut self) -> Result<(), DecodeError> {
         self.load.step_running(true);
-        if !self.step_delay.is_zero() {
-            std::thread::sleep(self.step_delay);
+        // In short naps, so a stop request is not held up by a long injected stall.
+        let stall_until = Instant::now() + self.step_delay;
+        while !self.stop_requested() {
+            let left = stall_until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(STOP_POLL));
         }
         let outcome = self.ctx.decode(&mut self.batch);
         self.load.step_running(false);
         outcome
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
     }
 
     /// Measures a short prefill and one decode step before the first request, so TTFT

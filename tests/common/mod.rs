@@ -174,7 +174,9 @@ impl TestServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+        // The server frees its models before it returns (up to 10 s per model).
+        let stopped = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        assert!(stopped.is_ok(), "server did not stop within 30 s");
     }
 }
 
