@@ -36,3 +36,7 @@ lint:
 # Load test against a gateway (started here on a free port unless TIERGATE_URL answers); prints JSON.
 bench: models build
     benches/e2e.sh {{url}} {{config}}
+
+# Open-loop overload at 3x the full tier's capacity, degradation on and off; prints a table.
+bench-overload seconds="30": models build
+    benches/overload.sh {{config}} {{seconds}}

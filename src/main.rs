@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tiergate::check::RouteOptions;
 use tiergate::config::{Config, DEFAULT_CONFIG_PATH};
-use tiergate::loadgen::{self, BenchOptions};
+use tiergate::loadgen::{self, BenchOptions, Load};
 use tiergate::router::Caller;
 use tiergate::telemetry::{self, LogFormat};
 
@@ -39,6 +39,9 @@ enum Command {
         /// Address to bind (overrides `server.listen`); port 0 picks a free port.
         #[arg(long, env = "TIERGATE_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Policy files to serve instead of the config's `router.policies` (repeatable).
+        #[arg(long = "policy")]
+        policies: Vec<PathBuf>,
     },
     /// Load-test an OpenAI-compatible server with streaming requests; prints JSON.
     Bench(BenchArgs),
@@ -86,33 +89,94 @@ struct BenchArgs {
     /// Model names to send, each benchmarked in turn (tiergate accepts tier names).
     #[arg(long = "model", default_values_t = ["fast".to_owned(), "full".to_owned()])]
     models: Vec<String>,
-    /// Concurrency levels, each a closed loop of this many workers.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    /// Closed loop: concurrency levels, each run with this many workers back to back.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
     concurrency: Vec<usize>,
-    /// Requests per level; 0 = max(16, 4 x concurrency).
-    #[arg(long, default_value_t = 0)]
-    requests: usize,
+    /// Open loop: request rates (per second), each run with Poisson arrivals.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Requests per level (default: max(16, 4 x concurrency), or 30 s worth at --rate;
+    /// unbounded when --duration is given).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Seconds per level to keep starting requests; requests in flight then finish.
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// Prompts, one per line: plain text, or JSON (a messages array or {"messages": [...]}).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_tokens: u32,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Let the model stop at end-of-sequence instead of generating exactly --max-tokens.
+    #[arg(long)]
+    allow_eos: bool,
     /// Sent as a bearer token.
     #[arg(long, env = "TIERGATE_API_KEY")]
     api_key: Option<String>,
+    /// Extra request header, `Name: value` (repeatable), e.g. `x-tiergate-route: full`.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// Report the share of successful requests whose TTFT is within this many milliseconds.
+    #[arg(long)]
+    ttft_budget_ms: Option<u64>,
+    /// Seed for open-loop arrival times.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 300)]
     timeout_s: u64,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
-impl From<BenchArgs> for BenchOptions {
-    fn from(args: BenchArgs) -> Self {
-        Self {
-            url: args.url,
-            models: args.models,
-            concurrency: args.concurrency,
-            requests: args.requests,
-            max_tokens: args.max_tokens,
-            api_key: args.api_key,
-            timeout: Duration::from_secs(args.timeout_s),
+fn parse_header(raw: &str) -> Result<(String, String), String> {
+    let (name, value) = raw
+        .split_once(':')
+        .ok_or_else(|| format!("expected `Name: value`, got {raw:?}"))?;
+    Ok((name.trim().to_owned(), value.trim().to_owned()))
+}
+
+impl BenchArgs {
+    fn options(self) -> anyhow::Result<BenchOptions> {
+        let mut loads: Vec<Load> = self.rate.iter().map(|&rate| Load::Open { rate }).collect();
+        loads.extend(
+            self.concurrency
+                .iter()
+                .map(|&concurrency| Load::Closed { concurrency }),
+        );
+        if loads.is_empty() {
+            loads = [1, 4, 16]
+                .map(|concurrency| Load::Closed { concurrency })
+                .to_vec();
         }
+        let mut options = BenchOptions::new(self.url, self.models, loads);
+        if let Some(path) = &self.prompts {
+            options.prompts = loadgen::read_prompts(path)?;
+        }
+        if let Some(seconds) = self.duration_s {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0,
+                "--duration-s must be positive"
+            );
+            options.duration = Some(Duration::from_secs_f64(seconds));
+        }
+        options.requests = self.requests;
+        options.max_tokens = self.max_tokens;
+        options.temperature = self.temperature;
+        options.ignore_eos = !self.allow_eos;
+        options.api_key = self.api_key;
+        options.headers = self.headers;
+        options.timeout = Duration::from_secs(self.timeout_s);
+        options.ttft_budget = self.ttft_budget_ms.map(Duration::from_millis);
+        options.seed = self.seed;
+        options.progress = !self.quiet;
+        Ok(options)
     }
 }
 
@@ -124,21 +188,28 @@ fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format, filter);
     match cli.command {
-        Command::Serve { config, listen } => serve(config, listen),
-        Command::Bench(args) => bench(args.into()),
+        Command::Serve {
+            config,
+            listen,
+            policies,
+        } => serve(config, listen, policies),
+        Command::Bench(args) => bench(args),
         Command::Check { config } => check(&config),
         Command::Route(args) => route(args),
     }
 }
 
-fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
-    let config = match Config::load(&config_path) {
+fn serve(config_path: PathBuf, listen: Option<SocketAddr>, policies: Vec<PathBuf>) -> ExitCode {
+    let mut config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(problems) => {
             eprintln!("{problems}");
             return ExitCode::FAILURE;
         }
     };
+    if !policies.is_empty() {
+        config.router.policies = policies;
+    }
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -163,11 +234,22 @@ fn serve(config_path: PathBuf, listen: Option<SocketAddr>) -> ExitCode {
     }
 }
 
-fn bench(options: BenchOptions) -> ExitCode {
-    let report = runtime().and_then(|runtime| runtime.block_on(loadgen::run(options)));
-    match report.and_then(|r| serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)) {
-        Ok(json) => {
-            println!("{json}");
+fn bench(args: BenchArgs) -> ExitCode {
+    let json = args.json;
+    let report = args.options().and_then(|options| {
+        let runtime = runtime()?;
+        runtime.block_on(loadgen::run(options))
+    });
+    let rendered = report.and_then(|report| {
+        Ok(if json {
+            serde_json::to_string_pretty(&report)?
+        } else {
+            loadgen::table(&report).to_string()
+        })
+    });
+    match rendered {
+        Ok(text) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Err(err) => {

@@ -97,7 +97,8 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     });
 
     // 1. Start-up measured a healthy tier, so the request is admitted there; the stall
-    //    keeps its first token away, the watchdog cancels it at 2 s and fails over.
+    //    keeps its first token away, and the watchdog cancels it early enough for the
+    //    fast tier to answer within the 2 s budget (at most half the budget early).
     let started = Instant::now();
     let response = post(&server, None, Some("full"), &body).await;
     let waited = started.elapsed();
@@ -108,8 +109,8 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     );
     assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
     assert!(
-        waited >= Duration::from_secs(2),
-        "the watchdog waits out the budget first: {waited:?}"
+        waited >= Duration::from_secs(1),
+        "the watchdog gives the full tier at least half the budget: {waited:?}"
     );
     let payloads = parse_sse(&response.text().await.expect("body"));
     let first: Value = serde_json::from_str(&payloads[0]).expect("chunk");
@@ -117,8 +118,10 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     assert_eq!(first["model"], FAST, "chunks name the model that answered");
     assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
 
-    // 2. While the full tier's step is still stalled, prediction sees it: the next request
-    //    degrades before queueing there, and its first token comes within the budget.
+    // 2. Once the full tier's step has stalled for longer than the budget, prediction
+    //    sees it: the next request degrades before queueing there, and its first token
+    //    comes within the budget.
+    tokio::time::sleep_until((started + Duration::from_millis(2500)).into()).await;
     let started = Instant::now();
     let response = post(&server, None, Some("full"), &body).await;
     let ttft = started.elapsed();

@@ -187,11 +187,11 @@ impl Attempt<'_> {
             state.degrade_path(&route.tier)
         };
 
-        let mut first_token_by = deadlines.first_token;
+        let first_token_by = deadlines.first_token;
         let mut left_because: Option<DegradeReason> = None;
         let mut shortest_overrun: Option<Duration> = None;
         let mut stale_candidates = Vec::new();
-        for tier in &path {
+        for (index, tier) in path.iter().enumerate() {
             let degraded = left_because.map(|reason| Degradation {
                 from: route.tier.clone(),
                 to: tier.clone(),
@@ -245,8 +245,9 @@ impl Attempt<'_> {
                 Source::Shared(follower) => follower.prompt_tokens,
                 Source::Replay(_) => prompt_tokens,
             };
+            let watchdog_at = first_token_by - hedge(state, tokens, path.get(index + 1), left);
             // The watchdog: the first token must arrive while the budget lasts.
-            match tokio::time::timeout_at(first_token_by.into(), source.next_event()).await {
+            match tokio::time::timeout_at(watchdog_at.into(), source.next_event()).await {
                 Ok(TokenEvent::Failed(err)) => return Err(err.into()),
                 Ok(first) => {
                     if let Some(cache_use) = cache_use {
@@ -264,12 +265,13 @@ impl Attempt<'_> {
                     });
                 }
                 Err(_elapsed) => {
-                    tracing::warn!(%tier, budget_ms = route.ttft_ms, "no first token within the budget: failing over");
+                    tracing::warn!(%tier, budget_ms = route.ttft_ms, "no first token in time: failing over");
                     // Dropping the source cancels the sequence (or leaves a shared one).
                     drop(source);
                     left_because = Some(DegradeReason::TtftWatchdog);
-                    // The TTFT budget is spent; what follows is judged by the total one.
-                    first_token_by = deadlines.total;
+                    let overrun =
+                        Duration::from_millis(route.ttft_ms / 2).max(Duration::from_secs(1));
+                    shortest_overrun.get_or_insert(overrun);
                 }
             }
         }
@@ -310,6 +312,28 @@ impl Attempt<'_> {
             retry_after_secs(wait),
         ))
     }
+}
+
+/// How long before the first-token deadline the watchdog gives up on a tier, so that the
+/// next tier on the path still has time to answer within the budget: twice that tier's
+/// predicted TTFT now plus 50 ms (predictions are averages, and it must still pass its
+/// own prediction check then), at most half of what is left. The last tier gets the
+/// whole budget.
+fn hedge(
+    state: &AppState,
+    tokens: &(dyn TokenCounter + Sync),
+    next_tier: Option<&String>,
+    left: Duration,
+) -> Duration {
+    let Some(next_tier) = next_tier else {
+        return Duration::ZERO;
+    };
+    let Ok(engine) = state.engine_for_tier(next_tier) else {
+        return Duration::ZERO;
+    };
+    let prompt_tokens = tokens.prompt_tokens(next_tier).unwrap_or(0);
+    let predicted = engine.load().predict_ttft(prompt_tokens);
+    (predicted * 2 + Duration::from_millis(50)).min(left / 2)
 }
 
 fn replay(

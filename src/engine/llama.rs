@@ -390,6 +390,31 @@ impl Sequence {
         self.prompt_done < self.prompt.len()
     }
 
+    /// Decode steps until this sequence is expected to leave: the rest of its prompt (in
+    /// step-equivalents), then the tokens an average reply still has to come, never more
+    /// than its `max_tokens` allows. Until a reply has finished, the cap is the estimate.
+    fn expected_steps_left(
+        &self,
+        expected_reply: Option<f64>,
+        prefill_s_per_token: f64,
+        step_s: f64,
+    ) -> u32 {
+        let cap_left = self.max_new_tokens.saturating_sub(self.generated);
+        let reply_left = match expected_reply {
+            Some(tokens) => {
+                ((tokens - f64::from(self.generated)).ceil().max(1.0) as u32).min(cap_left)
+            }
+            None => cap_left,
+        };
+        let prompt_left = (self.prompt.len() - self.prompt_done) as f64;
+        let prefill_steps = if step_s > 0.0 {
+            (prompt_left * prefill_s_per_token / step_s).ceil() as u32
+        } else {
+            0
+        };
+        prefill_steps.saturating_add(reply_left)
+    }
+
     fn send_text(&self, text: String) {
         if !text.is_empty() {
             // A closed receiver is noticed by the cancellation check before the next step.
@@ -545,8 +570,22 @@ impl StepLoop<'_> {
             .iter()
             .map(|s| s.prompt.len() - s.prompt_done)
             .sum();
-        self.load
-            .set_occupancy(self.live.len(), self.waiting.len(), queued + prefilling);
+        let expected_reply = self.load.expected_completion_tokens();
+        let rates = self.load.snapshot();
+        let mut steps_to_release: Vec<u32> = self
+            .live
+            .iter()
+            .map(|seq| {
+                seq.expected_steps_left(expected_reply, rates.prefill_s_per_token, rates.step_s)
+            })
+            .collect();
+        steps_to_release.sort_unstable();
+        self.load.set_occupancy(
+            self.live.len(),
+            self.waiting.len(),
+            queued + prefilling,
+            steps_to_release,
+        );
     }
 
     /// Sequences whose receiver is gone (client disconnected) leave before the next step.
@@ -834,7 +873,11 @@ impl StepLoop<'_> {
         }
         self.reserved_cells -= seq.reservation;
         self.free_seq_ids.insert(seq.seq_id);
-        self.load.record_sequence(seq.admitted_at.elapsed());
+        // A sequence that ended on its own (stop, length) shows how long replies run.
+        let completed =
+            (seq.finished.is_some() && !seq.events.is_closed()).then_some(seq.generated);
+        self.load
+            .record_sequence(seq.admitted_at.elapsed(), completed);
         self.gauges.active_sequences.dec();
     }
 }
