@@ -51,7 +51,7 @@ fn main() {
             tier: model.tier.clone(),
         };
         let (engine, ready, thread) =
-            LlamaEngine::start(model.clone(), metrics.engine_gauges(&labels)).expect("thread");
+            LlamaEngine::start(model.clone(), metrics.engine_metrics(&labels)).expect("thread");
         runtime
             .block_on(ready)
             .expect("ready signal")
@@ -118,6 +118,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
                     max_tokens_cap: None,
                     stop: Vec::new(),
                     ignore_eos: true,
+                    span: tracing::Span::none(),
                 })
                 .expect("submit")
         })

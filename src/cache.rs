@@ -23,8 +23,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
 use crate::engine::{
-    ChatMessage, FinishReason, GenerationRequest, Role, SamplingParams, TokenEvent, TokenStream,
-    Usage,
+    ChatMessage, FinishReason, GenerationRequest, Role, SamplingParams, StageTimings, TokenEvent,
+    TokenStream, Usage,
 };
 
 /// Everything that shapes a reply. Built by destructuring the request without `..`, so
@@ -57,6 +57,7 @@ impl ReplyKey {
             max_tokens_cap,
             stop,
             ignore_eos,
+            span: _,
         } = request;
         let SamplingParams {
             temperature,
@@ -118,6 +119,7 @@ impl CachedReply {
         events.push(TokenEvent::Finished {
             finish_reason: self.finish_reason,
             usage: self.usage,
+            timings: StageTimings::default(),
         });
         events
     }
@@ -368,6 +370,7 @@ impl SharedGeneration {
                 TokenEvent::Finished {
                     finish_reason,
                     usage,
+                    ..
                 } => Some(Some((*finish_reason, *usage))),
                 TokenEvent::Failed(_) => Some(None),
             };
@@ -474,6 +477,7 @@ mod tests {
             max_tokens_cap: None,
             stop: Vec::new(),
             ignore_eos: false,
+            span: tracing::Span::none(),
         }
     }
 
@@ -628,6 +632,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 2,
             },
+            timings: StageTimings::default(),
         };
         tx.send(TokenEvent::Text("lo".into())).expect("open");
         tx.send(finished.clone()).expect("open");

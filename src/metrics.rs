@@ -1,12 +1,14 @@
 //! Prometheus metrics, rendered by `prometheus-client` (no hand-written exposition text).
 //!
-//! Engines get [`EngineGauges`] bound to their own labels and update them from the step
+//! Engines get [`EngineMetrics`] bound to their own labels and update them from the step
 //! loop; the HTTP layer records per-request figures.
+
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -21,8 +23,12 @@ pub struct ModelLabels {
 pub struct RequestLabels {
     pub model: String,
     pub tier: String,
-    /// HTTP status class of the outcome, or `stream_error` for a failure after streaming began.
+    /// HTTP status of the outcome; `stream_error` for a failure after streaming began,
+    /// `client_closed` for a client that left mid-stream.
     pub status: String,
+    /// `stop` or `length` for a finished reply, `abort` for one the client left,
+    /// `error` for a failure, `none` for a request refused before generating.
+    pub finish_reason: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -62,17 +68,64 @@ pub struct TierLabels {
     pub tier: String,
 }
 
+// Explicit buckets per histogram, each over the range its quantity spans on CPU and GPU
+// alike: some exporters turn bucket-less histograms into summaries, which
+// `histogram_quantile` cannot aggregate.
+
 /// Time to first token spans prefill on a loaded CPU: from a few ms to tens of seconds.
 const TTFT_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
 ];
+/// One decode step: milliseconds on a GPU, tens to hundreds of ms for a full CPU batch.
+const INTER_TOKEN_BUCKETS: [f64; 14] = [
+    0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+];
+/// Whole replies: a cached one in a millisecond, a long one in minutes.
+const E2E_BUCKETS: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Waiting for a slot: nothing when idle, the budget's order when busy.
+const QUEUE_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Prompt prefill plus the first step: a few ms for short prompts, seconds for long ones.
+const PREFILL_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+/// Sequences in one decode call, up to the 256-slot maximum.
+const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0, 256.0,
+];
+
+fn histograms(buckets: &'static [f64]) -> Family<ModelLabels, Histogram, HistogramMaker> {
+    Family::new_with_constructor(HistogramMaker(buckets))
+}
+
+/// Builds each labelled histogram of a family with the family's buckets.
+#[derive(Clone)]
+pub struct HistogramMaker(&'static [f64]);
+
+impl MetricConstructor<Histogram> for HistogramMaker {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+type Histograms = Family<ModelLabels, Histogram, HistogramMaker>;
 
 pub struct Metrics {
     registry: Registry,
     active_sequences: Family<ModelLabels, Gauge>,
     waiting_requests: Family<ModelLabels, Gauge>,
+    free_slots: Family<ModelLabels, Gauge>,
+    kv_cache_usage: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     batch_sequences_max: Family<ModelLabels, Gauge>,
-    pub time_to_first_token: Family<ModelLabels, Histogram>,
+    queue_time: Histograms,
+    prefill_time: Histograms,
+    batch_size: Histograms,
+    pub time_to_first_token: Histograms,
+    pub inter_token_latency: Histograms,
+    pub e2e_request_latency: Histograms,
     pub requests: Family<RequestLabels, Counter>,
     pub generated_tokens: Family<ModelLabels, Counter>,
     pub prompt_tokens: Family<ModelLabels, Counter>,
@@ -88,13 +141,22 @@ pub struct Metrics {
 
 /// The gauges one model's step loop owns, already bound to its labels.
 #[derive(Clone, Debug)]
-pub struct EngineGauges {
+pub struct EngineMetrics {
     /// Sequences admitted to a slot (prefilling or generating).
     pub active_sequences: Gauge,
     /// Requests accepted but not yet admitted.
     pub waiting_requests: Gauge,
     /// The largest number of sequences seen in one decode call.
     pub batch_sequences_max: Gauge,
+    pub free_slots: Gauge,
+    /// Share of the KV cells holding a live sequence's tokens, 0 to 1.
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
+    /// From `submit` to a slot.
+    pub queue_time: Histogram,
+    /// From the slot to the first sampled token.
+    pub prefill_time: Histogram,
+    /// Sequences in each decode call.
+    pub batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -109,9 +171,14 @@ impl Metrics {
         let active_sequences = Family::<ModelLabels, Gauge>::default();
         let waiting_requests = Family::<ModelLabels, Gauge>::default();
         let batch_sequences_max = Family::<ModelLabels, Gauge>::default();
-        let time_to_first_token = Family::<ModelLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(TTFT_BUCKETS)) as fn() -> Histogram,
-        );
+        let free_slots = Family::<ModelLabels, Gauge>::default();
+        let kv_cache_usage = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
+        let time_to_first_token = histograms(&TTFT_BUCKETS);
+        let inter_token_latency = histograms(&INTER_TOKEN_BUCKETS);
+        let e2e_request_latency = histograms(&E2E_BUCKETS);
+        let queue_time = histograms(&QUEUE_BUCKETS);
+        let prefill_time = histograms(&PREFILL_BUCKETS);
+        let batch_size = histograms(&BATCH_SIZE_BUCKETS);
         let requests = Family::<RequestLabels, Counter>::default();
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
@@ -139,11 +206,51 @@ impl Metrics {
             "Largest number of sequences decoded together in one step since start",
             batch_sequences_max.clone(),
         );
+        registry.register(
+            "free_slots",
+            "Slots free for a new sequence",
+            free_slots.clone(),
+        );
+        registry.register(
+            "kv_cache_usage_ratio",
+            "Share of the KV cache cells holding live sequences' tokens (0 to 1)",
+            kv_cache_usage.clone(),
+        );
+        let seconds = || prometheus_client::registry::Unit::Seconds;
         registry.register_with_unit(
             "time_to_first_token",
             "Time from accepting a request to its first generated token",
-            prometheus_client::registry::Unit::Seconds,
+            seconds(),
             time_to_first_token.clone(),
+        );
+        registry.register_with_unit(
+            "inter_token_latency",
+            "Time between consecutive streamed pieces of generated text",
+            seconds(),
+            inter_token_latency.clone(),
+        );
+        registry.register_with_unit(
+            "e2e_request_latency",
+            "Time from accepting a request to its last token",
+            seconds(),
+            e2e_request_latency.clone(),
+        );
+        registry.register_with_unit(
+            "queue_time",
+            "Time from entering a model's queue to getting a slot",
+            seconds(),
+            queue_time.clone(),
+        );
+        registry.register_with_unit(
+            "prefill_time",
+            "Time from getting a slot to the first sampled token (prompt prefill)",
+            seconds(),
+            prefill_time.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Sequences decoded together in one decode call",
+            batch_size.clone(),
         );
         registry.register(
             "requests",
@@ -207,8 +314,15 @@ impl Metrics {
             registry,
             active_sequences,
             waiting_requests,
+            free_slots,
+            kv_cache_usage,
             batch_sequences_max,
+            queue_time,
+            prefill_time,
+            batch_size,
             time_to_first_token,
+            inter_token_latency,
+            e2e_request_latency,
             requests,
             generated_tokens,
             prompt_tokens,
@@ -223,11 +337,16 @@ impl Metrics {
         }
     }
 
-    pub fn engine_gauges(&self, labels: &ModelLabels) -> EngineGauges {
-        EngineGauges {
+    pub fn engine_metrics(&self, labels: &ModelLabels) -> EngineMetrics {
+        EngineMetrics {
             active_sequences: self.active_sequences.get_or_create(labels).clone(),
             waiting_requests: self.waiting_requests.get_or_create(labels).clone(),
             batch_sequences_max: self.batch_sequences_max.get_or_create(labels).clone(),
+            free_slots: self.free_slots.get_or_create(labels).clone(),
+            kv_cache_usage: self.kv_cache_usage.get_or_create(labels).clone(),
+            queue_time: self.queue_time.get_or_create(labels).clone(),
+            prefill_time: self.prefill_time.get_or_create(labels).clone(),
+            batch_size: self.batch_size.get_or_create(labels).clone(),
         }
     }
 
@@ -247,7 +366,7 @@ mod tests {
     #[test]
     fn engine_gauges_appear_with_model_labels() {
         let metrics = Metrics::new();
-        let gauges = metrics.engine_gauges(&ModelLabels {
+        let gauges = metrics.engine_metrics(&ModelLabels {
             model: "m".into(),
             tier: "fast".into(),
         });

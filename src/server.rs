@@ -48,11 +48,11 @@ pub async fn run(
     let mut ready_signals = Vec::new();
     let mut model_threads = Vec::new();
     for model in &config.models {
-        let gauges = metrics.engine_gauges(&ModelLabels {
+        let engine_metrics = metrics.engine_metrics(&ModelLabels {
             model: model.id.clone(),
             tier: model.tier.clone(),
         });
-        let (engine, ready, thread) = LlamaEngine::start(model.clone(), gauges)
+        let (engine, ready, thread) = LlamaEngine::start(model.clone(), engine_metrics)
             .with_context(|| format!("cannot start the thread for model {}", model.id))?;
         engines.push(engine);
         model_threads.push(thread);

@@ -1,5 +1,6 @@
 //! Logging set-up: `RUST_LOG`-style filtering, human or JSON output.
 
+use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::EnvFilter;
 
 /// llama.cpp logs every tensor while loading; its warnings are what an operator needs.
@@ -19,6 +20,9 @@ pub fn init(format: LogFormat, default_filter: &str) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A line when each span closes, with its fields and duration: one per request at
+        // info (the `request` span), and its route/queue/prefill/decode stages at debug.
+        .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {

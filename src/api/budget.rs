@@ -15,7 +15,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::cache::{self, Follower, Freshness, Lookup, ReplyKey};
-use crate::engine::{EngineError, GenerationRequest, TokenEvent, TokenStream};
+use crate::engine::{EngineError, GenerationRequest, StageTimings, TokenEvent, TokenStream};
 use crate::metrics::{CacheLabels, DegradeLabels, TierLabels};
 use crate::router::{CacheMode, Route, TokenCounter};
 
@@ -350,6 +350,7 @@ fn replay(
     let first = events.next().unwrap_or(TokenEvent::Finished {
         finish_reason: reply.finish_reason,
         usage: reply.usage,
+        timings: StageTimings::default(),
     });
     Acquired {
         source: Source::Replay(events),

@@ -5,7 +5,7 @@
 //! chunk measures the true time to first token.
 
 use std::convert::Infallible;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
@@ -15,6 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use futures::stream;
+use prometheus_client::metrics::histogram::Histogram;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use super::budget::{Acquired, Attempt, CacheUse, Deadlines, Degradation, Source};
 use super::error::ApiError;
@@ -23,7 +26,7 @@ use super::types::{
     CompletionChoice, Delta, UsageBody,
 };
 use super::AppState;
-use crate::engine::{EngineError, FinishReason, TokenEvent, Usage};
+use crate::engine::{EngineError, FinishReason, StageTimings, TokenEvent, Usage};
 use crate::metrics::{ModelLabels, TierLabels};
 use crate::router::{Features, RequestTokens, Route, TokenCounter};
 
@@ -52,6 +55,32 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // One span per request; the route span and the engine's queue, prefill and decode
+    // spans are its children. It closes when the reply's last byte is out.
+    let span = tracing::info_span!(
+        "request",
+        id = Empty,
+        rule = Empty,
+        tier = Empty,
+        model = Empty,
+        degraded = Empty,
+        cache = Empty,
+        prompt_tokens = Empty,
+        completion_tokens = Empty,
+        finish_reason = Empty,
+        ttft_ms = Empty,
+    );
+    handle_chat(state, headers, body, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn handle_chat(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    span: tracing::Span,
+) -> Result<Response, ApiError> {
     let mut caller = state.caller(&headers);
     // Keys and request quotas first: an unknown caller costs no parsing or tokenizing.
     let client = state.admit(&caller)?;
@@ -60,14 +89,22 @@ pub async fn chat_completions(
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
     let mut request = ChatRequest::from_json(&body)?;
     let pin = state.requested_tier(&request.model)?;
-    let features = Features::extract(
-        &request.generation.messages,
-        request.generation.max_tokens,
-        caller,
-    );
+    let accepted_at = Instant::now();
     let tokens = RequestTokens::new(&state, &request.generation.messages);
-    let route = state.policy().route(&features, &tokens, pin.as_deref());
+    let route = tracing::debug_span!("route").in_scope(|| {
+        let features = Features::extract(
+            &request.generation.messages,
+            request.generation.max_tokens,
+            caller,
+        );
+        let route = state.policy().route(&features, &tokens, pin.as_deref());
+        tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
+        route
+    });
+    let route_time = accepted_at.elapsed();
+    span.record("rule", route.rule.as_str());
     state.count_route(&route);
+    request.generation.span = span.clone();
     if let Some(cap) = route.max_tokens {
         request.generation.max_tokens = request.generation.max_tokens.map(|n| n.min(cap));
         request.generation.max_tokens_cap = Some(cap);
@@ -86,7 +123,6 @@ pub async fn chat_completions(
         state.spend_tokens(client, prompt.saturating_add(completion))?;
     }
 
-    let accepted_at = Instant::now();
     let deadlines = Deadlines::new(accepted_at, &route);
     let acquired = Attempt {
         state: &state,
@@ -98,7 +134,7 @@ pub async fn chat_completions(
     }
     .acquire()
     .await
-    .inspect_err(|e| state.count_request(&routed_labels, e.status))?;
+    .inspect_err(|e| state.count_request(&routed_labels, e.status.as_str(), "none"))?;
 
     let labels = ModelLabels {
         model: acquired.model.clone(),
@@ -106,18 +142,31 @@ pub async fn chat_completions(
     };
     let generated_here = acquired.cache.is_none_or(CacheUse::generated);
     let metrics = state.metrics();
+    let ttft = accepted_at.elapsed();
     metrics
         .time_to_first_token
         .get_or_create(&labels)
-        .observe(accepted_at.elapsed().as_secs_f64());
+        .observe(ttft.as_secs_f64());
+    span.record("tier", acquired.tier.as_str());
+    span.record("model", acquired.model.as_str());
+    span.record("prompt_tokens", acquired.prompt_tokens);
+    span.record("ttft_ms", ttft.as_millis() as u64);
+    if let Some(degraded) = &acquired.degraded {
+        span.record("degraded", degraded.to_string());
+    }
+    if let Some(cache) = acquired.cache {
+        span.record("cache", cache.as_str());
+    }
     if generated_here {
         metrics
             .prompt_tokens
             .get_or_create(&labels)
             .inc_by(u64::from(acquired.prompt_tokens));
     }
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    span.record("id", id.as_str());
     let meta = ResponseMeta {
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        id,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -132,29 +181,38 @@ pub async fn chat_completions(
         degraded: acquired.degraded.clone(),
         cache: acquired.cache,
     };
+    // Gaps between pieces mean something only for text generated for this reply.
+    let inter_token =
+        generated_here.then(|| metrics.inter_token_latency.get_or_create(&labels).clone());
     let accounting = Accounting {
         state: state.clone(),
         labels,
         generated_here,
+        accepted_at,
+        span: span.clone(),
     };
 
     let response = if request.stream {
-        stream_response(meta, acquired, deadlines.total, accounting)
+        stream_response(meta, acquired, deadlines.total, accounting, inter_token)
     } else {
-        let mut reply = Reply::new(acquired);
+        let mut reply = Reply::new(acquired, inter_token);
         match reply.collect(deadlines.total).await {
             Ok(completion) => {
                 accounting.finished(&completion);
                 let mut response = complete_response(&meta, &completion);
+                let headers = response.headers_mut();
                 if completion.budget_cut {
-                    response
-                        .headers_mut()
-                        .insert(BUDGET_CUT_HEADER, HeaderValue::from_static("total"));
+                    headers.insert(BUDGET_CUT_HEADER, HeaderValue::from_static("total"));
+                }
+                let timing = server_timing(route_time, &completion.timings, served.cache);
+                if let Ok(value) = HeaderValue::from_str(&timing) {
+                    headers.insert(SERVER_TIMING, value);
                 }
                 response
             }
             Err(err) => {
-                state.count_request(&accounting.labels, status_of(&err));
+                let status = status_of(&err);
+                state.count_request(&accounting.labels, status.as_str(), "error");
                 return Err(err.into());
             }
         }
@@ -189,6 +247,27 @@ pub async fn explain_route(
     Ok(Json(body).into_response())
 }
 
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// `Server-Timing` of a non-streaming reply: routing, then the engine's queue, prefill and
+/// decode stages in milliseconds (browsers' dev tools and many proxies show these). A
+/// reply from the cache names its cache use instead of engine stages.
+fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut parts = vec![format!("route;dur={:.3}", ms(route))];
+    match cache {
+        Some(CacheUse::Hit | CacheUse::Stale) => {
+            parts.push(format!("cache;desc={}", cache.map_or("", CacheUse::as_str)));
+        }
+        _ => {
+            parts.push(format!("queue;dur={:.3}", ms(stages.queue)));
+            parts.push(format!("prefill;dur={:.3}", ms(stages.prefill)));
+            parts.push(format!("decode;dur={:.3}", ms(stages.decode)));
+        }
+    }
+    parts.join(", ")
+}
+
 fn status_of(err: &EngineError) -> StatusCode {
     ApiError::from(err.clone()).status
 }
@@ -208,12 +287,23 @@ struct Accounting {
     /// False for replies replayed from the cache or followed from another response's
     /// generation: their tokens were counted once, by the response that generated them.
     generated_here: bool,
+    accepted_at: Instant,
+    span: tracing::Span,
 }
 
 impl Accounting {
     fn finished(&self, completion: &Completion) {
-        self.state.count_request(&self.labels, StatusCode::OK);
+        let finish_reason = completion.finish_reason.as_str();
+        self.state
+            .count_request(&self.labels, StatusCode::OK.as_str(), finish_reason);
+        self.span
+            .record("completion_tokens", completion.usage.completion_tokens);
+        self.span.record("finish_reason", finish_reason);
         let metrics = self.state.metrics();
+        metrics
+            .e2e_request_latency
+            .get_or_create(&self.labels)
+            .observe(self.accepted_at.elapsed().as_secs_f64());
         if self.generated_here {
             metrics
                 .generated_tokens
@@ -258,6 +348,7 @@ struct Completion {
     finish_reason: FinishReason,
     usage: Usage,
     budget_cut: bool,
+    timings: StageTimings,
 }
 
 /// Reads one reply's events under its total budget.
@@ -268,15 +359,20 @@ struct Reply {
     /// Text events delivered: the completion-token count reported when the budget cuts
     /// a reply short (a text event carries at least one token).
     pieces: u32,
+    /// Where gaps between text events are observed, if they are measured for this reply.
+    inter_token: Option<Histogram>,
+    last_piece_at: Option<Instant>,
 }
 
 impl Reply {
-    fn new(acquired: Acquired) -> Self {
+    fn new(acquired: Acquired, inter_token: Option<Histogram>) -> Self {
         Self {
             source: acquired.source,
             first: Some(acquired.first),
             prompt_tokens: acquired.prompt_tokens,
             pieces: 0,
+            inter_token,
+            last_piece_at: None,
         }
     }
 
@@ -291,6 +387,11 @@ impl Reply {
         };
         if matches!(event, TokenEvent::Text(_)) {
             self.pieces += 1;
+            let now = Instant::now();
+            if let (Some(histogram), Some(last)) = (&self.inter_token, self.last_piece_at) {
+                histogram.observe((now - last).as_secs_f64());
+            }
+            self.last_piece_at = Some(now);
         }
         Some(event)
     }
@@ -310,12 +411,14 @@ impl Reply {
                 Some(TokenEvent::Finished {
                     finish_reason,
                     usage,
+                    timings,
                 }) => {
                     return Ok(Completion {
                         text,
                         finish_reason,
                         usage,
                         budget_cut: false,
+                        timings,
                     })
                 }
                 Some(TokenEvent::Failed(err)) => return Err(err),
@@ -325,6 +428,7 @@ impl Reply {
                         finish_reason: FinishReason::Length,
                         usage: self.cut_usage(),
                         budget_cut: true,
+                        timings: StageTimings::default(),
                     })
                 }
             }
@@ -447,6 +551,7 @@ impl SseState {
                 finish_reason: FinishReason::Length,
                 usage,
                 budget_cut: true,
+                timings: StageTimings::default(),
             });
             tracing::info!(id = %meta.id, total_ms = meta.total_budget_ms, "total budget spent: reply cut");
             return meta.ending(meta.budget_cut_chunk(), usage);
@@ -462,6 +567,7 @@ impl SseState {
             TokenEvent::Finished {
                 finish_reason,
                 usage,
+                timings,
             } => {
                 self.done = true;
                 self.accounting.finished(&Completion {
@@ -469,6 +575,7 @@ impl SseState {
                     finish_reason,
                     usage,
                     budget_cut: false,
+                    timings,
                 });
                 meta.ending(meta.chunk(Delta::default(), Some(finish_reason)), usage)
             }
@@ -478,9 +585,23 @@ impl SseState {
                 let accounting = &self.accounting;
                 accounting
                     .state
-                    .count_request_outcome(&accounting.labels, "stream_error");
+                    .count_request(&accounting.labels, "stream_error", "error");
                 ApiError::from(err).sse_event()
             }
+        }
+    }
+}
+
+/// A client that leaves mid-stream drops the body: count the request as aborted, as
+/// vLLM does, so every request reaches `tiergate_requests_total` once.
+impl Drop for SseState {
+    fn drop(&mut self) {
+        if !self.done {
+            let accounting = &self.accounting;
+            accounting
+                .state
+                .count_request(&accounting.labels, "client_closed", "abort");
+            accounting.span.record("finish_reason", "abort");
         }
     }
 }
@@ -490,10 +611,11 @@ fn stream_response(
     acquired: Acquired,
     deadline: Instant,
     accounting: Accounting,
+    inter_token: Option<Histogram>,
 ) -> Response {
     let initial = SseState {
         meta,
-        reply: Reply::new(acquired),
+        reply: Reply::new(acquired, inter_token),
         started: false,
         done: false,
         deadline,

@@ -216,17 +216,16 @@ impl AppState {
         names
     }
 
-    pub fn count_request(&self, labels: &ModelLabels, status: StatusCode) {
-        self.count_request_outcome(labels, status.as_str());
-    }
-
-    pub fn count_request_outcome(&self, labels: &ModelLabels, status: &str) {
+    /// One request's outcome: `status` is the HTTP status (or `stream_error`,
+    /// `client_closed`), `finish_reason` as in [`RequestLabels`].
+    pub fn count_request(&self, labels: &ModelLabels, status: &str, finish_reason: &str) {
         self.metrics()
             .requests
             .get_or_create(&RequestLabels {
                 model: labels.model.clone(),
                 tier: labels.tier.clone(),
                 status: status.to_owned(),
+                finish_reason: finish_reason.to_owned(),
             })
             .inc();
     }

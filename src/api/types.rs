@@ -229,6 +229,7 @@ impl ChatCompletionRequest {
                 max_tokens_cap: None,
                 stop,
                 ignore_eos: self.ignore_eos.unwrap_or(false),
+                span: tracing::Span::none(),
             },
         })
     }

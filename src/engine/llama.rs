@@ -36,10 +36,10 @@ use super::schedule;
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
     ChatMessage, Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, SamplingParams,
-    TokenEvent, TokenStream, Usage,
+    StageTimings, TokenEvent, TokenStream, Usage,
 };
 use crate::config::ModelConfig;
-use crate::metrics::EngineGauges;
+use crate::metrics::EngineMetrics;
 
 /// What exists once the model thread has loaded the model.
 struct Loaded {
@@ -56,6 +56,11 @@ struct QueuedRequest {
     stop: Vec<String>,
     ignore_eos: bool,
     events: mpsc::UnboundedSender<TokenEvent>,
+    enqueued_at: Instant,
+    /// The request's span, parent of the stage spans.
+    request_span: tracing::Span,
+    /// Open from `submit` until a slot is found.
+    queue_span: tracing::Span,
 }
 
 impl QueuedRequest {
@@ -76,7 +81,7 @@ pub struct LlamaEngine {
     /// Bounded so a burst cannot grow memory without limit; the model thread owns the
     /// receiving end and drains it between steps.
     queue: SyncSender<QueuedRequest>,
-    gauges: EngineGauges,
+    metrics: EngineMetrics,
     /// Written by the model thread, read by the budget planner.
     load: Arc<LoadMeter>,
 }
@@ -116,7 +121,7 @@ impl LlamaEngine {
     /// the [`ReadySignal`] says how that went.
     pub fn start(
         config: ModelConfig,
-        gauges: EngineGauges,
+        metrics: EngineMetrics,
     ) -> std::io::Result<(Arc<Self>, ReadySignal, ModelThread)> {
         let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -135,7 +140,7 @@ impl LlamaEngine {
             loaded: loaded.clone(),
             stopped: stopped.clone(),
             queue: queue_tx,
-            gauges: gauges.clone(),
+            metrics: metrics.clone(),
             load: load.clone(),
         });
         let model = config.id.clone();
@@ -148,7 +153,7 @@ impl LlamaEngine {
                     ready: ready_tx,
                     stop: stop_flag,
                 };
-                let outcome = model_thread(config, &loaded, channels, gauges, load);
+                let outcome = model_thread(config, &loaded, channels, metrics, load);
                 let reason = match outcome {
                     Ok(()) => "the model thread stopped".to_owned(),
                     Err(reason) => {
@@ -227,6 +232,12 @@ impl Engine for LlamaEngine {
         };
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let queue_span = tracing::debug_span!(
+            parent: &request.span,
+            "queue",
+            model = %self.info.id,
+            prompt_tokens,
+        );
         let queued = QueuedRequest {
             prompt,
             max_new_tokens,
@@ -234,15 +245,18 @@ impl Engine for LlamaEngine {
             stop: request.stop,
             ignore_eos: request.ignore_eos,
             events: events_tx,
+            enqueued_at: Instant::now(),
+            request_span: request.span,
+            queue_span,
         };
         // Count before sending: the model thread decrements on admission, which may come
         // before try_send returns.
-        self.gauges.waiting_requests.inc();
+        self.metrics.waiting_requests.inc();
         self.load.queued(prompt_tokens);
         match self.queue.try_send(queued) {
             Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
             Err(err) => {
-                self.gauges.waiting_requests.dec();
+                self.metrics.waiting_requests.dec();
                 Err(match err {
                     TrySendError::Full(_) => EngineError::QueueFull {
                         model: self.info.id.clone(),
@@ -270,7 +284,7 @@ fn model_thread(
     config: ModelConfig,
     loaded_slot: &OnceLock<Loaded>,
     channels: ThreadChannels,
-    gauges: EngineGauges,
+    metrics: EngineMetrics,
     load: Arc<LoadMeter>,
 ) -> Result<(), String> {
     let ThreadChannels { queue, ready, stop } = channels;
@@ -314,7 +328,7 @@ fn model_thread(
         free_seq_ids: (0..config.slots as i32).collect(),
         waiting: VecDeque::new(),
         live: Vec::new(),
-        gauges,
+        metrics,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
         stop,
@@ -368,6 +382,11 @@ fn load_model(config: &ModelConfig) -> Result<LoadedParts, String> {
 struct Sequence {
     seq_id: i32,
     admitted_at: Instant,
+    queue_time: Duration,
+    first_token_at: Option<Instant>,
+    request_span: tracing::Span,
+    /// `prefill` until the first token, then `decode`.
+    stage_span: tracing::Span,
     prompt: Vec<LlamaToken>,
     /// Prompt tokens already in the KV cache.
     prompt_done: usize,
@@ -452,7 +471,7 @@ struct StepLoop<'m> {
     waiting: VecDeque<QueuedRequest>,
     /// Admitted sequences, oldest first.
     live: Vec<Sequence>,
-    gauges: EngineGauges,
+    metrics: EngineMetrics,
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
     step_delay: Duration,
@@ -580,6 +599,11 @@ impl StepLoop<'_> {
             })
             .collect();
         steps_to_release.sort_unstable();
+        self.metrics.free_slots.set(self.free_seq_ids.len() as i64);
+        let cells_in_use: i64 = self.live.iter().map(|s| i64::from(s.n_past)).sum();
+        self.metrics
+            .kv_cache_usage
+            .set(cells_in_use as f64 / f64::from(self.total_cells.max(1)));
         self.load.set_occupancy(
             self.live.len(),
             self.waiting.len(),
@@ -593,7 +617,7 @@ impl StepLoop<'_> {
         let before = self.waiting.len();
         self.waiting.retain(|request| !request.events.is_closed());
         for _ in self.waiting.len()..before {
-            self.gauges.waiting_requests.dec();
+            self.metrics.waiting_requests.dec();
         }
         let mut i = 0;
         while i < self.live.len() {
@@ -619,13 +643,28 @@ impl StepLoop<'_> {
             else {
                 break;
             };
-            self.gauges.waiting_requests.dec();
-            self.gauges.active_sequences.inc();
+            self.metrics.waiting_requests.dec();
+            self.metrics.active_sequences.inc();
             let reservation = request.reservation();
             self.reserved_cells += reservation;
+            let admitted_at = Instant::now();
+            let queue_time = admitted_at - request.enqueued_at;
+            self.metrics.queue_time.observe(queue_time.as_secs_f64());
+            drop(request.queue_span);
+            let stage_span = tracing::debug_span!(
+                parent: &request.request_span,
+                "prefill",
+                model = %self.model_id,
+                seq_id,
+                prompt_tokens = request.prompt.len(),
+            );
             self.live.push(Sequence {
                 seq_id,
-                admitted_at: Instant::now(),
+                admitted_at,
+                queue_time,
+                first_token_at: None,
+                request_span: request.request_span,
+                stage_span,
                 prompt: request.prompt,
                 prompt_done: 0,
                 n_past: 0,
@@ -698,8 +737,9 @@ impl StepLoop<'_> {
         };
 
         let sequences_in_step = work.len() as i64;
-        if sequences_in_step > self.gauges.batch_sequences_max.get() {
-            self.gauges.batch_sequences_max.set(sequences_in_step);
+        self.metrics.batch_size.observe(sequences_in_step as f64);
+        if sequences_in_step > self.metrics.batch_sequences_max.get() {
+            self.metrics.batch_sequences_max.set(sequences_in_step);
         }
         for w in &work {
             let seq = &mut self.live[w.seq()];
@@ -800,6 +840,20 @@ impl StepLoop<'_> {
         let model = self.model;
         let vocab = model.vocab();
         let seq = &mut self.live[index];
+        if seq.first_token_at.is_none() {
+            let now = Instant::now();
+            seq.first_token_at = Some(now);
+            self.metrics
+                .prefill_time
+                .observe((now - seq.admitted_at).as_secs_f64());
+            seq.stage_span = tracing::debug_span!(
+                parent: &seq.request_span,
+                "decode",
+                model = %self.model_id,
+                seq_id = seq.seq_id,
+                completion_tokens = tracing::field::Empty,
+            );
+        }
         if vocab.is_eog(token) {
             self.finish(index, FinishReason::Stop);
             return;
@@ -831,11 +885,20 @@ impl StepLoop<'_> {
         let mut text = seq.stops.push(&tail).emit;
         text.push_str(&seq.stops.finish());
         seq.send_text(text);
+        let now = Instant::now();
+        // A sequence ended before its first token (context full) has no decode stage.
+        let first_token_at = seq.first_token_at.unwrap_or(now);
+        seq.stage_span.record("completion_tokens", seq.generated);
         let _ = seq.events.send(TokenEvent::Finished {
             finish_reason: reason,
             usage: Usage {
                 prompt_tokens: seq.prompt.len() as u32,
                 completion_tokens: seq.generated,
+            },
+            timings: StageTimings {
+                queue: seq.queue_time,
+                prefill: first_token_at.saturating_duration_since(seq.admitted_at),
+                decode: now.saturating_duration_since(first_token_at),
             },
         });
         seq.finished = Some(reason);
@@ -878,7 +941,7 @@ impl StepLoop<'_> {
             (seq.finished.is_some() && !seq.events.is_closed()).then_some(seq.generated);
         self.load
             .record_sequence(seq.admitted_at.elapsed(), completed);
-        self.gauges.active_sequences.dec();
+        self.metrics.active_sequences.dec();
     }
 }
 

@@ -13,7 +13,10 @@ pub mod text;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use futures::Stream;
+
 use tokio::sync::mpsc;
 
 /// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
@@ -83,6 +86,9 @@ pub struct GenerationRequest {
     /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
     /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
     pub ignore_eos: bool,
+    /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
+    /// children. Not part of what the model generates.
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +120,17 @@ impl Usage {
     }
 }
 
+/// Where one generation's time went, for `Server-Timing` and the stage histograms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimings {
+    /// From `submit` to a slot.
+    pub queue: Duration,
+    /// From the slot to the first sampled token (the prompt's prefill and that step).
+    pub prefill: Duration,
+    /// From the first token to the last.
+    pub decode: Duration,
+}
+
 /// What a sequence sends back to whoever submitted it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
@@ -123,6 +140,8 @@ pub enum TokenEvent {
     Finished {
         finish_reason: FinishReason,
         usage: Usage,
+        /// Zero for replies replayed from the cache.
+        timings: StageTimings,
     },
     /// The last event of a failed generation.
     Failed(EngineError),

@@ -1,6 +1,8 @@
 //! A real tiergate on 127.0.0.1:0 with the real models, for integration tests.
 #![allow(dead_code)] // each test binary uses a different part of this harness
 
+pub mod binary;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 

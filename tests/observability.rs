@@ -1,0 +1,180 @@
+//! Metrics, Server-Timing and logs as operators consume them, from a real server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::binary::BinaryServer;
+use common::{user, TestServer, FAST};
+use serde_json::{json, Value};
+
+/// A sample's key in [`scrape`]'s map.
+fn key(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+/// `/metrics` parsed as Prometheus text: sample name + sorted labels → value.
+async fn scrape(server: &TestServer) -> HashMap<String, f64> {
+    let text = server.metrics().await;
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    parsed
+        .samples
+        .into_iter()
+        .filter_map(|sample| {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let labels: Vec<(&str, &str)> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            Some((key(&sample.metric, &labels), value))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_parse_and_every_request_adds_one_ttft_observation() {
+    let server = TestServer::fast().await;
+    let text = server.metrics().await;
+    // Every histogram has explicit buckets (a +Inf bucket alone would mean none).
+    for histogram in [
+        "tiergate_time_to_first_token_seconds",
+        "tiergate_inter_token_latency_seconds",
+        "tiergate_e2e_request_latency_seconds",
+        "tiergate_queue_time_seconds",
+        "tiergate_prefill_time_seconds",
+        "tiergate_batch_size",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {histogram} histogram")),
+            "{histogram}\n{text}"
+        );
+    }
+    let model = [("model", FAST), ("tier", "fast")];
+    let ttft_count = key("tiergate_time_to_first_token_seconds_count", &model);
+    let before = scrape(&server)
+        .await
+        .get(&ttft_count)
+        .copied()
+        .unwrap_or(0.0);
+
+    let body =
+        json!({"model": "auto", "messages": user("Hi"), "max_tokens": 4, "ignore_eos": true});
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    // Non-streaming replies say where their time went.
+    let timing = response.headers()["server-timing"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for stage in ["route;dur=", "queue;dur=", "prefill;dur=", "decode;dur="] {
+        assert!(timing.contains(stage), "{timing}");
+    }
+    let _ = response.bytes().await;
+
+    let after = scrape(&server).await;
+    assert_eq!(
+        after.get(&ttft_count).copied(),
+        Some(before + 1.0),
+        "{after:?}"
+    );
+    let finished = [
+        model[0],
+        model[1],
+        ("status", "200"),
+        ("finish_reason", "length"),
+    ];
+    for (sample, at_least) in [
+        (key("tiergate_requests_total", &finished), 1.0),
+        (
+            key("tiergate_inter_token_latency_seconds_count", &model),
+            3.0,
+        ),
+        (
+            key("tiergate_e2e_request_latency_seconds_count", &model),
+            1.0,
+        ),
+        (key("tiergate_queue_time_seconds_count", &model), 1.0),
+        (key("tiergate_prefill_time_seconds_count", &model), 1.0),
+        (key("tiergate_batch_size_count", &model), 4.0),
+        (key("tiergate_generation_tokens_total", &model), 4.0),
+    ] {
+        let value = after.get(&sample).copied();
+        assert!(value.is_some_and(|v| v >= at_least), "{sample} = {value:?}");
+    }
+    let kv = after
+        .get(&key("tiergate_kv_cache_usage_ratio", &model))
+        .copied();
+    assert!(kv.is_some_and(|v| (0.0..=1.0).contains(&v)), "{kv:?}");
+    // The sequence leaves at the end of its last step: every slot is free again.
+    let free = format!(r#"tiergate_free_slots{{model="{FAST}",tier="fast"}}"#);
+    server
+        .wait_for_metric(&free, 8.0, Duration::from_secs(5))
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_parse_and_carry_the_request_and_its_stages() {
+    let mut server = BinaryServer::start(|command| {
+        command
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info,tiergate=debug")
+            .stderr(Stdio::piped());
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/v1/chat/completions", server.base))
+        .json(
+            &json!({"model": "auto", "messages": user("Hi"), "max_tokens": 3, "ignore_eos": true}),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await;
+    server.sigterm();
+    let status = server.exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+
+    let stderr = server.child.stderr.take().expect("piped stderr");
+    let mut closed_spans = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("utf-8 log line");
+        let entry: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if entry["fields"]["message"] == "close" {
+            closed_spans.push(entry["span"].clone());
+        }
+    }
+    let span = |name: &str| {
+        closed_spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no `{name}` span closed in {closed_spans:?}"))
+            .clone()
+    };
+    let request = span("request");
+    assert_eq!(request["model"], FAST);
+    assert_eq!(request["completion_tokens"], 3);
+    assert_eq!(request["finish_reason"], "length");
+    assert!(request["ttft_ms"].is_u64(), "{request}");
+    assert!(span("prefill")["prompt_tokens"]
+        .as_u64()
+        .is_some_and(|n| n > 0));
+    assert_eq!(span("decode")["completion_tokens"], 3);
+    span("queue");
+    span("route");
+}
