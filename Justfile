@@ -33,9 +33,9 @@ lint:
     cargo fmt --all --check
     cargo clippy --release --locked --all-targets {{cargo_features}} -- -D warnings
 
-# Load test against a gateway (started here on a free port unless TIERGATE_URL answers); prints JSON.
-bench: models build
-    benches/e2e.sh {{url}} {{config}}
+# Load test against a gateway (started here on a free port unless TIERGATE_URL answers); prints a table.
+bench *ARGS: models build
+    benches/e2e.sh {{url}} {{config}} {{ARGS}}
 
 # Open-loop overload at 3x the full tier's capacity, degradation on and off; prints a table.
 bench-overload seconds="30": models build

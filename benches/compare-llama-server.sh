@@ -6,7 +6,8 @@
 # llama-server is not built by this project; see README (Performance) for how to build it
 # from the llama-cpp-python sdist. Each tier is measured on tiergate and then on a
 # llama-server started with the matching settings (16 slots, 2048 cells each, 2 threads),
-# one after the other, so that both see the same machine. Prints one JSON report per run.
+# one after the other, so that both see the same machine. Prints a table per run; extra
+# `tiergate bench` flags (e.g. --json) go in TIERGATE_BENCH_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 llama_server=${1:?usage: $0 /path/to/llama-server [tier...]}
@@ -21,7 +22,8 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_ready() { for _ in $(seq 1 900); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
-run_load() { "$bin" bench --url "$1" --model "$2" --concurrency 1,4,16 --max-tokens 64; }
+# shellcheck disable=SC2086
+run_load() { "$bin" bench --url "$1" --model "$2" --concurrency 1,4,16 --max-tokens 64 ${TIERGATE_BENCH_ARGS:-}; }
 
 declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
 declare -A template=([fast]="" [full]="--chat-template gemma")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark: TTFT, inter-token latency and aggregate output tokens/s at
-# concurrency 1, 4 and 16 for each tier, printed as JSON on stdout.
+# concurrency 1, 4 and 16 for each tier, printed as a table (add --json for JSON).
 #
-#   benches/e2e.sh [URL] [CONFIG]
+#   benches/e2e.sh [URL] [CONFIG] [tiergate bench flags...]
 #
 # If nothing answers at URL, a gateway is started here on a free port with CONFIG and
 # stopped afterwards. Run on an otherwise idle machine: a build on the other core makes

@@ -1,5 +1,7 @@
 //! Logging set-up: `RUST_LOG`-style filtering, human or JSON output.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +25,8 @@ pub fn init(format: LogFormat, default_filter: &str) {
         // A line when each span closes, with its fields and duration: one per request at
         // info (the `request` span), and its route/queue/prefill/decode stages at debug.
         .with_span_events(FmtSpan::CLOSE)
+        // Colours only for a person at a terminal, not in files and log collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
