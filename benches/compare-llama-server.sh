@@ -23,7 +23,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_ready() { for _ in $(seq 1 900); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
 # shellcheck disable=SC2086
-run_load() { "$bin" bench --url "$1" --model "$2" --concurrency 1,4,16 --max-tokens 64 ${TIERGATE_BENCH_ARGS:-}; }
+run_load() { "$bin" bench --url "$1" --model "$2" --concurrency "${TIERGATE_BENCH_CONCURRENCY:-1,4,16}" --max-tokens 64 ${TIERGATE_BENCH_ARGS:-}; }
 
 declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
 declare -A template=([fast]="" [full]="--chat-template gemma")

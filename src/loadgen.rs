@@ -202,6 +202,8 @@ pub struct LevelReport {
     /// Every request by status code; `transport` for connection failures and timeouts,
     /// `stream_error` for a 200 whose stream carried an error event or broke off.
     pub statuses: BTreeMap<String, usize>,
+    /// What went wrong, for requests that failed without an HTTP status or mid-stream.
+    pub errors: BTreeMap<String, usize>,
     pub ttft_ms: Option<Percentiles>,
     pub inter_token_ms: Option<Percentiles>,
     pub e2e_ms: Option<Percentiles>,
@@ -256,6 +258,7 @@ impl Outcome {
 #[derive(Debug)]
 struct RequestSample {
     outcome: Outcome,
+    error: Option<String>,
     ttft: Option<Duration>,
     gaps: Vec<Duration>,
     e2e: Duration,
@@ -269,6 +272,7 @@ impl RequestSample {
     fn failed(outcome: Outcome, sent: Instant) -> Self {
         Self {
             outcome,
+            error: None,
             ttft: None,
             gaps: Vec::new(),
             e2e: sent.elapsed(),
@@ -303,6 +307,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let client = reqwest::Client::builder()
         .timeout(options.timeout)
+        // A fresh connection per request, as from many independent users. Reusing idle
+        // keep-alive connections races servers that close them (llama-server does): the
+        // request then fails with "connection closed before message completed", an
+        // artefact of the tool rather than the server's fault.
+        .pool_max_idle_per_host(0)
         .build()
         .context("cannot build the HTTP client")?;
     let shared = Arc::new(Shared {
@@ -478,8 +487,12 @@ fn summarize(
     let mut tiers = BTreeMap::new();
     let mut cache = BTreeMap::new();
     let mut degraded = BTreeMap::new();
+    let mut errors = BTreeMap::new();
     for sample in &samples {
         *statuses.entry(sample.outcome.label()).or_insert(0) += 1;
+        if let Some(error) = &sample.error {
+            *errors.entry(error.clone()).or_insert(0) += 1;
+        }
         for (header, counts) in [
             (&sample.tier, &mut tiers),
             (&sample.cache, &mut cache),
@@ -523,6 +536,7 @@ fn summarize(
         requests: samples.len(),
         ok: complete.len(),
         statuses,
+        errors,
         ttft_ms: percentiles(ttft),
         inter_token_ms: percentiles(gaps),
         e2e_ms: percentiles(e2e),
@@ -562,7 +576,12 @@ async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSampl
     let sent = Instant::now();
     let response = match request.send().await {
         Ok(response) => response,
-        Err(_) => return RequestSample::failed(Outcome::Transport, sent),
+        Err(err) => {
+            return RequestSample {
+                error: Some(error_chain(&err)),
+                ..RequestSample::failed(Outcome::Transport, sent)
+            }
+        }
     };
     let status = response.status();
     if !status.is_success() {
@@ -587,9 +606,13 @@ async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSampl
     let mut buffer: Vec<u8> = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(piece) = stream.next().await {
-        let Ok(piece) = piece else {
-            sample.e2e = sent.elapsed();
-            return sample;
+        let piece = match piece {
+            Ok(piece) => piece,
+            Err(err) => {
+                sample.e2e = sent.elapsed();
+                sample.error = Some(error_chain(&err));
+                return sample;
+            }
         };
         buffer.extend_from_slice(&piece);
         while let Some(end) = find_event_end(&buffer) {
@@ -606,8 +629,9 @@ async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSampl
                 let Ok(chunk) = serde_json::from_str::<Value>(data) else {
                     continue;
                 };
-                if chunk.get("error").is_some() {
+                if let Some(error) = chunk.get("error") {
                     sample.e2e = sent.elapsed();
+                    sample.error = Some(format!("error event: {}", error["message"]));
                     return sample;
                 }
                 if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
@@ -637,6 +661,19 @@ async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSampl
         sample.completion_tokens = content_chunks;
     }
     sample
+}
+
+/// An error with its causes, e.g. "error sending request: connection closed before
+/// message completed".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn find_event_end(buffer: &[u8]) -> Option<usize> {

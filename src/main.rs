@@ -89,8 +89,9 @@ struct BenchArgs {
     /// Model names to send, each benchmarked in turn (tiergate accepts tier names).
     #[arg(long = "model", default_values_t = ["fast".to_owned(), "full".to_owned()])]
     models: Vec<String>,
-    /// Closed loop: concurrency levels, each run with this many workers back to back.
-    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    /// Closed loop: concurrency levels, each run with this many workers back to back
+    /// (default 1,4,16 when no --rate is given; with both, the open-loop levels run first).
+    #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Open loop: request rates (per second), each run with Poisson arrivals.
     #[arg(long, value_delimiter = ',')]
