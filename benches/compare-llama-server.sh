@@ -30,7 +30,7 @@ declare -A template=([fast]="" [full]="--chat-template gemma")
 
 for tier in "${tiers[@]}"; do
   port=$(free_port)
-  "$bin" serve --listen "127.0.0.1:$port" 2>/tmp/compare-tiergate.log &
+  "$bin" serve --listen "127.0.0.1:$port" --policy benches/throughput-policy.toml 2>/tmp/compare-tiergate.log &
   pids+=($!)
   wait_ready "http://127.0.0.1:$port/ready"
   echo "== tiergate $tier" >&2

@@ -5,6 +5,7 @@
 #   benches/e2e.sh [URL] [CONFIG] [tiergate bench flags...]
 #
 # If nothing answers at URL, a gateway is started here on a free port with CONFIG and
+# benches/throughput-policy.toml (budgets too large to shed load), and
 # stopped afterwards. Run on an otherwise idle machine: a build on the other core makes
 # the numbers noise.
 set -euo pipefail
@@ -21,7 +22,7 @@ if ! curl -sf "$url/health" >/dev/null 2>&1; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   url="http://127.0.0.1:$port"
   echo "bench: starting a gateway on $url" >&2
-  "$bin" serve --config "$config" --listen "127.0.0.1:$port" 2>/tmp/tiergate-bench-server.log &
+  "$bin" serve --config "$config" --listen "127.0.0.1:$port" --policy benches/throughput-policy.toml 2>/tmp/tiergate-bench-server.log &
   server_pid=$!
 fi
 for _ in $(seq 1 600); do
