@@ -323,6 +323,7 @@ fn model_thread(
         model: &model,
         batch: LlamaBatch::new(batch_capacity, 1),
         batch_capacity,
+        prefill_chunk: config.prefill_chunk as usize,
         total_cells,
         reserved_cells: 0,
         free_seq_ids: (0..config.slots as i32).collect(),
@@ -462,6 +463,8 @@ struct StepLoop<'m> {
     model: &'m LlamaModel,
     batch: LlamaBatch<'static>,
     batch_capacity: usize,
+    /// See [`schedule::prompt_chunks`].
+    prefill_chunk: usize,
     total_cells: u32,
     /// Sum of the live sequences' reservations.
     reserved_cells: u32,
@@ -781,7 +784,12 @@ impl StepLoop<'_> {
             .iter()
             .map(|&i| self.live[i].prompt.len() - self.live[i].prompt_done)
             .collect();
-        let chunks = schedule::prompt_chunks(self.batch_capacity, work.len(), &remaining);
+        let chunks = schedule::prompt_chunks(
+            self.batch_capacity,
+            work.len(),
+            self.prefill_chunk,
+            &remaining,
+        );
         work.extend(
             prefilling
                 .into_iter()

@@ -29,16 +29,23 @@ pub fn admit_count(
 
 /// Splits one decode call's token budget. Every generating sequence gets its one token
 /// first (inter-token latency of running streams comes first, as in llama.cpp's server);
-/// waiting prompts fill what is left, oldest first, in chunks.
+/// waiting prompts fill what is left, oldest first, in chunks. While any sequence is
+/// generating, prompts get at most `prefill_chunk` tokens per call (chunked prefill, as
+/// vLLM does): the step's time grows with its prompt tokens, and every running stream
+/// waits for the step.
 ///
 /// Returns, for each prefilling sequence in order, how many prompt tokens it feeds this step
 /// (possibly 0).
 pub fn prompt_chunks(
     batch_capacity: usize,
     decoding: usize,
+    prefill_chunk: usize,
     prompt_remaining: &[usize],
 ) -> Vec<usize> {
     let mut budget = batch_capacity.saturating_sub(decoding);
+    if decoding > 0 {
+        budget = budget.min(prefill_chunk);
+    }
     prompt_remaining
         .iter()
         .map(|&remaining| {
@@ -52,6 +59,14 @@ pub fn prompt_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_get_the_prefill_chunk_only_while_streams_are_generating() {
+        // Three streams generating: 128 prompt tokens this step, not the 509 that fit.
+        assert_eq!(prompt_chunks(512, 3, 128, &[100, 600]), vec![100, 28]);
+        // Nothing generating: no one waits on this step, so prompts take the whole batch.
+        assert_eq!(prompt_chunks(512, 0, 128, &[100, 600]), vec![100, 412]);
+    }
 
     #[test]
     fn admission_stops_at_free_slots() {
@@ -75,16 +90,19 @@ mod tests {
 
     #[test]
     fn decode_tokens_come_before_prompt_chunks() {
-        assert_eq!(prompt_chunks(8, 6, &[5, 5]), vec![2, 0]);
+        assert_eq!(prompt_chunks(8, 6, 512, &[5, 5]), vec![2, 0]);
     }
 
     #[test]
     fn prompts_fill_the_batch_oldest_first() {
-        assert_eq!(prompt_chunks(512, 3, &[100, 600, 50]), vec![100, 409, 0]);
+        assert_eq!(
+            prompt_chunks(512, 0, 512, &[100, 600, 50]),
+            vec![100, 412, 0]
+        );
     }
 
     #[test]
     fn a_full_batch_of_decodes_leaves_no_prompt_budget() {
-        assert_eq!(prompt_chunks(4, 4, &[10]), vec![0]);
+        assert_eq!(prompt_chunks(4, 4, 512, &[10]), vec![0]);
     }
 }
