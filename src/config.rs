@@ -75,6 +75,9 @@ pub struct ModelConfig {
     /// Most prompt tokens one decode call carries while other sequences are generating:
     /// a long prefill in the same step delays every running stream's next token.
     pub prefill_chunk: u32,
+    /// Keep a finished sequence's KV cells and reuse them for a prompt that starts with
+    /// the same tokens (off by itself for unified KV and sliding-window models).
+    pub prefix_cache: bool,
     pub n_gpu_layers: u32,
     /// CPU threads for decoding; defaults to the cores available.
     pub threads: u32,
@@ -183,6 +186,8 @@ struct RawModel {
     batch: u32,
     #[serde(default = "defaults::prefill_chunk")]
     prefill_chunk: u32,
+    #[serde(default = "defaults::enabled")]
+    prefix_cache: bool,
     #[serde(default)]
     n_gpu_layers: u32,
     #[serde(default)]
@@ -213,6 +218,9 @@ mod defaults {
     /// model), so streams keep flowing while a burst of prompts is admitted.
     pub fn prefill_chunk() -> u32 {
         128
+    }
+    pub fn enabled() -> bool {
+        true
     }
     pub fn max_tokens() -> u32 {
         1024
@@ -421,6 +429,7 @@ impl RawConfig {
                 slots: raw.slots,
                 batch: raw.batch,
                 prefill_chunk: raw.prefill_chunk,
+                prefix_cache: raw.prefix_cache,
                 n_gpu_layers: raw.n_gpu_layers,
                 threads: raw.threads.unwrap_or_else(Config::threads_available),
                 chat_template: raw.chat_template,

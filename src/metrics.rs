@@ -123,6 +123,7 @@ pub struct Metrics {
     queue_time: Histograms,
     prefill_time: Histograms,
     batch_size: Histograms,
+    prefix_cache_tokens: Family<ModelLabels, Counter>,
     pub time_to_first_token: Histograms,
     pub inter_token_latency: Histograms,
     pub e2e_request_latency: Histograms,
@@ -157,6 +158,8 @@ pub struct EngineMetrics {
     pub prefill_time: Histogram,
     /// Sequences in each decode call.
     pub batch_size: Histogram,
+    /// Prompt tokens whose KV cells were reused instead of prefilled.
+    pub prefix_cache_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -179,6 +182,7 @@ impl Metrics {
         let queue_time = histograms(&QUEUE_BUCKETS);
         let prefill_time = histograms(&PREFILL_BUCKETS);
         let batch_size = histograms(&BATCH_SIZE_BUCKETS);
+        let prefix_cache_tokens = Family::<ModelLabels, Counter>::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
@@ -253,6 +257,11 @@ impl Metrics {
             batch_size.clone(),
         );
         registry.register(
+            "prefix_cache_tokens",
+            "Prompt tokens whose KV cells were reused from a slot's previous sequence instead of prefilled",
+            prefix_cache_tokens.clone(),
+        );
+        registry.register(
             "requests",
             "Chat completion requests by outcome",
             requests.clone(),
@@ -320,6 +329,7 @@ impl Metrics {
             queue_time,
             prefill_time,
             batch_size,
+            prefix_cache_tokens,
             time_to_first_token,
             inter_token_latency,
             e2e_request_latency,
@@ -347,6 +357,7 @@ impl Metrics {
             queue_time: self.queue_time.get_or_create(labels).clone(),
             prefill_time: self.prefill_time.get_or_create(labels).clone(),
             batch_size: self.batch_size.get_or_create(labels).clone(),
+            prefix_cache_tokens: self.prefix_cache_tokens.get_or_create(labels).clone(),
         }
     }
 

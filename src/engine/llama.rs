@@ -315,6 +315,25 @@ fn model_thread(
         n_gpu_layers = config.n_gpu_layers,
         "model loaded"
     );
+    // Reusing a prefix truncates a slot's cells to it. A sliding-window cache may no longer
+    // hold the window before the cut, and a unified pool would keep cells other slots need.
+    let sliding_window = model
+        .meta_val_str("general.architecture")
+        .ok()
+        .and_then(|arch| {
+            model
+                .meta_val_str(&format!("{arch}.attention.sliding_window"))
+                .ok()
+        });
+    let prefix_cache = config.prefix_cache && !config.kv_unified && sliding_window.is_none();
+    if config.prefix_cache && !prefix_cache {
+        tracing::info!(
+            model = %config.id,
+            kv_unified = config.kv_unified,
+            ?sliding_window,
+            "prefix cache off: needs a split KV cache and a model without sliding-window attention"
+        );
+    }
     let total_cells = ctx.n_ctx();
     // llama.cpp clamps n_batch to n_ctx; plan with what it actually allotted.
     let batch_capacity = ctx.n_batch() as usize;
@@ -327,6 +346,8 @@ fn model_thread(
         total_cells,
         reserved_cells: 0,
         free_seq_ids: (0..config.slots as i32).collect(),
+        prefix_cache,
+        cached_prefix: vec![Vec::new(); config.slots as usize],
         waiting: VecDeque::new(),
         live: Vec::new(),
         metrics,
@@ -403,9 +424,25 @@ struct Sequence {
     stops: StopMatcher,
     events: mpsc::UnboundedSender<TokenEvent>,
     finished: Option<FinishReason>,
+    /// Generated tokens already decoded into the KV cache, in order.
+    decoded: Vec<LlamaToken>,
+    /// False after a failed decode: what the cells hold is then unknown.
+    kv_trusted: bool,
 }
 
 impl Sequence {
+    /// The tokens whose KV cells this sequence holds, positions 0.. in order; `None` when
+    /// that is not known for sure.
+    fn tokens_in_kv(&self) -> Option<Vec<LlamaToken>> {
+        let held = self.prompt_done + self.decoded.len();
+        if !self.kv_trusted || held != self.n_past as usize {
+            return None;
+        }
+        let mut tokens = self.prompt[..self.prompt_done].to_vec();
+        tokens.extend_from_slice(&self.decoded);
+        Some(tokens)
+    }
+
     fn is_prefilling(&self) -> bool {
         self.prompt_done < self.prompt.len()
     }
@@ -470,6 +507,10 @@ struct StepLoop<'m> {
     reserved_cells: u32,
     /// Ordered, so `pop_first` hands out the lowest free id: see [`Self::plan`].
     free_seq_ids: BTreeSet<i32>,
+    /// Reuse a free slot's KV cells for a new prompt that starts with the same tokens.
+    prefix_cache: bool,
+    /// Per seq id: the tokens a free slot's cells still hold (empty while in use).
+    cached_prefix: Vec<Vec<LlamaToken>>,
     /// Taken off the queue, not yet admitted (no slot or not enough free cells).
     waiting: VecDeque<QueuedRequest>,
     /// Admitted sequences, oldest first.
@@ -641,9 +682,11 @@ impl StepLoop<'_> {
             self.total_cells - self.reserved_cells,
         );
         for _ in 0..admitted {
-            let (Some(request), Some(seq_id)) =
-                (self.waiting.pop_front(), self.free_seq_ids.pop_first())
-            else {
+            let Some(request) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some((seq_id, reused)) = self.take_slot(&request.prompt) else {
+                self.waiting.push_front(request);
                 break;
             };
             self.metrics.waiting_requests.dec();
@@ -660,6 +703,7 @@ impl StepLoop<'_> {
                 model = %self.model_id,
                 seq_id,
                 prompt_tokens = request.prompt.len(),
+                cached_tokens = reused,
             );
             self.live.push(Sequence {
                 seq_id,
@@ -669,8 +713,8 @@ impl StepLoop<'_> {
                 request_span: request.request_span,
                 stage_span,
                 prompt: request.prompt,
-                prompt_done: 0,
-                n_past: 0,
+                prompt_done: reused,
+                n_past: reused as i32,
                 pending_token: None,
                 generated: 0,
                 max_new_tokens: request.max_new_tokens,
@@ -684,8 +728,45 @@ impl StepLoop<'_> {
                 stops: StopMatcher::new(request.stop),
                 events: request.events,
                 finished: None,
+                decoded: Vec::new(),
+                kv_trusted: true,
             });
         }
+    }
+
+    /// Takes a free slot for `prompt`; returns it and how many prompt tokens its cells
+    /// already hold (at least one token is always left to prefill: its logits give the
+    /// first sampled token). The cells past the shared prefix are cleared.
+    fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(i32, usize)> {
+        let free: Vec<(i32, usize)> = self
+            .free_seq_ids
+            .iter()
+            .map(|&id| {
+                let cached = &self.cached_prefix[id as usize];
+                (id, schedule::common_prefix_len(cached, prompt))
+            })
+            .collect();
+        let (seq_id, shared) = if self.prefix_cache {
+            schedule::pick_slot(&free)?
+        } else {
+            (free.first()?.0, 0)
+        };
+        self.free_seq_ids.remove(&seq_id);
+        let reused = shared.min(prompt.len().saturating_sub(1));
+        let cached = std::mem::take(&mut self.cached_prefix[seq_id as usize]);
+        // Cells of a slot with nothing cached were cleared when it was released.
+        if reused < cached.len() {
+            let from = (reused > 0).then_some(reused as u32);
+            if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), from, None) {
+                tracing::error!(model = %self.model_id, seq_id, %err, "could not clear KV cells");
+                let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+                return Some((seq_id, 0));
+            }
+        }
+        if reused > 0 {
+            self.metrics.prefix_cache_tokens.inc_by(reused as u64);
+        }
+        Some((seq_id, reused))
     }
 
     /// One decode call over every live sequence, then sampling for each that produced logits.
@@ -748,7 +829,9 @@ impl StepLoop<'_> {
             let seq = &mut self.live[w.seq()];
             match *w {
                 Work::Decode { .. } => {
-                    seq.pending_token = None;
+                    if let Some(token) = seq.pending_token.take() {
+                        seq.decoded.push(token);
+                    }
                     seq.n_past += 1;
                 }
                 Work::Prompt { tokens, .. } => {
@@ -919,6 +1002,7 @@ impl StepLoop<'_> {
             let seq = &mut self.live[w.seq()];
             let _ = seq.events.send(TokenEvent::Failed(error.clone()));
             seq.finished = Some(FinishReason::Stop);
+            seq.kv_trusted = false;
         }
     }
 
@@ -936,11 +1020,19 @@ impl StepLoop<'_> {
 
     /// Frees a sequence's KV cells and slot at once.
     fn release(&mut self, seq: Sequence) {
-        if let Err(err) = self
-            .ctx
-            .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None)
-        {
-            tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
+        // With the prefix cache the cells stay, and the slot remembers what they hold; a
+        // later prompt that starts the same way skips that much prefill.
+        let kept = self.prefix_cache.then(|| seq.tokens_in_kv()).flatten();
+        match kept {
+            Some(tokens) => self.cached_prefix[seq.seq_id as usize] = tokens,
+            None => {
+                if let Err(err) = self
+                    .ctx
+                    .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None)
+                {
+                    tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
+                }
+            }
         }
         self.reserved_cells -= seq.reservation;
         self.free_seq_ids.insert(seq.seq_id);

@@ -56,9 +56,58 @@ pub fn prompt_chunks(
         .collect()
 }
 
+/// Tokens at the start of `cached` and `prompt` that are the same.
+pub fn common_prefix_len<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize {
+    cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+}
+
+/// Prompt tokens a slot must reuse beyond what the lowest free slot offers before a new
+/// sequence goes there instead: batches of consecutive seq ids cost one pass over the
+/// weights (see `StepLoop::plan`), and a gap in the ids costs another pass on every step
+/// the sequence lives, which only a long saved prefill is worth.
+pub const PREFIX_GAIN_FOR_ANOTHER_SLOT: usize = 64;
+
+/// Chooses the slot for a new sequence: the lowest free id, unless another free slot
+/// holds a cached prefix at least [`PREFIX_GAIN_FOR_ANOTHER_SLOT`] tokens longer.
+/// `free` lists each free slot with the prompt tokens its cache shares, lowest id first.
+/// Returns the slot and its shared prefix.
+pub fn pick_slot(free: &[(i32, usize)]) -> Option<(i32, usize)> {
+    let &lowest = free.first()?;
+    let best = free
+        .iter()
+        .copied()
+        .max_by_key(|&(id, shared)| (shared, std::cmp::Reverse(id)))
+        .unwrap_or(lowest);
+    Some(if best.1 >= lowest.1 + PREFIX_GAIN_FOR_ANOTHER_SLOT {
+        best
+    } else {
+        lowest
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_prefix_stops_at_the_first_difference() {
+        assert_eq!(common_prefix_len(&[1, 2, 3, 4], &[1, 2, 9, 4]), 2);
+        assert_eq!(common_prefix_len(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix_len::<i32>(&[], &[1]), 0);
+    }
+
+    #[test]
+    fn the_lowest_free_slot_wins_unless_another_saves_a_long_prefill() {
+        assert_eq!(pick_slot(&[]), None);
+        // Slot 5 shares 40 more tokens than slot 2: not worth a gap in the ids.
+        assert_eq!(pick_slot(&[(2, 10), (5, 50)]), Some((2, 10)));
+        // Slot 5 shares 100 more: it saves a long prefill.
+        assert_eq!(pick_slot(&[(2, 10), (5, 110), (7, 110)]), Some((5, 110)));
+    }
 
     #[test]
     fn prompts_get_the_prefill_chunk_only_while_streams_are_generating() {
