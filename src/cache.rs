@@ -500,6 +500,7 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 1,
             completion_tokens: 1,
+            cached_prompt_tokens: Some(0),
         };
         cache.store(
             key.clone(),
@@ -631,6 +632,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
+                cached_prompt_tokens: Some(0),
             },
             timings: StageTimings::default(),
         };

@@ -51,6 +51,7 @@ async fn a_repeated_prefix_is_not_prefilled_again_and_replies_stay_sound() {
     let prompt_tokens = first["usage"]["prompt_tokens"].as_f64().expect("usage");
     assert!(prompt_tokens > 150.0, "{first}");
     assert_eq!(server.metric(&reused).await, Some(0.0));
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     server
         .wait_for_metric(&free, 8.0, Duration::from_secs(5))
         .await;
@@ -59,6 +60,9 @@ async fn a_repeated_prefix_is_not_prefilled_again_and_replies_stay_sound() {
     //    reply is still a count, which a model reading misplaced cells would not produce.
     let second = server.complete(chat(json!([system, count]), 25)).await;
     assert_eq!(server.metric(&reused).await, Some(prompt_tokens - 1.0));
+    // Clients see it the way OpenAI reports cached prompt tokens.
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_f64();
+    assert_eq!(cached, Some(prompt_tokens - 1.0), "{second}");
     let text = second["choices"][0]["message"]["content"]
         .as_str()
         .expect("content");

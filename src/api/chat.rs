@@ -400,6 +400,7 @@ impl Reply {
         Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.pieces,
+            cached_prompt_tokens: None,
         }
     }
 

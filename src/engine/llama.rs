@@ -428,6 +428,8 @@ struct Sequence {
     decoded: Vec<LlamaToken>,
     /// False after a failed decode: what the cells hold is then unknown.
     kv_trusted: bool,
+    /// Prompt tokens reused from the slot's cells at admission.
+    cached_prompt_tokens: usize,
 }
 
 impl Sequence {
@@ -730,6 +732,7 @@ impl StepLoop<'_> {
                 finished: None,
                 decoded: Vec::new(),
                 kv_trusted: true,
+                cached_prompt_tokens: reused,
             });
         }
     }
@@ -985,6 +988,7 @@ impl StepLoop<'_> {
             usage: Usage {
                 prompt_tokens: seq.prompt.len() as u32,
                 completion_tokens: seq.generated,
+                cached_prompt_tokens: Some(seq.cached_prompt_tokens as u32),
             },
             timings: StageTimings {
                 queue: seq.queue_time,

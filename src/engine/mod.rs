@@ -112,6 +112,9 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose KV cells came from the prefix cache instead of prefill;
+    /// `None` when not known (a reply cut by its budget before the engine reported).
+    pub cached_prompt_tokens: Option<u32>,
 }
 
 impl Usage {
