@@ -20,8 +20,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_ready() { for _ in $(seq 1 900); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not ready: $1" >&2; return 1; }
+source benches/lib.sh
 # shellcheck disable=SC2086
 run_load() { "$bin" bench --url "$1" --model "$2" --concurrency "${TIERGATE_BENCH_CONCURRENCY:-1,4,16}" --max-tokens 64 ${TIERGATE_BENCH_ARGS:-}; }
 
@@ -32,7 +31,7 @@ for tier in "${tiers[@]}"; do
   port=$(free_port)
   "$bin" serve --listen "127.0.0.1:$port" --policy benches/throughput-policy.toml 2>/tmp/compare-tiergate.log &
   pids+=($!)
-  wait_ready "http://127.0.0.1:$port/ready"
+  wait_ready "http://127.0.0.1:$port/ready" 900
   echo "== tiergate $tier" >&2
   run_load "http://127.0.0.1:$port" "$tier"
   cleanup; pids=()
@@ -42,7 +41,7 @@ for tier in "${tiers[@]}"; do
   "$llama_server" -m "${gguf[$tier]}" ${template[$tier]} -c 32768 -np 16 -t "$threads" -tb "$threads" \
     --host 127.0.0.1 --port "$port" --no-webui 2>/tmp/compare-llama-server.log &
   pids+=($!)
-  wait_ready "http://127.0.0.1:$port/health"
+  wait_ready "http://127.0.0.1:$port/health" 900
   echo "== llama-server $tier" >&2
   run_load "http://127.0.0.1:$port" "$tier"
   cleanup; pids=()

@@ -10,6 +10,7 @@
 # the numbers noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 url=${1:-http://127.0.0.1:8080}
 config=${2:-config/tiergate.toml}
 bin=target/release/tiergate
@@ -19,16 +20,12 @@ cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true
 trap cleanup EXIT
 
 if ! curl -sf "$url/health" >/dev/null 2>&1; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(free_port)
   url="http://127.0.0.1:$port"
   echo "bench: starting a gateway on $url" >&2
   "$bin" serve --config "$config" --listen "127.0.0.1:$port" --policy benches/throughput-policy.toml 2>/tmp/tiergate-bench-server.log &
   server_pid=$!
 fi
-for _ in $(seq 1 600); do
-  if curl -sf "$url/ready" >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
-curl -sf "$url/ready" >/dev/null || { echo "bench: gateway at $url is not ready" >&2; exit 1; }
+wait_ready "$url/ready" || exit 1
 
 "$bin" bench --url "$url" --model fast --model full --concurrency 1,4,16 --max-tokens 64 "${@:3}"

@@ -16,6 +16,7 @@
 # Run on an otherwise idle machine: a build on the other core makes the numbers noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 config=${1:-config/tiergate.toml}
 seconds=${2:-30}
 bin=target/release/tiergate
@@ -26,17 +27,13 @@ server_pid=
 cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 url="http://127.0.0.1:$port"
 echo "overload: starting a gateway on $url" >&2
 "$bin" serve --config "$config" --listen "127.0.0.1:$port" --policy benches/overload-policy.toml \
   2>"$out/server.log" &
 server_pid=$!
-for _ in $(seq 1 600); do
-  if curl -sf "$url/ready" >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
-curl -sf "$url/ready" >/dev/null || { echo "overload: gateway at $url is not ready" >&2; exit 1; }
+wait_ready "$url/ready" || exit 1
 
 load() { "$bin" bench --url "$url" --model auto --max-tokens 64 --ttft-budget-ms 2000 --json "$@"; }
 

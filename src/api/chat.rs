@@ -256,8 +256,8 @@ fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut parts = vec![format!("route;dur={:.3}", ms(route))];
     match cache {
-        Some(CacheUse::Hit | CacheUse::Stale) => {
-            parts.push(format!("cache;desc={}", cache.map_or("", CacheUse::as_str)));
+        Some(replayed @ (CacheUse::Hit | CacheUse::Stale)) => {
+            parts.push(format!("cache;desc={}", replayed.as_str()));
         }
         _ => {
             parts.push(format!("queue;dur={:.3}", ms(stages.queue)));
@@ -396,11 +396,19 @@ impl Reply {
         Some(event)
     }
 
-    fn cut_usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.pieces,
-            cached_prompt_tokens: None,
+    /// The reply as far as it got when the total budget ran out: `length`, with the
+    /// text events delivered counted as completion tokens.
+    fn cut(&self, text: String) -> Completion {
+        Completion {
+            text,
+            finish_reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.pieces,
+                cached_prompt_tokens: None,
+            },
+            budget_cut: true,
+            timings: StageTimings::default(),
         }
     }
 
@@ -423,15 +431,7 @@ impl Reply {
                     })
                 }
                 Some(TokenEvent::Failed(err)) => return Err(err),
-                None => {
-                    return Ok(Completion {
-                        text,
-                        finish_reason: FinishReason::Length,
-                        usage: self.cut_usage(),
-                        budget_cut: true,
-                        timings: StageTimings::default(),
-                    })
-                }
+                None => return Ok(self.cut(text)),
             }
         }
     }
@@ -462,6 +462,25 @@ fn complete_response(meta: &ResponseMeta, completion: &Completion) -> Response {
 
 impl ResponseMeta {
     fn chunk(&self, delta: Delta<'_>, finish_reason: Option<FinishReason>) -> Bytes {
+        self.choice_chunk(delta, finish_reason, None)
+    }
+
+    /// The last content chunk of a reply the total budget cut short: `finish_reason`
+    /// is `length`, and a `tiergate` field says why (headers are long gone by then).
+    fn budget_cut_chunk(&self) -> Bytes {
+        let note = ChunkNote {
+            budget_cut: "total",
+            total_ms: self.total_budget_ms,
+        };
+        self.choice_chunk(Delta::default(), Some(FinishReason::Length), Some(note))
+    }
+
+    fn choice_chunk(
+        &self,
+        delta: Delta<'_>,
+        finish_reason: Option<FinishReason>,
+        tiergate: Option<ChunkNote>,
+    ) -> Bytes {
         self.encode(&ChunkBody {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -474,29 +493,7 @@ impl ResponseMeta {
                 finish_reason: finish_reason.map(FinishReason::as_str),
             }],
             usage: self.include_usage.then_some(None),
-            tiergate: None,
-        })
-    }
-
-    /// The last content chunk of a reply the total budget cut short: `finish_reason`
-    /// is `length`, and a `tiergate` field says why (headers are long gone by then).
-    fn budget_cut_chunk(&self) -> Bytes {
-        self.encode(&ChunkBody {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta: Delta::default(),
-                logprobs: None,
-                finish_reason: Some(FinishReason::Length.as_str()),
-            }],
-            usage: self.include_usage.then_some(None),
-            tiergate: Some(ChunkNote {
-                budget_cut: "total",
-                total_ms: self.total_budget_ms,
-            }),
+            tiergate,
         })
     }
 
@@ -546,16 +543,10 @@ impl SseState {
         let meta = &self.meta;
         let Some(event) = self.reply.next(self.deadline).await else {
             self.done = true;
-            let usage = self.reply.cut_usage();
-            self.accounting.finished(&Completion {
-                text: String::new(),
-                finish_reason: FinishReason::Length,
-                usage,
-                budget_cut: true,
-                timings: StageTimings::default(),
-            });
+            let cut = self.reply.cut(String::new());
+            self.accounting.finished(&cut);
             tracing::info!(id = %meta.id, total_ms = meta.total_budget_ms, "total budget spent: reply cut");
-            return meta.ending(meta.budget_cut_chunk(), usage);
+            return meta.ending(meta.budget_cut_chunk(), cut.usage);
         };
         match event {
             TokenEvent::Text(text) => meta.chunk(

@@ -26,25 +26,13 @@ use error::ApiError;
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<Inner>,
+    inner: Arc<StateParts>,
 }
 
-struct Inner {
+/// Everything [`AppState`] shares between handlers.
+pub struct StateParts {
     /// In config order, which is also the degrade order: a tier degrades to the tier
     /// listed before it.
-    engines: Vec<Arc<dyn Engine>>,
-    policies: Arc<PolicyStore>,
-    admission: Admission,
-    cache: Arc<ReplyCache>,
-    hint_header: String,
-    body_limit: usize,
-    metrics: Arc<Metrics>,
-    /// Turns true when shutdown begins: `/ready` then says 503 so balancers stop sending.
-    draining: watch::Receiver<bool>,
-}
-
-/// Everything [`AppState`] is built from.
-pub struct StateParts {
     pub engines: Vec<Arc<dyn Engine>>,
     pub policies: Arc<PolicyStore>,
     pub admission: Admission,
@@ -52,32 +40,14 @@ pub struct StateParts {
     pub hint_header: String,
     pub body_limit: usize,
     pub metrics: Arc<Metrics>,
+    /// Turns true when shutdown begins: `/ready` then says 503 so balancers stop sending.
     pub draining: watch::Receiver<bool>,
 }
 
 impl AppState {
     pub fn new(parts: StateParts) -> Self {
-        let StateParts {
-            engines,
-            policies,
-            admission,
-            cache,
-            hint_header,
-            body_limit,
-            metrics,
-            draining,
-        } = parts;
         Self {
-            inner: Arc::new(Inner {
-                engines,
-                policies,
-                admission,
-                cache,
-                hint_header,
-                body_limit,
-                metrics,
-                draining,
-            }),
+            inner: Arc::new(parts),
         }
     }
 

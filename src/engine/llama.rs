@@ -741,6 +741,9 @@ impl StepLoop<'_> {
     /// already hold (at least one token is always left to prefill: its logits give the
     /// first sampled token). The cells past the shared prefix are cleared.
     fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(i32, usize)> {
+        if !self.prefix_cache {
+            return Some((self.free_seq_ids.pop_first()?, 0));
+        }
         let free: Vec<(i32, usize)> = self
             .free_seq_ids
             .iter()
@@ -749,11 +752,7 @@ impl StepLoop<'_> {
                 (id, schedule::common_prefix_len(cached, prompt))
             })
             .collect();
-        let (seq_id, shared) = if self.prefix_cache {
-            schedule::pick_slot(&free)?
-        } else {
-            (free.first()?.0, 0)
-        };
+        let (seq_id, shared) = schedule::pick_slot(&free)?;
         self.free_seq_ids.remove(&seq_id);
         let reused = shared.min(prompt.len().saturating_sub(1));
         let cached = std::mem::take(&mut self.cached_prefix[seq_id as usize]);
