@@ -115,13 +115,34 @@ fn print_percentiles() {
         let whole = percentiles(calls, || {
             black_box(route_once(&setup, black_box(messages)));
         });
+        let counters: Vec<_> = ["fast", "full"]
+            .iter()
+            .filter_map(|tier| setup.tokenizers.prompter(tier)?.counter().ok())
+            .collect();
+        let whole_cold = percentiles(calls, || {
+            counters.iter().for_each(|c| c.clear_word_cache());
+            black_box(route_once(&setup, black_box(messages)));
+        });
         let without_tokenizer = percentiles(calls, || {
             let features = Features::extract(black_box(messages), None, Caller::default());
             black_box(setup.policy.route(&features, &KnownCount(*tokens), None));
         });
-        let tokenizer = percentiles(calls, || {
-            black_box(setup.tokenizers.count("full", black_box(messages)).ok());
-        });
+        let tier_cost = |tier: &str| {
+            let prompter = setup.tokenizers.prompter(tier).expect("tier");
+            let counter = prompter.counter().unwrap_or_else(|why| panic!("{why}"));
+            let warm = percentiles(calls, || {
+                black_box(prompter.count(black_box(messages)).ok());
+            });
+            // Every word new to the cache: the first time a text is seen.
+            let cold = percentiles(calls, || {
+                counter.clear_word_cache();
+                black_box(prompter.count(black_box(messages)).ok());
+            });
+            let llama = percentiles(calls.min(500), || {
+                black_box(prompter.tokenize(black_box(messages)).ok());
+            });
+            (warm, cold, llama)
+        };
         let show =
             |(p50, p99, max): (f64, f64, f64)| format!("{p50:>7.1} / {p99:>7.1} / {max:>7.1}");
         println!("  {tokens:>5} prompt tokens (rule `{rule}`, {calls} calls)");
@@ -130,13 +151,19 @@ fn print_percentiles() {
             show(whole)
         );
         println!(
+            "      same, word cache empty (text unseen)  : {}",
+            show(whole_cold)
+        );
+        println!(
             "      features + policy, count known        : {}",
             show(without_tokenizer)
         );
-        println!(
-            "      llama.cpp tokenizer alone (full tier)  : {}",
-            show(tokenizer)
-        );
+        for tier in ["fast", "full"] {
+            let (warm, cold, llama) = tier_cost(tier);
+            println!("      {tier} tier, template + count (Rust)    : {}", show(warm));
+            println!("      {tier} tier, same, word cache empty     : {}", show(cold));
+            println!("      {tier} tier, template + llama.cpp tokens: {}", show(llama));
+        }
     }
 }
 

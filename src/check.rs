@@ -69,17 +69,19 @@ impl VocabTokenizers {
     }
 }
 
+impl VocabTokenizers {
+    /// The template and tokenizers of `tier`'s first model.
+    pub fn prompter(&self, tier: &str) -> Option<&Prompter> {
+        self.tiers.iter().find(|(t, _)| t == tier).map(|(_, p)| p)
+    }
+}
+
 impl Tokenizers for VocabTokenizers {
     fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String> {
-        let (_, prompter) = self
-            .tiers
-            .iter()
-            .find(|(t, _)| t == tier)
+        let prompter = self
+            .prompter(tier)
             .ok_or_else(|| format!("no model serves tier `{tier}`"))?;
-        prompter
-            .tokenize(messages)
-            .map(|tokens| tokens.len() as u32)
-            .map_err(|e| e.to_string())
+        prompter.count(messages).map_err(|e| e.to_string())
     }
 }
 

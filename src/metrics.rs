@@ -124,6 +124,7 @@ pub struct Metrics {
     prefill_time: Histograms,
     batch_size: Histograms,
     prefix_cache_tokens: Family<ModelLabels, Counter>,
+    prompt_count_mismatches: Family<ModelLabels, Counter>,
     pub time_to_first_token: Histograms,
     pub inter_token_latency: Histograms,
     pub e2e_request_latency: Histograms,
@@ -160,6 +161,8 @@ pub struct EngineMetrics {
     pub batch_size: Histogram,
     /// Prompt tokens whose KV cells were reused instead of prefilled.
     pub prefix_cache_tokens: Counter,
+    /// Requests whose prompt the router's Rust tokenizer counted differently from llama.cpp.
+    pub prompt_count_mismatches: Counter,
 }
 
 impl Default for Metrics {
@@ -183,6 +186,7 @@ impl Metrics {
         let prefill_time = histograms(&PREFILL_BUCKETS);
         let batch_size = histograms(&BATCH_SIZE_BUCKETS);
         let prefix_cache_tokens = Family::<ModelLabels, Counter>::default();
+        let prompt_count_mismatches = Family::<ModelLabels, Counter>::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let generated_tokens = Family::<ModelLabels, Counter>::default();
         let prompt_tokens = Family::<ModelLabels, Counter>::default();
@@ -262,6 +266,11 @@ impl Metrics {
             prefix_cache_tokens.clone(),
         );
         registry.register(
+            "prompt_token_count_mismatches",
+            "Requests whose prompt tokens the router counted differently from llama.cpp's tokenizer (expected 0)",
+            prompt_count_mismatches.clone(),
+        );
+        registry.register(
             "requests",
             "Chat completion requests by outcome",
             requests.clone(),
@@ -330,6 +339,7 @@ impl Metrics {
             prefill_time,
             batch_size,
             prefix_cache_tokens,
+            prompt_count_mismatches,
             time_to_first_token,
             inter_token_latency,
             e2e_request_latency,
@@ -358,6 +368,7 @@ impl Metrics {
             prefill_time: self.prefill_time.get_or_create(labels).clone(),
             batch_size: self.batch_size.get_or_create(labels).clone(),
             prefix_cache_tokens: self.prefix_cache_tokens.get_or_create(labels).clone(),
+            prompt_count_mismatches: self.prompt_count_mismatches.get_or_create(labels).clone(),
         }
     }
 

@@ -117,6 +117,11 @@ async fn metrics_parse_and_every_request_adds_one_ttft_observation() {
         .get(&key("tiergate_kv_cache_usage_ratio", &model))
         .copied();
     assert!(kv.is_some_and(|v| (0.0..=1.0).contains(&v)), "{kv:?}");
+    // The router's Rust tokenizer counted the prompt exactly as llama.cpp tokenized it.
+    let mismatches = after
+        .get(&key("tiergate_prompt_token_count_mismatches_total", &model))
+        .copied();
+    assert_eq!(mismatches, Some(0.0));
     // The sequence leaves at the end of its last step: every slot is free again.
     let free = format!(r#"tiergate_free_slots{{model="{FAST}",tier="fast"}}"#);
     server

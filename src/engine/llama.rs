@@ -201,13 +201,24 @@ impl Engine for LlamaEngine {
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        Ok(self.loaded()?.prompter.tokenize(messages)?.len() as u32)
+        Ok(self.loaded()?.prompter.count(messages)?)
     }
 
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {
         let loaded = self.loaded()?;
-        let prompt = loaded.prompter.tokenize(&request.messages)?;
+        let prompt_text = loaded.prompter.render(&request.messages)?;
+        let prompt = loaded.prompter.llama_tokenize(&prompt_text);
         let prompt_tokens = prompt.len() as u32;
+        // The router counted this prompt with the Rust tokenizer; check it against the
+        // tokens that are prefilled (a few µs against llama.cpp's milliseconds).
+        if let Ok(counter) = loaded.prompter.counter() {
+            let counted = counter.count(&prompt_text);
+            if counted != prompt_tokens {
+                self.metrics.prompt_count_mismatches.inc();
+                tracing::warn!(model = %self.info.id, counted, prompt_tokens,
+                    "the router's token count differs from llama.cpp's");
+            }
+        }
         let context = loaded.context_per_sequence;
         // At least one position must be left to generate into.
         if prompt_tokens >= context {

@@ -9,6 +9,7 @@ pub mod load;
 pub mod prompt;
 pub mod schedule;
 pub mod text;
+pub mod tokenizer;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

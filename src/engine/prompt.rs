@@ -1,9 +1,12 @@
 //! Chat messages → the token ids a model sees: its chat template, then its tokenizer.
 //!
-//! This is llama.cpp's own tokenizer for the GGUF's own vocabulary, so the count the router
-//! sees is exactly the count the engine prefills and reports in `usage.prompt_tokens`.
-//! The engine and the router share one [`Prompter`] per model; `tiergate route` and the
-//! router benchmark load just the vocabulary (a few MB, no weights).
+//! The engine prefills what llama.cpp's own tokenizer gives. The router only needs the
+//! count, and takes it from [`GgufTokenizer`], the same rules redone in Rust at a small
+//! fraction of the cost; it is used only after it has matched llama.cpp token for token on
+//! [`PROBE`] at load, and the engine compares the two counts on every request. So the
+//! count the router sees is the count the engine prefills and reports in
+//! `usage.prompt_tokens`. The engine and the router share one [`Prompter`] per model;
+//! `tiergate route` and the router benchmark load just the vocabulary (no weights).
 
 use std::sync::{Arc, OnceLock};
 
@@ -13,8 +16,14 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::LogOptions;
 
+use super::tokenizer::GgufTokenizer;
 use super::{ChatMessage, EngineError};
 use crate::config::ModelConfig;
+
+/// Text the Rust tokenizer must split exactly as llama.cpp does before it is trusted:
+/// prose, contractions, digits, code, runs of spaces, newlines and punctuation, other
+/// scripts, emoji, SentencePiece's own space mark and text that looks like tokens.
+pub const PROBE: &str = "Hello, world! It's 2024; we'll  test   spaces\n\n\nand\ttabs.\nfn main() {\n    let x = 3.14159 * (r as f64).powi(2); // area\n    println!(\"{x:>8.2}\");\n}\n```python\ndef f(n):\n\treturn [i**2 for i in range(n) if i % 3 == 0]\n```\nprintln!===, Prove that √2 is irrational: suppose a/b = √2, then a² = 2b²… ∎ ---- ==== !!! ???\nCafé naïve façade — «quotes» “curly” ‘single’ ½ ⅓ Ⅻ ١٢٣ ٤\n日本語のテキストと中文文本，한국어 텍스트; Русский текст; ελληνικά; עברית; العربية; हिन्दी\nemoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷 <b>bold</b> <start_of_turn>model <|im_start|> <0x41> > </div> ▁▁x ▁\n   leading and trailing   \r\n\u{a0}nbsp\u{2003}em-space\u{200b}zero-width \u{feff}bom end  ";
 
 /// llama.cpp's backend may be initialised once per process; every model shares it.
 pub(crate) fn backend() -> Result<&'static LlamaBackend, String> {
@@ -34,6 +43,8 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, String> {
 pub struct Prompter {
     model: Arc<LlamaModel>,
     template: LlamaChatTemplate,
+    /// Why not, when the vocabulary's tokenizer type is not mirrored or failed the probe.
+    counter: Result<GgufTokenizer, String>,
 }
 
 impl Prompter {
@@ -48,7 +59,18 @@ impl Prompter {
         }
         let model = LlamaModel::load_from_file(backend()?, &config.path, params)
             .map_err(|e| format!("cannot load {}: {e}", config.path.display()))?;
-        Self::new(Arc::new(model), config.chat_template.as_deref())
+        let mut prompter = Self::new(Arc::new(model), config.chat_template.as_deref())?;
+        prompter.counter = GgufTokenizer::from_gguf(&config.path).and_then(|counter| {
+            match prompter.probe(&counter) {
+                None => Ok(counter),
+                Some(difference) => Err(format!("differs from llama.cpp on the probe, {difference}")),
+            }
+        });
+        if let Err(why) = &prompter.counter {
+            tracing::warn!(model = %config.id, %why,
+                "the Rust tokenizer is not used; the router counts prompts with llama.cpp's (slower)");
+        }
+        Ok(prompter)
     }
 
     /// The vocabulary and template only: enough to count prompt tokens.
@@ -75,26 +97,98 @@ impl Prompter {
                     "chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"
                 )
             })?;
-        Ok(Self { model, template })
+        Ok(Self {
+            model,
+            template,
+            counter: Err("not loaded".into()),
+        })
+    }
+
+    /// The first difference between `counter` and llama.cpp on [`PROBE`], alone and as a
+    /// templated conversation.
+    fn probe(&self, counter: &GgufTokenizer) -> Option<String> {
+        let conversation = [
+            ChatMessage {
+                role: super::Role::System,
+                content: "Answer briefly.".into(),
+            },
+            ChatMessage {
+                role: super::Role::User,
+                content: PROBE.into(),
+            },
+        ];
+        let templated = self.render(&conversation).ok()?;
+        let difference = [PROBE, templated.as_str()]
+            .into_iter()
+            .find_map(|text| self.difference(counter, text));
+        difference
+    }
+
+    /// Where `counter` and llama.cpp first disagree on `text`, if they do.
+    pub fn difference(&self, counter: &GgufTokenizer, text: &str) -> Option<String> {
+        let expected: Vec<u32> = self
+            .llama_tokenize(text)
+            .iter()
+            .map(|t| t.0 as u32)
+            .collect();
+        let got = counter.tokenize(text);
+        if got == expected {
+            return None;
+        }
+        let at = expected
+            .iter()
+            .zip(&got)
+            .position(|(a, b)| a != b)
+            .unwrap_or(expected.len().min(got.len()));
+        let window = |ids: &[u32]| ids[at.saturating_sub(2)..ids.len().min(at + 4)].to_vec();
+        Some(format!(
+            "token {at}: llama.cpp {:?}, rust {:?} ({} vs {} tokens)",
+            window(&expected),
+            window(&got),
+            expected.len(),
+            got.len()
+        ))
+    }
+
+    /// The Rust tokenizer, or why it is not used.
+    pub fn counter(&self) -> Result<&GgufTokenizer, &str> {
+        self.counter.as_ref().map_err(String::as_str)
     }
 
     pub fn model(&self) -> &Arc<LlamaModel> {
         &self.model
     }
 
-    /// The templated conversation with the assistant's turn opened, as token ids.
-    pub fn tokenize(&self, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, EngineError> {
+    /// The templated conversation with the assistant's turn opened, as text.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.as_str().to_owned(), m.content.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| EngineError::Template(format!("a message contains a NUL byte ({e})")))?;
-        let prompt = self
-            .model
+        self.model
             .apply_chat_template(&self.template, &chat, true)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    /// The templated conversation as the token ids the engine prefills (llama.cpp's).
+    pub fn tokenize(&self, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, EngineError> {
+        Ok(self.llama_tokenize(&self.render(messages)?))
+    }
+
+    /// How many tokens [`tokenize`](Self::tokenize) gives, the fast way when it can.
+    pub fn count(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        let prompt = self.render(messages)?;
+        Ok(match &self.counter {
+            Ok(counter) => counter.count(&prompt),
+            Err(_) => self.llama_tokenize(&prompt).len() as u32,
+        })
+    }
+
+    /// llama.cpp's tokens for already templated text.
+    pub fn llama_tokenize(&self, text: &str) -> Vec<LlamaToken> {
         // add_special: BOS where the model wants one (llama.cpp's templates do not write it).
         // parse_special: the template's own markers must become control tokens.
-        Ok(self.model.vocab().tokenize(prompt.as_bytes(), true, true))
+        self.model.vocab().tokenize(text.as_bytes(), true, true)
     }
 }
