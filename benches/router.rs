@@ -160,9 +160,18 @@ fn print_percentiles() {
         );
         for tier in ["fast", "full"] {
             let (warm, cold, llama) = tier_cost(tier);
-            println!("      {tier} tier, template + count (Rust)    : {}", show(warm));
-            println!("      {tier} tier, same, word cache empty     : {}", show(cold));
-            println!("      {tier} tier, template + llama.cpp tokens: {}", show(llama));
+            println!(
+                "      {tier} tier, template + count (Rust)    : {}",
+                show(warm)
+            );
+            println!(
+                "      {tier} tier, same, word cache empty     : {}",
+                show(cold)
+            );
+            println!(
+                "      {tier} tier, template + llama.cpp tokens: {}",
+                show(llama)
+            );
         }
     }
 }

@@ -201,7 +201,7 @@ impl Engine for LlamaEngine {
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        Ok(self.loaded()?.prompter.count(messages)?)
+        self.loaded()?.prompter.count(messages)
     }
 
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {

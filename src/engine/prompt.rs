@@ -60,12 +60,15 @@ impl Prompter {
         let model = LlamaModel::load_from_file(backend()?, &config.path, params)
             .map_err(|e| format!("cannot load {}: {e}", config.path.display()))?;
         let mut prompter = Self::new(Arc::new(model), config.chat_template.as_deref())?;
-        prompter.counter = GgufTokenizer::from_gguf(&config.path).and_then(|counter| {
-            match prompter.probe(&counter) {
-                None => Ok(counter),
-                Some(difference) => Err(format!("differs from llama.cpp on the probe, {difference}")),
-            }
-        });
+        prompter.counter =
+            GgufTokenizer::from_gguf(&config.path).and_then(|counter| {
+                match prompter.probe(&counter) {
+                    None => Ok(counter),
+                    Some(difference) => {
+                        Err(format!("differs from llama.cpp on the probe, {difference}"))
+                    }
+                }
+            });
         if let Err(why) = &prompter.counter {
             tracing::warn!(model = %config.id, %why,
                 "the Rust tokenizer is not used; the router counts prompts with llama.cpp's (slower)");

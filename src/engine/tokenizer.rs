@@ -60,7 +60,10 @@ enum Piece<'a> {
 enum WordModel {
     /// Byte-level BPE with GPT-2's word rules (llama.cpp's `gpt-2`, and with single
     /// digits split off first, `smollm`, `starcoder`, `refact`).
-    Gpt2 { bpe: BPE, split_digits: bool },
+    Gpt2 {
+        bpe: Box<BPE>,
+        split_digits: bool,
+    },
     Spm(Spm),
 }
 
@@ -68,7 +71,7 @@ struct Spm {
     ids: HashMap<String, u32>,
     scores: Vec<f32>,
     /// `<0xXX>` tokens for bytes no token covers.
-    byte_ids: [Option<u32>; 256],
+    byte_ids: Box<[Option<u32>; 256]>,
     unknown: u32,
     add_space_prefix: bool,
     /// Tokens with a space after another character (Gemma has one, `>▁</`): no word
@@ -102,7 +105,7 @@ impl GgufTokenizer {
                 };
                 (
                     WordModel::Gpt2 {
-                        bpe: gpt2_bpe(&tokens, &meta)?,
+                        bpe: Box::new(gpt2_bpe(&tokens, &meta)?),
                         split_digits,
                     },
                     false,
@@ -255,7 +258,10 @@ fn read_metadata(path: &Path) -> Result<std::collections::BTreeMap<String, Value
     file.read_exact(&mut magic)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if &magic != b"GGUF" {
-        return Err(format!("{} is not a little-endian GGUF file", path.display()));
+        return Err(format!(
+            "{} is not a little-endian GGUF file",
+            path.display()
+        ));
     }
     // Buffered: the reader takes every field with its own small read.
     let mut container = gguf_rs::GGUFContainer::new(
@@ -269,16 +275,26 @@ fn read_metadata(path: &Path) -> Result<std::collections::BTreeMap<String, Value
     Ok(model.metadata().clone())
 }
 
-fn string_array(meta: &std::collections::BTreeMap<String, Value>, key: &str) -> Result<Vec<String>, String> {
+fn string_array(
+    meta: &std::collections::BTreeMap<String, Value>,
+    key: &str,
+) -> Result<Vec<String>, String> {
     meta.get(key)
         .and_then(Value::as_array)
         .ok_or_else(|| format!("{key} is missing"))?
         .iter()
-        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("{key}: not a string")))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{key}: not a string"))
+        })
         .collect()
 }
 
-fn number_array(meta: &std::collections::BTreeMap<String, Value>, key: &str) -> Result<Vec<f64>, String> {
+fn number_array(
+    meta: &std::collections::BTreeMap<String, Value>,
+    key: &str,
+) -> Result<Vec<f64>, String> {
     meta.get(key)
         .and_then(Value::as_array)
         .ok_or_else(|| format!("{key} is missing"))?
@@ -294,9 +310,7 @@ fn number_array(meta: &std::collections::BTreeMap<String, Value>, key: &str) -> 
 fn check_specials_do_not_overlap(specials: &[&str]) -> Result<(), String> {
     let run_of_one = |s: &str| {
         let mut chars = s.chars();
-        chars
-            .next()
-            .is_some_and(|first| chars.all(|c| c == first))
+        chars.next().is_some_and(|first| chars.all(|c| c == first))
     };
     let prefixes: HashSet<&str> = specials
         .iter()
@@ -318,7 +332,10 @@ fn check_specials_do_not_overlap(specials: &[&str]) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // GPT-2 byte-level BPE
 
-fn gpt2_bpe(tokens: &[String], meta: &std::collections::BTreeMap<String, Value>) -> Result<BPE, String> {
+fn gpt2_bpe(
+    tokens: &[String],
+    meta: &std::collections::BTreeMap<String, Value>,
+) -> Result<BPE, String> {
     let merges = string_array(meta, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|merge| {
@@ -343,7 +360,10 @@ fn gpt2_bpe(tokens: &[String], meta: &std::collections::BTreeMap<String, Value>)
 
 /// GPT-2's printable stand-ins for bytes, as the vocabulary spells them.
 fn byte_level(text: impl AsRef<[u8]>) -> String {
-    text.as_ref().iter().map(|&b| BYTE_CHARS[b as usize]).collect()
+    text.as_ref()
+        .iter()
+        .map(|&b| BYTE_CHARS[b as usize])
+        .collect()
 }
 
 static BYTE_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(|| {
@@ -486,7 +506,7 @@ impl Spm {
             // llama.cpp keeps the first id of a duplicated text.
             ids.entry(token.clone()).or_insert(i as u32);
         }
-        let mut byte_ids = [None; 256];
+        let mut byte_ids = Box::new([None; 256]);
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = ids.get(&format!("<0x{b:02X}>")).copied();
         }
@@ -539,9 +559,7 @@ impl Spm {
 
     fn merge(&self, word: &str) -> Vec<u32> {
         let pieces = spm_merge(word, |piece| {
-            self.ids
-                .get(piece)
-                .map(|&id| self.scores[id as usize])
+            self.ids.get(piece).map(|&id| self.scores[id as usize])
         });
         let mut ids = Vec::with_capacity(pieces.len());
         for piece in pieces {
@@ -561,7 +579,7 @@ impl Spm {
 /// SentencePiece's BPE: start from characters, and repeatedly merge the adjacent pair
 /// whose joined text is the best-scoring token (leftmost on a tie) until no joined pair
 /// is a token. Returns the final pieces in order.
-fn spm_merge<'w>(word: &'w str, score: impl Fn(&str) -> Option<f32>) -> Vec<&'w str> {
+fn spm_merge(word: &str, score: impl Fn(&str) -> Option<f32>) -> Vec<&str> {
     struct Symbol {
         start: usize,
         len: usize,
@@ -604,7 +622,10 @@ fn spm_merge<'w>(word: &'w str, score: impl Fn(&str) -> Option<f32>) -> Vec<&'w 
         last.next = None;
     }
     let mut queue = BinaryHeap::new();
-    let try_pair = |symbols: &[Symbol], queue: &mut BinaryHeap<Candidate>, left: Option<usize>, right: Option<usize>| {
+    let try_pair = |symbols: &[Symbol],
+                    queue: &mut BinaryHeap<Candidate>,
+                    left: Option<usize>,
+                    right: Option<usize>| {
         let (Some(left), Some(right)) = (left, right) else {
             return;
         };
