@@ -535,17 +535,25 @@ impl Spm {
     /// Cuts escaped text before each run of `▁` that follows another character, unless a
     /// token that spans such a place occurs there.
     fn words(&self, text: &str, on_word: &mut dyn FnMut(&str)) {
-        let spans: Vec<(usize, usize)> = self.spanning.as_ref().map_or_else(Vec::new, |ac| {
+        // Occurrences of spanning tokens, by start. A place is inside one when the
+        // furthest end among those starting before it lies beyond it.
+        let mut spans: Vec<(usize, usize)> = self.spanning.as_ref().map_or_else(Vec::new, |ac| {
             ac.find_overlapping_iter(text)
                 .map(|m| (m.start(), m.end()))
                 .collect()
         });
+        spans.sort_unstable();
+        let mut next_span = 0;
+        let mut covered_to = 0;
         let mut start = 0;
         let mut prev: Option<char> = None;
         for (i, c) in text.char_indices() {
-            let boundary = c == SPM_SPACE
-                && prev.is_some_and(|p| p != SPM_SPACE)
-                && !spans.iter().any(|&(s, e)| s < i && i < e);
+            while next_span < spans.len() && spans[next_span].0 < i {
+                covered_to = covered_to.max(spans[next_span].1);
+                next_span += 1;
+            }
+            let boundary =
+                c == SPM_SPACE && prev.is_some_and(|p| p != SPM_SPACE) && covered_to <= i;
             if boundary {
                 on_word(&text[start..i]);
                 start = i;
@@ -694,14 +702,8 @@ mod tests {
 
     #[test]
     fn spm_merges_leftmost_on_equal_scores() {
-        // "aa" and "aaa" exist: [a][a][a][a] → [aa][a][a] → [aa][aa] (leftmost first),
-        // never [a][aaa].
-        let score = |piece: &str| match piece {
-            "aa" => Some(-1.0),
-            "aaaa" => Some(-5.0),
-            _ => None,
-        };
-        assert_eq!(spm_merge("aaaa", score), ["aaaa"]);
+        // [a][a][a][a]: the three "aa" pairs tie, the leftmost merges, then "aaa" beats
+        // "aa": [aaa][a]. Taking the rightmost first would end as [a][aaa].
         let score = |piece: &str| match piece {
             "aa" => Some(-1.0),
             "aaa" => Some(-0.5),
@@ -709,6 +711,17 @@ mod tests {
         };
         assert_eq!(spm_merge("aaaa", score), ["aaa", "a"]);
         assert_eq!(spm_merge("", score), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn spm_words_break_before_spaces_except_inside_spanning_tokens() {
+        let tokens: Vec<String> = ["<unk>", "▁a", ">▁</", "▁"].map(String::from).to_vec();
+        let spm = Spm::new(&tokens, vec![0.0; 4], 0, false).expect("vocabulary");
+        let mut words = Vec::new();
+        spm.words("a>▁</b▁▁c▁d>▁</", &mut |w| {
+            words.push(w.to_owned())
+        });
+        assert_eq!(words, ["a>▁</b", "▁▁c", "▁d>▁</"]);
     }
 
     #[test]
