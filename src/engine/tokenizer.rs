@@ -82,12 +82,13 @@ struct Spm {
 impl GgufTokenizer {
     /// Reads the vocabulary from the GGUF file's metadata (no weights).
     pub fn from_gguf(path: &Path) -> Result<Self, String> {
-        let meta = read_metadata(path)?;
+        let gguf = read_metadata(path)?;
+        let meta = gguf.metadata();
         let text = |key: &str| meta.get(key).and_then(Value::as_str);
         let flag = |key: &str| meta.get(key).and_then(Value::as_bool);
         let id = |key: &str| meta.get(key).and_then(Value::as_u64).map(|v| v as u32);
-        let tokens = string_array(&meta, "tokenizer.ggml.tokens")?;
-        let types: Vec<i64> = number_array(&meta, "tokenizer.ggml.token_type")?
+        let tokens = string_array(meta, "tokenizer.ggml.tokens")?;
+        let types: Vec<i64> = number_array(meta, "tokenizer.ggml.token_type")?
             .into_iter()
             .map(|t| t as i64)
             .collect();
@@ -95,8 +96,7 @@ impl GgufTokenizer {
             return Err("token_type and tokens differ in length".into());
         }
 
-        let model = text("tokenizer.ggml.model").unwrap_or_default();
-        let (words, add_bos_default) = match model {
+        let (words, add_bos_default) = match text("tokenizer.ggml.model").unwrap_or_default() {
             "gpt2" => {
                 let split_digits = match text("tokenizer.ggml.pre").unwrap_or_default() {
                     "smollm" | "starcoder" | "refact" => true,
@@ -105,14 +105,14 @@ impl GgufTokenizer {
                 };
                 (
                     WordModel::Gpt2 {
-                        bpe: Box::new(gpt2_bpe(&tokens, &meta)?),
+                        bpe: Box::new(gpt2_bpe(&tokens, meta)?),
                         split_digits,
                     },
                     false,
                 )
             }
             "llama" => {
-                let scores = number_array(&meta, "tokenizer.ggml.scores")?;
+                let scores = number_array(meta, "tokenizer.ggml.scores")?;
                 let spm = Spm::new(
                     &tokens,
                     scores.into_iter().map(|s| s as f32).collect(),
@@ -251,7 +251,7 @@ impl GgufTokenizer {
     }
 }
 
-fn read_metadata(path: &Path) -> Result<std::collections::BTreeMap<String, Value>, String> {
+fn read_metadata(path: &Path) -> Result<gguf_rs::GGUFModel, String> {
     let mut file =
         std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut magic = [0u8; 4];
@@ -269,38 +269,33 @@ fn read_metadata(path: &Path) -> Result<std::collections::BTreeMap<String, Value
         Box::new(BufReader::new(file)),
         u64::MAX,
     );
-    let model = container
+    container
         .decode()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(model.metadata().clone())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn string_array(
-    meta: &std::collections::BTreeMap<String, Value>,
+type Metadata = std::collections::BTreeMap<String, Value>;
+
+/// The array `key`, each element converted by `item`.
+fn array<T>(
+    meta: &Metadata,
     key: &str,
-) -> Result<Vec<String>, String> {
+    item: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, String> {
     meta.get(key)
         .and_then(Value::as_array)
         .ok_or_else(|| format!("{key} is missing"))?
         .iter()
-        .map(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| format!("{key}: not a string"))
-        })
+        .map(|v| item(v).ok_or_else(|| format!("{key}: unexpected element {v}")))
         .collect()
 }
 
-fn number_array(
-    meta: &std::collections::BTreeMap<String, Value>,
-    key: &str,
-) -> Result<Vec<f64>, String> {
-    meta.get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("{key} is missing"))?
-        .iter()
-        .map(|v| v.as_f64().ok_or_else(|| format!("{key}: not a number")))
-        .collect()
+fn string_array(meta: &Metadata, key: &str) -> Result<Vec<String>, String> {
+    array(meta, key, |v| v.as_str().map(str::to_owned))
+}
+
+fn number_array(meta: &Metadata, key: &str) -> Result<Vec<f64>, String> {
+    array(meta, key, Value::as_f64)
 }
 
 /// Leftmost-longest matching cuts the text as llama.cpp's longest-token-first scan does
@@ -332,10 +327,7 @@ fn check_specials_do_not_overlap(specials: &[&str]) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------
 // GPT-2 byte-level BPE
 
-fn gpt2_bpe(
-    tokens: &[String],
-    meta: &std::collections::BTreeMap<String, Value>,
-) -> Result<BPE, String> {
+fn gpt2_bpe(tokens: &[String], meta: &Metadata) -> Result<BPE, String> {
     let merges = string_array(meta, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|merge| {
