@@ -33,13 +33,30 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
     }
     let policy = Policy::load(&config.router.policies, &config.tiers());
     match policy {
-        Ok(policy) if problems.is_empty() => Ok(format!(
-            "ok: {} model(s) in {} tier(s); {} rule(s) in {} policy file(s)",
-            config.models.len(),
-            config.tiers().len(),
-            policy.rules.len(),
-            policy.files.len()
-        )),
+        Ok(policy) if problems.is_empty() => {
+            let mut summary = format!(
+                "ok: {} model(s) in {} tier(s); {} rule(s) in {} policy file(s)",
+                config.models.len(),
+                config.tiers().len(),
+                policy.rules.len(),
+                policy.files.len()
+            );
+            for model in &config.models {
+                let counting = match Prompter::load_vocab(model) {
+                    Ok(prompter) => match prompter.counter() {
+                        Ok(_) => "the Rust tokenizer (matched llama.cpp on the probe)".to_owned(),
+                        Err(why) => format!("llama.cpp's tokenizer ({why})"),
+                    },
+                    Err(e) => format!("nothing: the vocabulary does not load ({e})"),
+                };
+                let _ = write!(
+                    summary,
+                    "\n{}: prompt tokens counted by {counting}",
+                    model.id
+                );
+            }
+            Ok(summary)
+        }
         Ok(_) => Err(Problems(problems)),
         Err(mut found) => {
             problems.append(&mut found);

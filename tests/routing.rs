@@ -431,6 +431,16 @@ fn check_lists_every_problem_with_file_and_line_and_exits_non_zero() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+    // Operators see which tokenizer counts each model's prompts.
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    for model in [FAST, FULL] {
+        assert!(
+            stdout.contains(&format!(
+                "{model}: prompt tokens counted by the Rust tokenizer"
+            )),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]
