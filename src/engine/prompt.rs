@@ -23,7 +23,26 @@ use crate::config::ModelConfig;
 /// Text the Rust tokenizer must split exactly as llama.cpp does before it is trusted:
 /// prose, contractions, digits, code, runs of spaces, newlines and punctuation, other
 /// scripts, emoji, SentencePiece's own space mark and text that looks like tokens.
-pub const PROBE: &str = "Hello, world! It's 2024; we'll  test   spaces\n\n\nand\ttabs.\nfn main() {\n    let x = 3.14159 * (r as f64).powi(2); // area\n    println!(\"{x:>8.2}\");\n}\n```python\ndef f(n):\n\treturn [i**2 for i in range(n) if i % 3 == 0]\n```\nprintln!===, Prove that √2 is irrational: suppose a/b = √2, then a² = 2b²… ∎ ---- ==== !!! ???\nCafé naïve façade — «quotes» “curly” ‘single’ ½ ⅓ Ⅻ ١٢٣ ٤\n日本語のテキストと中文文本，한국어 텍스트; Русский текст; ελληνικά; עברית; العربية; हिन्दी\nemoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷 <b>bold</b> <start_of_turn>model <|im_start|> <0x41> > </div> ▁▁x ▁\n   leading and trailing   \r\n\u{a0}nbsp\u{2003}em-space\u{200b}zero-width \u{feff}bom end  ";
+pub const PROBE: &str = concat!(
+    "Hello, world! It's 2024; we'll  test   spaces\n",
+    "\n",
+    "\n",
+    "and\ttabs.\n",
+    "fn main() {\n",
+    "    let x = 3.14159 * (r as f64).powi(2); // area\n",
+    "    println!(\"{x:>8.2}\");\n",
+    "}\n",
+    "```python\n",
+    "def f(n):\n",
+    "\treturn [i**2 for i in range(n) if i % 3 == 0]\n",
+    "```\n",
+    "println!===, Prove that √2 is irrational: suppose a/b = √2, then a² = 2b²… ∎ ---- ==== !!! ???\n",
+    "Café naïve façade — «quotes» “curly” ‘single’ ½ ⅓ Ⅻ ١٢٣ ٤\n",
+    "日本語のテキストと中文文本，한국어 텍스트; Русский текст; ελληνικά; עברית; العربية; हिन्दी\n",
+    "emoji 😀👍🏽👨‍👩‍👧 flags 🇫🇷 <b>bold</b> <start_of_turn>model <|im_start|> <0x41> > </div> ▁▁x ▁\n",
+    "   leading and trailing   \r\n",
+    "\u{a0}nbsp\u{2003}em-space\u{200b}zero-width \u{feff}bom end  ",
+);
 
 /// llama.cpp's backend may be initialised once per process; every model shares it.
 pub(crate) fn backend() -> Result<&'static LlamaBackend, String> {
