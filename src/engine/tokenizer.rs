@@ -18,7 +18,7 @@
 //! why not and callers keep llama.cpp's tokenizer. Every instance is also checked
 //! token for token against llama.cpp when a model loads (`Prompter`).
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -299,22 +299,31 @@ fn number_array(meta: &Metadata, key: &str) -> Result<Vec<f64>, String> {
 }
 
 /// Leftmost-longest matching cuts the text as llama.cpp's longest-token-first scan does
-/// as long as no special token ends with the start of another, except runs of one
-/// character (`\n\n`, `   `), where both cut the same. Refuse vocabularies where they
-/// could differ.
+/// as long as no special token ends with the start of another. The one overlap allowed is
+/// between runs of the same character (`\n\n`, `   `), where both scans cut the same.
+/// Refuse vocabularies where they could differ.
 fn check_specials_do_not_overlap(specials: &[&str]) -> Result<(), String> {
     let run_of_one = |s: &str| {
         let mut chars = s.chars();
         chars.next().is_some_and(|first| chars.all(|c| c == first))
     };
-    let prefixes: HashSet<&str> = specials
-        .iter()
-        .filter(|s| !run_of_one(s))
-        .flat_map(|s| s.char_indices().skip(1).map(move |(i, _)| &s[..i]))
-        .collect();
-    for special in specials.iter().filter(|s| !run_of_one(s)) {
+    // Each proper prefix, and whether every special that starts with it is a run.
+    let mut prefixes: HashMap<&str, bool> = HashMap::new();
+    for special in specials {
+        let run = run_of_one(special);
         for (i, _) in special.char_indices().skip(1) {
-            if prefixes.contains(&special[i..]) {
+            let only_runs = prefixes.entry(&special[..i]).or_insert(true);
+            *only_runs &= run;
+        }
+    }
+    for special in specials {
+        let run = run_of_one(special);
+        for (i, _) in special.char_indices().skip(1) {
+            // A run's suffix is a run of the same character, so a run it overlaps is too.
+            let overlaps = prefixes
+                .get(&special[i..])
+                .is_some_and(|&only_runs| !(run && only_runs));
+            if overlaps {
                 return Err(format!(
                     "special token {special:?} overlaps another special token"
                 ));
@@ -720,6 +729,9 @@ mod tests {
     fn overlapping_specials_are_refused() {
         assert!(check_specials_do_not_overlap(&["<a>", "\n\n", "\n", "   "]).is_ok());
         assert!(check_specials_do_not_overlap(&["ab", "bcd"]).is_err());
+        // A tag ending in a newline overlaps a run of newlines.
+        assert!(check_specials_do_not_overlap(&["<x>\n", "\n\n"]).is_err());
+        assert!(check_specials_do_not_overlap(&["\n\n", "\n<x>"]).is_err());
     }
 
     #[test]
