@@ -205,7 +205,8 @@ impl AppState {
     }
 }
 
-/// The router counts prompt tokens with the engines' own tokenizers.
+/// The router counts prompt tokens on each tier's own vocabulary, exactly as its engine will
+/// prefill them (`Prompter::count`: the Rust tokenizer once it has matched llama.cpp).
 impl Tokenizers for AppState {
     fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String> {
         let engine = self.engine_for_tier(tier).map_err(|e| e.message)?;
