@@ -647,13 +647,11 @@ impl StepLoop<'_> {
             .map(|s| s.prompt.len() - s.prompt_done)
             .sum();
         let expected_reply = self.load.expected_completion_tokens();
-        let rates = self.load.snapshot();
+        let (prefill_s_per_token, step_s) = (self.load.prefill_s_per_token(), self.load.step_s());
         let mut steps_to_release: Vec<u32> = self
             .live
             .iter()
-            .map(|seq| {
-                seq.expected_steps_left(expected_reply, rates.prefill_s_per_token, rates.step_s)
-            })
+            .map(|seq| seq.expected_steps_left(expected_reply, prefill_s_per_token, step_s))
             .collect();
         steps_to_release.sort_unstable();
         self.metrics.free_slots.set(self.free_seq_ids.len() as i64);

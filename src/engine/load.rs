@@ -154,6 +154,16 @@ impl LoadMeter {
         }
     }
 
+    /// Average seconds of one decode call.
+    pub fn step_s(&self) -> f64 {
+        load_f64(&self.step_s)
+    }
+
+    /// Average seconds of prefill per prompt token.
+    pub fn prefill_s_per_token(&self) -> f64 {
+        load_f64(&self.prefill_s_per_token)
+    }
+
     /// Average tokens of a finished reply; `None` until one has finished.
     pub fn expected_completion_tokens(&self) -> Option<f64> {
         Some(load_f64(&self.completion_tokens)).filter(|&t| t > 0.0)
@@ -173,8 +183,8 @@ impl LoadMeter {
             live: self.live.load(Ordering::Relaxed),
             waiting: self.waiting.load(Ordering::Relaxed),
             pending_prompt_tokens: self.pending_prompt_tokens.load(Ordering::Relaxed),
-            prefill_s_per_token: load_f64(&self.prefill_s_per_token),
-            step_s: load_f64(&self.step_s),
+            prefill_s_per_token: self.prefill_s_per_token(),
+            step_s: self.step_s(),
             sequence_s: load_f64(&self.sequence_s),
             steps_to_release: self
                 .steps_to_release

@@ -13,11 +13,9 @@ pub mod tokenizer;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
 use std::time::Duration;
 
 use futures::Stream;
-
 use tokio::sync::mpsc;
 
 /// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
