@@ -206,8 +206,12 @@ impl LoadSnapshot {
         let slot_wait = self.slot_wait_s();
         let prefill = (self.pending_prompt_tokens + u64::from(prompt_tokens)) as f64
             * self.prefill_s_per_token;
-        let step = self.step_s.max(self.step_running_s);
-        Duration::from_secs_f64(slot_wait + prefill + step)
+        Duration::from_secs_f64(slot_wait + prefill + self.current_step_s())
+    }
+
+    /// The average decode call, or the one running now when it has taken longer.
+    fn current_step_s(&self) -> f64 {
+        self.step_s.max(self.step_running_s)
     }
 
     /// Seconds until a slot frees for a request queued behind `waiting` others.
@@ -218,14 +222,15 @@ impl LoadSnapshot {
         if releases == 0 || self.slots == 0 {
             return 0.0;
         }
+        let step = self.current_step_s();
         match self.steps_to_release.get(releases - 1) {
-            Some(&steps) => f64::from(steps) * self.step_s.max(self.step_running_s),
+            Some(&steps) => f64::from(steps) * step,
             // More releases than live sequences: after the last of them, the requests
             // admitted meanwhile turn over at `slots` per average sequence.
             None => {
                 let last = self.steps_to_release.last().copied().unwrap_or(0);
                 let beyond = (releases - self.steps_to_release.len()) as f64;
-                f64::from(last) * self.step_s + beyond * self.sequence_s / self.slots as f64
+                f64::from(last) * step + beyond * self.sequence_s / self.slots as f64
             }
         }
     }
@@ -302,6 +307,14 @@ mod tests {
         // more at 4 slots per 2 s sequence.
         let ttft = load.predict_ttft(0);
         let expected = 2.0 * 0.05 + 2.0 * 2.0 / 4.0 + 0.05;
+        assert!((ttft.as_secs_f64() - expected).abs() < 1e-9, "{ttft:?}");
+        // A stalled step stretches the live sequences' releases here too.
+        let stalled = LoadSnapshot {
+            step_running_s: 0.5,
+            ..load
+        };
+        let ttft = stalled.predict_ttft(0);
+        let expected = 2.0 * 0.5 + 2.0 * 2.0 / 4.0 + 0.5;
         assert!((ttft.as_secs_f64() - expected).abs() < 1e-9, "{ttft:?}");
     }
 
