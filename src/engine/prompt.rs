@@ -139,9 +139,11 @@ impl Prompter {
                 content: PROBE.into(),
             },
         ];
-        let templated = self.render(&conversation).ok()?;
-        let difference = [PROBE, templated.as_str()]
-            .into_iter()
+        // The template was applied once at load; should it fail here, the plain probe
+        // still decides.
+        let templated = self.render(&conversation).ok();
+        let difference = std::iter::once(PROBE)
+            .chain(templated.as_deref())
             .find_map(|text| self.difference(counter, text));
         difference
     }
