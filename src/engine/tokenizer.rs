@@ -186,10 +186,9 @@ impl GgufTokenizer {
         if let Some(bos) = self.bos {
             on_piece(Piece::Token(bos));
         }
-        let mut prev_special = true;
         let mut plain_start = 0;
         let mut escaped = String::new();
-        let mut plain = |piece: &str, prev_special: bool, on_piece: &mut dyn FnMut(Piece)| {
+        let mut plain = |piece: &str, on_piece: &mut dyn FnMut(Piece)| {
             let on_word = &mut |word: &str| on_piece(Piece::Word(word));
             match &self.words {
                 WordModel::Gpt2 { split_digits, .. } => {
@@ -197,7 +196,9 @@ impl GgufTokenizer {
                 }
                 WordModel::Spm(spm) => {
                     escaped.clear();
-                    if spm.add_space_prefix && prev_special {
+                    // llama.cpp prefixes the space to plain text that starts the text or
+                    // follows a special token: every plain piece, as two never touch.
+                    if spm.add_space_prefix {
                         escaped.push(SPM_SPACE);
                     }
                     escaped.extend(piece.chars().map(|c| if c == ' ' { SPM_SPACE } else { c }));
@@ -207,14 +208,13 @@ impl GgufTokenizer {
         };
         for found in self.specials.find_iter(text) {
             if found.start() > plain_start {
-                plain(&text[plain_start..found.start()], prev_special, on_piece);
+                plain(&text[plain_start..found.start()], on_piece);
             }
             on_piece(Piece::Token(self.special_ids[found.pattern().as_usize()]));
-            prev_special = true;
             plain_start = found.end();
         }
         if plain_start < text.len() {
-            plain(&text[plain_start..], prev_special, on_piece);
+            plain(&text[plain_start..], on_piece);
         }
         if let Some(eos) = self.eos {
             on_piece(Piece::Token(eos));
