@@ -97,7 +97,7 @@ const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0, 256.0,
 ];
 
-fn histograms(buckets: &'static [f64]) -> Family<ModelLabels, Histogram, HistogramMaker> {
+fn histograms(buckets: &'static [f64]) -> Histograms {
     Family::new_with_constructor(HistogramMaker(buckets))
 }
 
