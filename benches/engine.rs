@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use serde_json::json;
+use tiergate::chat::{ChatMessage, Role, SamplingParams};
 use tiergate::config::Config;
 use tiergate::engine::llama::LlamaEngine;
-use tiergate::engine::{ChatMessage, Engine, GenerationRequest, Role, SamplingParams, TokenEvent};
+use tiergate::engine::{Engine, GenerationRequest, TokenEvent};
 use tiergate::metrics::{Metrics, ModelLabels};
 
 const GENERATED: u32 = 64;

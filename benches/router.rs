@@ -9,13 +9,17 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, Criterion};
-use tiergate::check::VocabTokenizers;
+use tiergate::chat::{ChatMessage, Role};
+use tiergate::check::{vocab_models, vocab_tiers, VocabOnly};
 use tiergate::config::Config;
-use tiergate::engine::{ChatMessage, Role};
-use tiergate::router::{Caller, Features, Policy, RequestTokens, TokenCounter, Tokenizers};
+use tiergate::engine::prompt::Prompter;
+use tiergate::engine::Engine;
+use tiergate::router::{Caller, Features, Policy, TokenCounter};
+use tiergate::tiers::Tiers;
 
 /// Chit-chat that matches no text rule, so the 20- and 500-token prompts try every rule
 /// (the slowest path: prompt-token threshold and complexity score included); the
@@ -25,7 +29,8 @@ about the garden, the neighbours' new dog and where to go on holiday this summer
 
 struct Setup {
     policy: Policy,
-    tokenizers: VocabTokenizers,
+    models: Vec<Arc<VocabOnly>>,
+    tiers: Tiers,
     prompts: Vec<(u32, Vec<ChatMessage>)>,
 }
 
@@ -34,7 +39,9 @@ fn setup() -> Setup {
     let config = Config::load(&root.join("config/tiergate.toml")).unwrap_or_else(|e| panic!("{e}"));
     let policy =
         Policy::load(&config.router.policies, &config.tiers()).unwrap_or_else(|e| panic!("{e:?}"));
-    let tokenizers = VocabTokenizers::load(&config).unwrap_or_else(|e| panic!("{e:#}"));
+    let models = vocab_models(&config).unwrap_or_else(|e| panic!("{e:#}"));
+    let tiers = vocab_tiers(&models);
+    let fast = prompter(&models, "fast");
     let prompts = [20u32, 500, 4000]
         .iter()
         .map(|&target| {
@@ -44,7 +51,7 @@ fn setup() -> Setup {
                     role: Role::User,
                     content: text.clone(),
                 }];
-                let tokens = tokenizers.count("fast", &messages).expect("count");
+                let tokens = fast.count(&messages).expect("count");
                 if tokens >= target {
                     break messages;
                 }
@@ -54,20 +61,30 @@ fn setup() -> Setup {
                 text.push_str(&words.join(" "));
                 text.push(' ');
             };
-            let tokens = tokenizers.count("fast", &messages).expect("count");
+            let tokens = fast.count(&messages).expect("count");
             (tokens, messages)
         })
         .collect();
     Setup {
         policy,
-        tokenizers,
+        models,
+        tiers,
         prompts,
     }
 }
 
+/// The template and tokenizers of `tier`'s first model.
+fn prompter<'a>(models: &'a [Arc<VocabOnly>], tier: &str) -> &'a Prompter {
+    models
+        .iter()
+        .find(|m| m.info().tier == tier)
+        .map(|m| m.prompter())
+        .unwrap_or_else(|| panic!("no model in tier {tier}"))
+}
+
 fn route_once(setup: &Setup, messages: &[ChatMessage]) -> String {
     let features = Features::extract(messages, None, Caller::default());
-    let tokens = RequestTokens::new(&setup.tokenizers, messages);
+    let tokens = setup.tiers.counter(messages, None);
     setup.policy.route(&features, &tokens, None).rule
 }
 
@@ -117,7 +134,7 @@ fn print_percentiles() {
         });
         let counters: Vec<_> = ["fast", "full"]
             .iter()
-            .filter_map(|tier| setup.tokenizers.prompter(tier)?.counter().ok())
+            .filter_map(|tier| prompter(&setup.models, tier).counter().ok())
             .collect();
         let whole_cold = percentiles(calls, || {
             counters.iter().for_each(|c| c.clear_word_cache());
@@ -128,7 +145,7 @@ fn print_percentiles() {
             black_box(setup.policy.route(&features, &KnownCount(*tokens), None));
         });
         let tier_cost = |tier: &str| {
-            let prompter = setup.tokenizers.prompter(tier).expect("tier");
+            let prompter = prompter(&setup.models, tier);
             let counter = prompter.counter().unwrap_or_else(|why| panic!("{why}"));
             let warm = percentiles(calls, || {
                 black_box(prompter.count(black_box(messages)).ok());

@@ -16,15 +16,17 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
+// tokio's clock, so that TTLs pass under a paused test clock as they do in real time.
+use tokio::time::Instant;
 
+use crate::chat::{ChatMessage, Role, SamplingParams};
 use crate::engine::{
-    ChatMessage, FinishReason, GenerationRequest, Role, SamplingParams, StageTimings, TokenEvent,
-    TokenStream, Usage,
+    FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
 };
 
 /// Everything that shapes a reply. Built by destructuring the request without `..`, so
@@ -461,7 +463,6 @@ impl Drop for Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::SamplingParams;
 
     fn request(text: &str) -> GenerationRequest {
         GenerationRequest {

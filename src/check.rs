@@ -3,14 +3,19 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use crate::api::types::ChatRequest;
-use crate::config::Config;
+use crate::api::types::parse_chat_request;
+use crate::chat::{ChatMessage, ChatRequest};
+use crate::config::{Config, ModelConfig};
+use crate::engine::load::LoadSnapshot;
 use crate::engine::prompt::Prompter;
-use crate::engine::{ChatMessage, Role};
-use crate::router::{Caller, Explanation, Features, Policy, RequestTokens, Tokenizers};
+use crate::engine::{Engine, EngineError, GenerationRequest, ModelInfo, TokenStream};
+use crate::gateway::{self, Explained};
+use crate::router::{Caller, Policy};
+use crate::tiers::Tiers;
 use crate::tomlfile::{Problem, Problems};
 
 /// Validates the config, the model files it names and every policy file; all problems at
@@ -65,40 +70,73 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
     }
 }
 
-/// Prompt token counts from each tier's vocabulary, loaded without weights.
-pub struct VocabTokenizers {
-    tiers: Vec<(String, Prompter)>,
+/// A model loaded for counting only: its vocabulary and template, no weights. `tiergate
+/// route` registers these as the tiers' backends, so it resolves models and counts prompt
+/// tokens exactly as the server does; it never generates.
+pub struct VocabOnly {
+    info: ModelInfo,
+    prompter: Prompter,
 }
 
-impl VocabTokenizers {
-    /// One tokenizer per tier (the first model of each), vocabulary only.
-    pub fn load(config: &Config) -> anyhow::Result<Self> {
-        let mut tiers: Vec<(String, Prompter)> = Vec::new();
-        for model in &config.models {
-            if tiers.iter().any(|(tier, _)| *tier == model.tier) {
-                continue;
-            }
-            let prompter = Prompter::load_vocab(model)
-                .map_err(|e| anyhow::anyhow!("model {}: {e}", model.id))?;
-            tiers.push((model.tier.clone(), prompter));
-        }
-        Ok(Self { tiers })
+/// Every configured model, vocabulary only, in config order.
+pub fn vocab_models(config: &Config) -> anyhow::Result<Vec<Arc<VocabOnly>>> {
+    config
+        .models
+        .iter()
+        .map(|model| VocabOnly::load(model).map(Arc::new))
+        .collect()
+}
+
+/// The tiers registry over vocabulary-only models: resolution and exact counts, no generation.
+pub fn vocab_tiers(models: &[Arc<VocabOnly>]) -> Tiers {
+    Tiers::new(
+        models
+            .iter()
+            .map(|m| m.clone() as Arc<dyn Engine>)
+            .collect(),
+    )
+}
+
+impl VocabOnly {
+    pub fn prompter(&self) -> &Prompter {
+        &self.prompter
+    }
+
+    pub fn load(model: &ModelConfig) -> anyhow::Result<Self> {
+        let prompter =
+            Prompter::load_vocab(model).map_err(|e| anyhow::anyhow!("model {}: {e}", model.id))?;
+        Ok(Self {
+            info: ModelInfo {
+                id: model.id.clone(),
+                tier: model.tier.clone(),
+            },
+            prompter,
+        })
     }
 }
 
-impl VocabTokenizers {
-    /// The template and tokenizers of `tier`'s first model.
-    pub fn prompter(&self, tier: &str) -> Option<&Prompter> {
-        self.tiers.iter().find(|(t, _)| t == tier).map(|(_, p)| p)
+impl Engine for VocabOnly {
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
-}
 
-impl Tokenizers for VocabTokenizers {
-    fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String> {
-        let prompter = self
-            .prompter(tier)
-            .ok_or_else(|| format!("no model serves tier `{tier}`"))?;
-        prompter.count(messages).map_err(|e| e.to_string())
+    fn submit(&self, _request: GenerationRequest) -> Result<TokenStream, EngineError> {
+        Err(EngineError::Unavailable {
+            model: self.info.id.clone(),
+            reason: "loaded for counting prompt tokens only".into(),
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        false
+    }
+
+    fn load(&self) -> LoadSnapshot {
+        LoadSnapshot::default()
+    }
+
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        self.prompter.count(messages)
     }
 }
 
@@ -112,8 +150,8 @@ pub struct RouteOptions {
     pub caller: Caller,
 }
 
-/// The explanation `tiergate route` prints.
-pub fn explain(options: &RouteOptions) -> anyhow::Result<Explanation> {
+/// The explanation `tiergate route` prints: the same routing call as `/v1/route`.
+pub fn explain(options: &RouteOptions) -> anyhow::Result<Explained> {
     let config = Config::load(&options.config).map_err(|p| anyhow::anyhow!("{p}"))?;
     let files = if options.policies.is_empty() {
         config.router.policies.clone()
@@ -122,49 +160,24 @@ pub fn explain(options: &RouteOptions) -> anyhow::Result<Explanation> {
     };
     let policy =
         Policy::load(&files, &config.tiers()).map_err(|p| anyhow::anyhow!("{}", Problems(p)))?;
-    let (messages, max_tokens, pin) = match (&options.request, &options.prompt) {
+    let request = match (&options.request, &options.prompt) {
         (Some(path), _) => {
             let body =
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let request = ChatRequest::from_json(&body)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?;
-            let pin = (request.model != "auto")
-                .then(|| {
-                    config
-                        .models
-                        .iter()
-                        .find(|m| m.id == request.model || m.tier == request.model)
-                        .map(|m| m.tier.clone())
-                        .ok_or_else(|| anyhow::anyhow!("unknown model `{}`", request.model))
-                })
-                .transpose()?;
-            (
-                request.generation.messages,
-                request.generation.max_tokens,
-                pin,
-            )
+            parse_chat_request(&body)
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?
         }
-        (None, Some(prompt)) => (
-            vec![ChatMessage {
-                role: Role::User,
-                content: prompt.clone(),
-            }],
-            None,
-            None,
-        ),
+        (None, Some(prompt)) => ChatRequest::user(prompt.clone()),
         (None, None) => anyhow::bail!("give a prompt or --request FILE"),
     };
-    let tokenizers = VocabTokenizers::load(&config)?;
-    let features = Features::extract(&messages, max_tokens, options.caller.clone());
-    Ok(policy.explain(
-        &features,
-        &RequestTokens::new(&tokenizers, &messages),
-        pin.as_deref(),
-    ))
+    let tiers = vocab_tiers(&vocab_models(&config)?);
+    gateway::explain(&tiers, &policy, options.caller.clone(), &request)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The explanation as text for a terminal.
-pub fn render(e: &Explanation) -> String {
+pub fn render(explained: &Explained) -> String {
+    let e = &explained.explanation;
     let f = &e.features;
     let yes = |b: bool| if b { "yes" } else { "no" };
     let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
@@ -232,8 +245,9 @@ pub fn render(e: &Explanation) -> String {
     let r = &e.route;
     let _ = writeln!(
         out,
-        "route: tier {} by rule `{}`{}; ttft budget {} ms, total budget {} ms, max_tokens cap {}, cache {} (ttl {} s)",
+        "route: tier {} (model {}) by rule `{}`{}; ttft budget {} ms, total budget {} ms, max_tokens cap {}, cache {} (ttl {} s)",
         r.tier,
+        explained.model,
         r.rule,
         if r.pinned { " (pinned by the request)" } else { "" },
         r.ttft_ms,

@@ -260,213 +260,240 @@ impl Config {
     }
 }
 
+/// Problems found while validating, each with the file and line of its key.
+struct Found<'a> {
+    file: &'a TomlFile,
+    problems: Vec<Problem>,
+}
+
+impl Found<'_> {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems
+            .push(self.file.problem(key.into(), message.into()));
+    }
+}
+
 impl RawConfig {
+    /// Every section is checked, so one run reports every problem in the file.
     fn validate(self, file: &TomlFile) -> Result<Config, Vec<Problem>> {
         let base_dir = file.path.parent().unwrap_or(Path::new("."));
-        let mut problems = Vec::new();
-        let mut problem = |key: String, message: String| problems.push(file.problem(key, message));
+        let mut found = Found {
+            file,
+            problems: Vec::new(),
+        };
+        let server = self.server.validate(&mut found);
+        let router = self.router.validate(base_dir, &mut found);
+        let cache = self.cache.validate(&mut found);
+        let api_keys = validate_api_keys(self.api_keys, &mut found);
+        let models = validate_models(self.models, base_dir, &mut found);
+        match server {
+            Some(server) if found.problems.is_empty() => Ok(Config {
+                server,
+                cache,
+                api_keys,
+                router,
+                models,
+            }),
+            _ => Err(found.problems),
+        }
+    }
+}
 
+impl RawServer {
+    fn validate(self, found: &mut Found<'_>) -> Option<ServerConfig> {
         let listen = self
-            .server
             .listen
             .parse::<SocketAddr>()
             .map_err(|e| {
-                problem(
-                    "server.listen".into(),
+                found.add(
+                    "server.listen",
                     format!(
                         "`{}` is not an address like 127.0.0.1:8080 ({e})",
-                        self.server.listen
+                        self.listen
                     ),
                 )
             })
             .ok();
-        if self.server.body_limit_bytes < 1024 {
-            problem(
-                "server.body_limit_bytes".into(),
-                "must be at least 1024".into(),
-            );
+        if self.body_limit_bytes < 1024 {
+            found.add("server.body_limit_bytes", "must be at least 1024");
         }
-        if self.router.policies.is_empty() {
-            problem(
-                "router.policies".into(),
-                "name at least one policy file".into(),
-            );
+        Some(ServerConfig {
+            listen: listen?,
+            body_limit_bytes: self.body_limit_bytes as usize,
+            drain_timeout_s: self.drain_timeout_s,
+        })
+    }
+}
+
+impl RawRouter {
+    fn validate(self, base_dir: &Path, found: &mut Found<'_>) -> RouterConfig {
+        if self.policies.is_empty() {
+            found.add("router.policies", "name at least one policy file");
         }
-        if !self.router.hint_header.is_empty()
-            && axum::http::HeaderName::from_bytes(self.router.hint_header.as_bytes()).is_err()
+        if !self.hint_header.is_empty()
+            && axum::http::HeaderName::from_bytes(self.hint_header.as_bytes()).is_err()
         {
-            problem(
-                "router.hint_header".into(),
-                format!("`{}` is not a valid header name", self.router.hint_header),
+            found.add(
+                "router.hint_header",
+                format!("`{}` is not a valid header name", self.hint_header),
             );
         }
-        if self.models.is_empty() {
-            problem("model".into(), "at least one [[model]] is required".into());
-        }
-        if self.cache.max_entries == 0 {
-            problem(
-                "cache.max_entries".into(),
-                "must be at least 1 (policies turn caching off with cache = \"off\")".into(),
-            );
-        }
-
-        let mut api_keys = Vec::new();
-        for (i, raw) in self.api_keys.into_iter().enumerate() {
-            let key = |field: &str| format!("api_key[{i}].{field}");
-            let secret = match (raw.key, raw.key_env) {
-                (Some(secret), None) => Some(secret),
-                (None, Some(var)) => match std::env::var(&var) {
-                    Ok(secret) => Some(secret),
-                    Err(_) => {
-                        problem(key("key_env"), format!("the variable `{var}` is not set"));
-                        None
-                    }
-                },
-                _ => {
-                    problem(key("key"), "set exactly one of `key` and `key_env`".into());
-                    None
-                }
-            };
-            let Some(secret) = secret else { continue };
-            if secret.trim().is_empty() {
-                problem(key("key"), "must not be empty".into());
-            } else if api_keys.iter().any(|k: &ApiKeyConfig| k.key == secret) {
-                problem(key("key"), "the same key is listed twice".into());
-            }
-            for (field, value) in [
-                ("requests_per_minute", raw.requests_per_minute),
-                ("tokens_per_minute", raw.tokens_per_minute),
-            ] {
-                if value == Some(0) {
-                    problem(
-                        key(field),
-                        "must be at least 1 (leave it out for no limit)".into(),
-                    );
-                }
-            }
-            api_keys.push(ApiKeyConfig {
-                key: secret.trim().to_owned(),
-                tenant: raw.tenant,
-                requests_per_minute: raw.requests_per_minute,
-                tokens_per_minute: raw.tokens_per_minute,
-            });
-        }
-
-        let mut ids = HashSet::new();
-        let mut models = Vec::new();
-        for (i, raw) in self.models.into_iter().enumerate() {
-            let key = |field: &str| format!("model[{i}].{field}");
-            if raw.id.trim().is_empty() || raw.id == "auto" {
-                problem(
-                    key("id"),
-                    "must be a non-empty name other than `auto`".into(),
-                );
-            } else if !ids.insert(raw.id.clone()) {
-                problem(key("id"), format!("`{}` is used by another model", raw.id));
-            }
-            if raw.tier.trim().is_empty() || raw.tier == "auto" {
-                problem(
-                    key("tier"),
-                    "must be a non-empty name other than `auto`".into(),
-                );
-            }
-            if raw.n_ctx < 64 {
-                problem(key("n_ctx"), "must be at least 64".into());
-            }
-            if !(1..=256).contains(&raw.slots) {
-                problem(key("slots"), "must be between 1 and 256".into());
-            }
-            if raw.batch < raw.slots.max(1) {
-                problem(
-                    key("batch"),
-                    format!(
-                        "must be at least `slots` ({}), so every generating sequence fits one step",
-                        raw.slots
-                    ),
-                );
-            }
-            if raw.prefill_chunk == 0 {
-                problem(key("prefill_chunk"), "must be at least 1".into());
-            }
-            if !raw.kv_unified && raw.slots > 0 && raw.n_ctx / raw.slots < 64 {
-                problem(
-                    key("n_ctx"),
-                    format!(
-                        "{} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
-                        raw.n_ctx,
-                        raw.slots,
-                        raw.n_ctx / raw.slots
-                    ),
-                );
-            }
-            if raw.threads == Some(0) {
-                problem(
-                    key("threads"),
-                    "must be at least 1 (leave it out to use every core)".into(),
-                );
-            }
-            if raw.max_tokens_default == 0 {
-                problem(key("max_tokens_default"), "must be at least 1".into());
-            }
-            if raw.queue_capacity == 0 {
-                problem(key("queue_capacity"), "must be at least 1".into());
-            }
-            if raw
-                .chat_template
-                .as_deref()
-                .is_some_and(|t| t.trim().is_empty())
-            {
-                problem(
-                    key("chat_template"),
-                    "must name a template or be left out".into(),
-                );
-            }
-            models.push(ModelConfig {
-                id: raw.id,
-                tier: raw.tier,
-                path: resolve(base_dir, raw.path),
-                n_ctx: raw.n_ctx,
-                slots: raw.slots,
-                batch: raw.batch,
-                prefill_chunk: raw.prefill_chunk,
-                prefix_cache: raw.prefix_cache,
-                n_gpu_layers: raw.n_gpu_layers,
-                threads: raw.threads.unwrap_or_else(Config::threads_available),
-                chat_template: raw.chat_template,
-                max_tokens_default: raw.max_tokens_default,
-                queue_capacity: raw.queue_capacity as usize,
-                kv_unified: raw.kv_unified,
-                fault_step_delay_ms: raw.fault_step_delay_ms,
-            });
-        }
-
-        match listen {
-            Some(listen) if problems.is_empty() => Ok(Config {
-                server: ServerConfig {
-                    listen,
-                    body_limit_bytes: self.server.body_limit_bytes as usize,
-                    drain_timeout_s: self.server.drain_timeout_s,
-                },
-                cache: CacheConfig {
-                    max_entries: self.cache.max_entries as usize,
-                    max_bytes: self.cache.max_bytes as usize,
-                },
-                api_keys,
-                router: RouterConfig {
-                    policies: self
-                        .router
-                        .policies
-                        .into_iter()
-                        .map(|p| resolve(base_dir, p))
-                        .collect(),
-                    watch: self.router.watch,
-                    hint_header: self.router.hint_header.to_ascii_lowercase(),
-                },
-                models,
-            }),
-            _ => Err(problems),
+        RouterConfig {
+            policies: self
+                .policies
+                .into_iter()
+                .map(|p| resolve(base_dir, p))
+                .collect(),
+            watch: self.watch,
+            hint_header: self.hint_header.to_ascii_lowercase(),
         }
     }
+}
+
+impl RawCache {
+    fn validate(self, found: &mut Found<'_>) -> CacheConfig {
+        if self.max_entries == 0 {
+            found.add(
+                "cache.max_entries",
+                "must be at least 1 (policies turn caching off with cache = \"off\")",
+            );
+        }
+        CacheConfig {
+            max_entries: self.max_entries as usize,
+            max_bytes: self.max_bytes as usize,
+        }
+    }
+}
+
+fn validate_api_keys(raw_keys: Vec<RawApiKey>, found: &mut Found<'_>) -> Vec<ApiKeyConfig> {
+    let mut api_keys = Vec::new();
+    for (i, raw) in raw_keys.into_iter().enumerate() {
+        let key = |field: &str| format!("api_key[{i}].{field}");
+        let secret = match (raw.key, raw.key_env) {
+            (Some(secret), None) => Some(secret),
+            (None, Some(var)) => match std::env::var(&var) {
+                Ok(secret) => Some(secret),
+                Err(_) => {
+                    found.add(key("key_env"), format!("the variable `{var}` is not set"));
+                    None
+                }
+            },
+            _ => {
+                found.add(key("key"), "set exactly one of `key` and `key_env`");
+                None
+            }
+        };
+        let Some(secret) = secret else { continue };
+        if secret.trim().is_empty() {
+            found.add(key("key"), "must not be empty");
+        } else if api_keys.iter().any(|k: &ApiKeyConfig| k.key == secret) {
+            found.add(key("key"), "the same key is listed twice");
+        }
+        for (field, value) in [
+            ("requests_per_minute", raw.requests_per_minute),
+            ("tokens_per_minute", raw.tokens_per_minute),
+        ] {
+            if value == Some(0) {
+                found.add(key(field), "must be at least 1 (leave it out for no limit)");
+            }
+        }
+        api_keys.push(ApiKeyConfig {
+            key: secret.trim().to_owned(),
+            tenant: raw.tenant,
+            requests_per_minute: raw.requests_per_minute,
+            tokens_per_minute: raw.tokens_per_minute,
+        });
+    }
+    api_keys
+}
+
+fn validate_models(
+    raw_models: Vec<RawModel>,
+    base_dir: &Path,
+    found: &mut Found<'_>,
+) -> Vec<ModelConfig> {
+    if raw_models.is_empty() {
+        found.add("model", "at least one [[model]] is required");
+    }
+    let mut ids = HashSet::new();
+    let mut models = Vec::new();
+    for (i, raw) in raw_models.into_iter().enumerate() {
+        let key = |field: &str| format!("model[{i}].{field}");
+        if raw.id.trim().is_empty() || raw.id == "auto" {
+            found.add(key("id"), "must be a non-empty name other than `auto`");
+        } else if !ids.insert(raw.id.clone()) {
+            found.add(key("id"), format!("`{}` is used by another model", raw.id));
+        }
+        if raw.tier.trim().is_empty() || raw.tier == "auto" {
+            found.add(key("tier"), "must be a non-empty name other than `auto`");
+        }
+        if raw.n_ctx < 64 {
+            found.add(key("n_ctx"), "must be at least 64");
+        }
+        if !(1..=256).contains(&raw.slots) {
+            found.add(key("slots"), "must be between 1 and 256");
+        }
+        if raw.batch < raw.slots.max(1) {
+            found.add(
+                key("batch"),
+                format!(
+                    "must be at least `slots` ({}), so every generating sequence fits one step",
+                    raw.slots
+                ),
+            );
+        }
+        if raw.prefill_chunk == 0 {
+            found.add(key("prefill_chunk"), "must be at least 1");
+        }
+        if !raw.kv_unified && raw.slots > 0 && raw.n_ctx / raw.slots < 64 {
+            found.add(
+                key("n_ctx"),
+                format!(
+                    "{} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
+                    raw.n_ctx,
+                    raw.slots,
+                    raw.n_ctx / raw.slots
+                ),
+            );
+        }
+        if raw.threads == Some(0) {
+            found.add(
+                key("threads"),
+                "must be at least 1 (leave it out to use every core)",
+            );
+        }
+        if raw.max_tokens_default == 0 {
+            found.add(key("max_tokens_default"), "must be at least 1");
+        }
+        if raw.queue_capacity == 0 {
+            found.add(key("queue_capacity"), "must be at least 1");
+        }
+        if raw
+            .chat_template
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            found.add(key("chat_template"), "must name a template or be left out");
+        }
+        models.push(ModelConfig {
+            id: raw.id,
+            tier: raw.tier,
+            path: resolve(base_dir, raw.path),
+            n_ctx: raw.n_ctx,
+            slots: raw.slots,
+            batch: raw.batch,
+            prefill_chunk: raw.prefill_chunk,
+            prefix_cache: raw.prefix_cache,
+            n_gpu_layers: raw.n_gpu_layers,
+            threads: raw.threads.unwrap_or_else(Config::threads_available),
+            chat_template: raw.chat_template,
+            max_tokens_default: raw.max_tokens_default,
+            queue_capacity: raw.queue_capacity as usize,
+            kv_unified: raw.kv_unified,
+            fault_step_delay_ms: raw.fault_step_delay_ms,
+        });
+    }
+    models
 }
 
 /// Relative paths in config are relative to the config file, not the working directory.

@@ -3,13 +3,17 @@
 
 pub mod admission;
 pub mod api;
+pub mod budget;
 pub mod cache;
+pub mod chat;
 pub mod check;
 pub mod config;
 pub mod engine;
+pub mod gateway;
 pub mod loadgen;
 pub mod metrics;
 pub mod router;
 pub mod server;
 pub mod telemetry;
+pub mod tiers;
 pub mod tomlfile;

@@ -302,7 +302,7 @@ fn route(args: RouteArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(explanation) => {
-            let route = &explanation.route;
+            let route = &explanation.explanation.route;
             println!("{} (rule `{}`)", route.tier, route.rule);
             ExitCode::SUCCESS
         }

@@ -1,17 +1,17 @@
 //! Prometheus metrics, rendered by `prometheus-client` (no hand-written exposition text).
 //!
 //! Engines get [`EngineMetrics`] bound to their own labels and update them from the step
-//! loop; the HTTP layer records per-request figures.
+//! loop; the gateway records per-request figures (`gateway::Outcome`, in one place).
 
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -171,189 +171,145 @@ impl Default for Metrics {
     }
 }
 
+/// Registers each metric as it is built, so a metric cannot be built and forgotten.
+struct Registering(Registry);
+
+impl Registering {
+    fn add<M: EncodeMetric + Clone + std::fmt::Debug + Send + Sync + 'static>(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: M,
+    ) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+
+    fn seconds<M: EncodeMetric + Clone + std::fmt::Debug + Send + Sync + 'static>(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: M,
+    ) -> M {
+        self.0
+            .register_with_unit(name, help, Unit::Seconds, metric.clone());
+        metric
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("tiergate");
-        let active_sequences = Family::<ModelLabels, Gauge>::default();
-        let waiting_requests = Family::<ModelLabels, Gauge>::default();
-        let batch_sequences_max = Family::<ModelLabels, Gauge>::default();
-        let free_slots = Family::<ModelLabels, Gauge>::default();
-        let kv_cache_usage = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
-        let time_to_first_token = histograms(&TTFT_BUCKETS);
-        let inter_token_latency = histograms(&INTER_TOKEN_BUCKETS);
-        let e2e_request_latency = histograms(&E2E_BUCKETS);
-        let queue_time = histograms(&QUEUE_BUCKETS);
-        let prefill_time = histograms(&PREFILL_BUCKETS);
-        let batch_size = histograms(&BATCH_SIZE_BUCKETS);
-        let prefix_cache_tokens = Family::<ModelLabels, Counter>::default();
-        let prompt_count_mismatches = Family::<ModelLabels, Counter>::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let generated_tokens = Family::<ModelLabels, Counter>::default();
-        let prompt_tokens = Family::<ModelLabels, Counter>::default();
-        let route_decisions = Family::<RouteLabels, Counter>::default();
-        let policy_reloads = Family::<OutcomeLabels, Counter>::default();
-        let degradations = Family::<DegradeLabels, Counter>::default();
-        let cache_lookups = Family::<CacheLabels, Counter>::default();
-        let cache_evictions = Counter::default();
-        let rate_limited = Family::<ReasonLabels, Counter>::default();
-        let shed = Family::<TierLabels, Counter>::default();
-        let budget_cuts = Family::<TierLabels, Counter>::default();
-
-        registry.register(
-            "active_sequences",
-            "Sequences holding a slot (prefilling or generating)",
-            active_sequences.clone(),
-        );
-        registry.register(
-            "waiting_requests",
-            "Requests accepted but not yet admitted to a slot",
-            waiting_requests.clone(),
-        );
-        registry.register(
-            "batch_sequences_max",
-            "Largest number of sequences decoded together in one step since start",
-            batch_sequences_max.clone(),
-        );
-        registry.register(
-            "free_slots",
-            "Slots free for a new sequence",
-            free_slots.clone(),
-        );
-        registry.register(
-            "kv_cache_usage_ratio",
-            "Share of the KV cache cells holding live sequences' tokens (0 to 1)",
-            kv_cache_usage.clone(),
-        );
-        let seconds = || prometheus_client::registry::Unit::Seconds;
-        registry.register_with_unit(
-            "time_to_first_token",
-            "Time from accepting a request to its first generated token",
-            seconds(),
-            time_to_first_token.clone(),
-        );
-        registry.register_with_unit(
-            "inter_token_latency",
-            "Time between consecutive streamed pieces of generated text",
-            seconds(),
-            inter_token_latency.clone(),
-        );
-        registry.register_with_unit(
-            "e2e_request_latency",
-            "Time from accepting a request to its last token",
-            seconds(),
-            e2e_request_latency.clone(),
-        );
-        registry.register_with_unit(
-            "queue_time",
-            "Time from entering a model's queue to getting a slot",
-            seconds(),
-            queue_time.clone(),
-        );
-        registry.register_with_unit(
-            "prefill_time",
-            "Time from getting a slot to the first sampled token (prompt prefill)",
-            seconds(),
-            prefill_time.clone(),
-        );
-        registry.register(
-            "batch_size",
-            "Sequences decoded together in one decode call",
-            batch_size.clone(),
-        );
-        registry.register(
-            "prefix_cache_tokens",
-            "Prompt tokens whose KV cells were reused from a slot's previous sequence instead of prefilled",
-            prefix_cache_tokens.clone(),
-        );
-        registry.register(
-            "prompt_token_count_mismatches",
-            "Requests whose prompt tokens the router counted differently from llama.cpp's tokenizer (expected 0)",
-            prompt_count_mismatches.clone(),
-        );
-        registry.register(
-            "requests",
-            "Chat completion requests by outcome",
-            requests.clone(),
-        );
-        registry.register(
-            "generation_tokens",
-            "Tokens generated",
-            generated_tokens.clone(),
-        );
-        registry.register(
-            "prompt_tokens",
-            "Prompt tokens processed",
-            prompt_tokens.clone(),
-        );
-
-        registry.register(
-            "route_decisions",
-            "Requests routed, by chosen tier and the policy rule that chose it",
-            route_decisions.clone(),
-        );
-        registry.register(
-            "policy_reloads",
-            "Routing policy reloads by outcome (applied, rejected)",
-            policy_reloads.clone(),
-        );
-
-        registry.register(
-            "degradations",
-            "Requests served by a smaller tier or the cache than routed, by reason",
-            degradations.clone(),
-        );
-        registry.register(
-            "cache_lookups",
-            "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
-            cache_lookups.clone(),
-        );
-        registry.register(
-            "cache_evictions",
-            "Cached replies evicted to stay within the entry and byte bounds",
-            cache_evictions.clone(),
-        );
-        registry.register(
-            "rate_limited",
-            "Requests refused by an API key's quota (429) or for a missing/unknown key (401)",
-            rate_limited.clone(),
-        );
-        registry.register(
-            "shed",
-            "Requests refused with 503 because no tier could answer within the budget",
-            shed.clone(),
-        );
-        registry.register(
-            "budget_cuts",
-            "Replies ended with finish_reason length because the total budget ran out",
-            budget_cuts.clone(),
-        );
-
+        let mut r = Registering(Registry::with_prefix("tiergate"));
         Self {
-            registry,
-            active_sequences,
-            waiting_requests,
-            free_slots,
-            kv_cache_usage,
-            batch_sequences_max,
-            queue_time,
-            prefill_time,
-            batch_size,
-            prefix_cache_tokens,
-            prompt_count_mismatches,
-            time_to_first_token,
-            inter_token_latency,
-            e2e_request_latency,
-            requests,
-            generated_tokens,
-            prompt_tokens,
-            route_decisions,
-            policy_reloads,
-            degradations,
-            cache_lookups,
-            cache_evictions,
-            rate_limited,
-            shed,
-            budget_cuts,
+            active_sequences: r.add(
+                "active_sequences",
+                "Sequences holding a slot (prefilling or generating)",
+                Family::default(),
+            ),
+            waiting_requests: r.add(
+                "waiting_requests",
+                "Requests accepted but not yet admitted to a slot",
+                Family::default(),
+            ),
+            batch_sequences_max: r.add(
+                "batch_sequences_max",
+                "Largest number of sequences decoded together in one step since start",
+                Family::default(),
+            ),
+            free_slots: r.add("free_slots", "Slots free for a new sequence", Family::default()),
+            kv_cache_usage: r.add(
+                "kv_cache_usage_ratio",
+                "Share of the KV cache cells holding live sequences' tokens (0 to 1)",
+                Family::default(),
+            ),
+            time_to_first_token: r.seconds(
+                "time_to_first_token",
+                "Time from accepting a request to its first generated token",
+                histograms(&TTFT_BUCKETS),
+            ),
+            inter_token_latency: r.seconds(
+                "inter_token_latency",
+                "Time between consecutive streamed pieces of generated text",
+                histograms(&INTER_TOKEN_BUCKETS),
+            ),
+            e2e_request_latency: r.seconds(
+                "e2e_request_latency",
+                "Time from accepting a request to its last token",
+                histograms(&E2E_BUCKETS),
+            ),
+            queue_time: r.seconds(
+                "queue_time",
+                "Time from entering a model's queue to getting a slot",
+                histograms(&QUEUE_BUCKETS),
+            ),
+            prefill_time: r.seconds(
+                "prefill_time",
+                "Time from getting a slot to the first sampled token (prompt prefill)",
+                histograms(&PREFILL_BUCKETS),
+            ),
+            batch_size: r.add(
+                "batch_size",
+                "Sequences decoded together in one decode call",
+                histograms(&BATCH_SIZE_BUCKETS),
+            ),
+            prefix_cache_tokens: r.add(
+                "prefix_cache_tokens",
+                "Prompt tokens whose KV cells were reused from a slot's previous sequence instead of prefilled",
+                Family::default(),
+            ),
+            prompt_count_mismatches: r.add(
+                "prompt_token_count_mismatches",
+                "Requests whose prompt tokens the router counted differently from llama.cpp's tokenizer (expected 0)",
+                Family::default(),
+            ),
+            requests: r.add(
+                "requests",
+                "Chat completion requests by outcome",
+                Family::default(),
+            ),
+            generated_tokens: r.add("generation_tokens", "Tokens generated", Family::default()),
+            prompt_tokens: r.add("prompt_tokens", "Prompt tokens processed", Family::default()),
+            route_decisions: r.add(
+                "route_decisions",
+                "Requests routed, by chosen tier and the policy rule that chose it",
+                Family::default(),
+            ),
+            policy_reloads: r.add(
+                "policy_reloads",
+                "Routing policy reloads by outcome (applied, rejected)",
+                Family::default(),
+            ),
+            degradations: r.add(
+                "degradations",
+                "Requests served by a smaller tier or the cache than routed, by reason",
+                Family::default(),
+            ),
+            cache_lookups: r.add(
+                "cache_lookups",
+                "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
+                Family::default(),
+            ),
+            cache_evictions: r.add(
+                "cache_evictions",
+                "Cached replies evicted to stay within the entry and byte bounds",
+                Counter::default(),
+            ),
+            rate_limited: r.add(
+                "rate_limited",
+                "Requests refused by an API key's quota (429) or for a missing/unknown key (401)",
+                Family::default(),
+            ),
+            shed: r.add(
+                "shed",
+                "Requests refused with 503 because no tier could answer within the budget",
+                Family::default(),
+            ),
+            budget_cuts: r.add(
+                "budget_cuts",
+                "Replies ended with finish_reason length because the total budget ran out",
+                Family::default(),
+            ),
+            registry: r.0,
         }
     }
 

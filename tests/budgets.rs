@@ -6,11 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fixture, parse_sse, streamed_text, user, TestServer, FAST, FULL};
+use common::{fixture, header, parse_sse, streamed_text, user, TestServer, FAST, FULL};
 use serde_json::{json, Value};
 use tiergate::config::{ApiKeyConfig, Config};
-
-const HINT: &str = "x-tiergate-route-hint";
 
 /// A fast-only server on the budgets fixture, with three API keys.
 async fn keyed_fast_server() -> TestServer {
@@ -35,29 +33,9 @@ fn key(key: &str, requests_per_minute: Option<u32>) -> ApiKeyConfig {
     }
 }
 
-/// Sends a chat request with an API key and a route hint.
-async fn post(
-    server: &TestServer,
-    api_key: Option<&str>,
-    hint: Option<&str>,
-    body: &Value,
-) -> reqwest::Response {
-    let mut request = server.client.post(server.url("/v1/chat/completions"));
-    if let Some(api_key) = api_key {
-        request = request.bearer_auth(api_key);
-    }
-    if let Some(hint) = hint {
-        request = request.header(HINT, hint);
-    }
-    request.json(body).send().await.expect("request sent")
-}
-
-fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    response.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
+/// A greedy request to whichever tier the policy picks.
 fn greedy(prompt: &str, max_tokens: u32) -> Value {
-    json!({"model": "auto", "messages": user(prompt), "max_tokens": max_tokens, "temperature": 0})
+    common::greedy("auto", prompt, max_tokens)
 }
 
 /// The text and `x-tiergate-cache` of a non-streaming reply that must succeed.
@@ -67,7 +45,7 @@ async fn complete(
     hint: &str,
     body: &Value,
 ) -> (String, Option<String>, Value) {
-    let response = post(server, Some(api_key), Some(hint), body).await;
+    let response = server.post_as(Some(api_key), Some(hint), body).await;
     assert_eq!(response.status(), 200);
     let cache = header(&response, "x-tiergate-cache").map(str::to_owned);
     let json: Value = response.json().await.expect("json");
@@ -100,7 +78,7 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     //    keeps its first token away, and the watchdog cancels it early enough for the
     //    fast tier to answer within the 2 s budget (at most half the budget early).
     let started = Instant::now();
-    let response = post(&server, None, Some("full"), &body).await;
+    let response = server.post_as(None, Some("full"), &body).await;
     let waited = started.elapsed();
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -123,7 +101,7 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     //    comes within the budget.
     tokio::time::sleep_until((started + Duration::from_millis(2500)).into()).await;
     let started = Instant::now();
-    let response = post(&server, None, Some("full"), &body).await;
+    let response = server.post_as(None, Some("full"), &body).await;
     let ttft = started.elapsed();
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -140,7 +118,7 @@ async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot
     // 3. A request pinned to the full tier cannot degrade: 503 with Retry-After.
     let pinned =
         json!({"model": FULL, "messages": user("Hi"), "max_tokens": 4, "temperature": 0.7});
-    let response = post(&server, None, None, &pinned).await;
+    let response = server.post_as(None, None, &pinned).await;
     assert_eq!(response.status(), 503);
     let retry_after: u64 = header(&response, "retry-after")
         .expect("Retry-After")
@@ -179,7 +157,9 @@ async fn cached_replies_hit_expire_and_stay_per_key_unless_shared() {
     // A hit streams in the same SSE format as a generation.
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
-    let response = post(&server, Some("key-a"), Some("cached"), &streaming).await;
+    let response = server
+        .post_as(Some("key-a"), Some("cached"), &streaming)
+        .await;
     assert_eq!(header(&response, "x-tiergate-cache"), Some("hit"));
     let payloads = parse_sse(&response.text().await.expect("body"));
     let first: Value = serde_json::from_str(&payloads[0]).expect("chunk");
@@ -209,7 +189,9 @@ async fn cached_replies_hit_expire_and_stay_per_key_unless_shared() {
     // Requests that may sample differently are never cached.
     let sampled =
         json!({"model": "auto", "messages": user("Hi"), "max_tokens": 4, "temperature": 0.9});
-    let response = post(&server, Some("key-a"), Some("cached"), &sampled).await;
+    let response = server
+        .post_as(Some("key-a"), Some("cached"), &sampled)
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-tiergate-cache"), None);
     server.stop().await;
@@ -255,7 +237,7 @@ async fn keys_are_required_and_quotas_answer_429_with_retry_after() {
     let body = json!({"model": "auto", "messages": user("Hi"), "max_tokens": 1});
 
     for api_key in [None, Some("not-a-key")] {
-        let response = post(&server, api_key, None, &body).await;
+        let response = server.post_as(api_key, None, &body).await;
         assert_eq!(response.status(), 401, "{api_key:?}");
         let error: Value = response.json().await.expect("json");
         assert_eq!(error["error"]["code"], "invalid_api_key", "{error}");
@@ -263,10 +245,10 @@ async fn keys_are_required_and_quotas_answer_429_with_retry_after() {
     }
 
     for _ in 0..2 {
-        let response = post(&server, Some("key-limited"), None, &body).await;
+        let response = server.post_as(Some("key-limited"), None, &body).await;
         assert_eq!(response.status(), 200);
     }
-    let response = post(&server, Some("key-limited"), None, &body).await;
+    let response = server.post_as(Some("key-limited"), None, &body).await;
     assert_eq!(response.status(), 429);
     let retry_after: u64 = header(&response, "retry-after")
         .expect("Retry-After")
@@ -279,7 +261,7 @@ async fn keys_are_required_and_quotas_answer_429_with_retry_after() {
     assert_eq!(error["error"]["type"], "requests");
     // Other keys are not affected.
     assert_eq!(
-        post(&server, Some("key-a"), None, &body).await.status(),
+        server.post_as(Some("key-a"), None, &body).await.status(),
         200
     );
 
@@ -300,7 +282,9 @@ async fn total_budget_ends_the_reply_with_length_and_says_so() {
         "model": "auto", "messages": user("Count upwards from one."),
         "max_tokens": 1000, "ignore_eos": true, "temperature": 0.7, "stream": true,
     });
-    let response = post(&server, Some("key-a"), Some("tight-total"), &body).await;
+    let response = server
+        .post_as(Some("key-a"), Some("tight-total"), &body)
+        .await;
     let status = response.status();
     let text = response.text().await.expect("body");
     assert_eq!(status, 200, "{text}");
@@ -316,7 +300,9 @@ async fn total_budget_ends_the_reply_with_length_and_says_so() {
 
     let mut whole = body.clone();
     whole["stream"] = json!(false);
-    let response = post(&server, Some("key-a"), Some("tight-total"), &whole).await;
+    let response = server
+        .post_as(Some("key-a"), Some("tight-total"), &whole)
+        .await;
     assert_eq!(header(&response, "x-tiergate-budget-cut"), Some("total"));
     let json: Value = response.json().await.expect("json");
     assert_eq!(json["choices"][0]["finish_reason"], "length");

@@ -5,16 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{parse_sse, read_at_least, streamed_text, user, TestServer, FAST, FULL};
+use common::{greedy, parse_sse, read_at_least, streamed_text, user, TestServer, FAST, FULL};
 use serde_json::{json, Value};
 
 const ACTIVE_FAST: &str = r#"tiergate_active_sequences{model="smollm2-135m-instruct",tier="fast"}"#;
 const BATCH_MAX_FAST: &str =
     r#"tiergate_batch_sequences_max{model="smollm2-135m-instruct",tier="fast"}"#;
-
-fn greedy(model: &str, content: &str, max_tokens: u32) -> Value {
-    json!({"model": model, "messages": user(content), "temperature": 0, "max_tokens": max_tokens})
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streaming_at_temperature_zero_concatenates_to_the_non_streaming_text() {

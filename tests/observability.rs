@@ -3,8 +3,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::binary::BinaryServer;
@@ -135,8 +133,7 @@ async fn json_logs_parse_and_carry_the_request_and_its_stages() {
     let mut server = BinaryServer::start(|command| {
         command
             .args(["--log-format", "json"])
-            .env("RUST_LOG", "info,tiergate=debug")
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "info,tiergate=debug");
     })
     .await;
     let client = reqwest::Client::new();
@@ -154,10 +151,8 @@ async fn json_logs_parse_and_carry_the_request_and_its_stages() {
     let status = server.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 
-    let stderr = server.child.stderr.take().expect("piped stderr");
     let mut closed_spans = Vec::new();
-    for line in BufReader::new(stderr).lines() {
-        let line = line.expect("utf-8 log line");
+    for line in server.log_lines() {
         let entry: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         if entry["fields"]["message"] == "close" {

@@ -5,13 +5,13 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{shipped_config, user, TestServer, FAST, FULL};
+use common::{shipped_config, user, wait_until, TestServer, FAST, FULL};
 use serde_json::{json, Value};
-use tiergate::check::VocabTokenizers;
-use tiergate::engine::{ChatMessage, Role};
-use tiergate::router::{Caller, Features, Policy, RequestTokens};
+use tiergate::chat::{ChatMessage, Role};
+use tiergate::check::{vocab_models, vocab_tiers};
+use tiergate::router::{Caller, Features, Policy};
 
 fn message(role: Role, content: &str) -> ChatMessage {
     ChatMessage {
@@ -24,7 +24,7 @@ fn message(role: Role, content: &str) -> ChatMessage {
 fn default_policy_sends_each_kind_of_prompt_to_its_tier() {
     let config = shipped_config();
     let policy = Policy::load(&config.router.policies, &config.tiers()).expect("default policy");
-    let tokenizers = VocabTokenizers::load(&config).expect("vocabularies");
+    let tiers = vocab_tiers(&vocab_models(&config).expect("vocabularies"));
     let long_document = "The committee met on Tuesday and discussed the budget. ".repeat(120);
     let hint = |h: &str| Caller {
         hint: Some(h.to_owned()),
@@ -182,7 +182,7 @@ fn default_policy_sends_each_kind_of_prompt_to_its_tier() {
     let mut wrong = Vec::new();
     for (case, messages, max_tokens, caller, tier, rule) in cases {
         let features = Features::extract(&messages, max_tokens, caller);
-        let tokens = RequestTokens::new(&tokenizers, &messages);
+        let tokens = tiers.counter(&messages, None);
         let route = policy.route(&features, &tokens, None);
         if (route.tier.as_str(), route.rule.as_str()) != (tier, rule) {
             wrong.push(format!(
@@ -341,21 +341,6 @@ async fn editing_a_policy_reloads_it_and_an_invalid_edit_keeps_the_old_one() {
     server.stop().await;
 }
 
-async fn wait_until<F, Fut>(within: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn tiergate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tiergate"))
 }
@@ -463,7 +448,7 @@ fn route_explain_prints_features_rules_and_the_route() {
     assert!(text.contains("no match code"), "{text}");
     assert!(text.contains("match    multi-step-reasoning"), "{text}");
     assert!(
-        text.contains("route: tier full by rule `multi-step-reasoning`"),
+        text.contains("route: tier full (model gemma-3-270m) by rule `multi-step-reasoning`"),
         "{text}"
     );
 

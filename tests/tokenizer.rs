@@ -7,8 +7,8 @@ mod common;
 use common::shipped_config;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tiergate::chat::{ChatMessage, Role};
 use tiergate::engine::prompt::{Prompter, PROBE};
-use tiergate::engine::{ChatMessage, Role};
 
 fn prompters() -> Vec<(String, Prompter)> {
     let config = shipped_config();

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::admission::Denied;
+use crate::budget::BudgetError;
 use crate::engine::EngineError;
+use crate::gateway::{engine_status, GatewayError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -190,29 +192,42 @@ impl From<Denied> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         let message = err.to_string();
+        let status =
+            StatusCode::from_u16(engine_status(&err)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let error = if status.is_client_error() {
+            Self::invalid_request(message)
+        } else {
+            Self::new(status, "server_error", message)
+        };
         match err {
-            EngineError::Loading { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .with_code("model_loading")
-                    .with_retry_after(1)
-            }
-            EngineError::Unavailable { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .with_code("model_unavailable")
-            }
-            EngineError::QueueFull { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .with_code("overloaded")
-                    .with_retry_after(1)
-            }
-            EngineError::PromptTooLong { .. } => Self::invalid_request(message)
+            EngineError::Loading { .. } => error.with_code("model_loading").with_retry_after(1),
+            EngineError::Unavailable { .. } => error.with_code("model_unavailable"),
+            EngineError::QueueFull { .. } => error.with_code("overloaded").with_retry_after(1),
+            EngineError::PromptTooLong { .. } => error
                 .with_code("context_length_exceeded")
                 .with_param("messages"),
-            EngineError::ContextLengthExceeded { .. } => Self::invalid_request(message)
+            EngineError::ContextLengthExceeded { .. } => error
                 .with_code("context_length_exceeded")
                 .with_param("max_tokens"),
-            EngineError::Template(_) => Self::invalid_request(message).with_param("messages"),
-            EngineError::Decode(_) => Self::internal(message),
+            EngineError::Template(_) => error.with_param("messages"),
+            EngineError::Decode(_) => error,
+        }
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(err: GatewayError) -> Self {
+        let message = err.to_string();
+        match err {
+            GatewayError::Denied(denied) => denied.into(),
+            GatewayError::UnknownModel(unknown) => {
+                Self::model_not_found(&unknown.requested, &unknown.available)
+            }
+            GatewayError::Budget(BudgetError::Engine(err)) => err.into(),
+            GatewayError::Budget(BudgetError::Exhausted { retry_after, .. }) => {
+                Self::overloaded(message, retry_after_secs(retry_after))
+            }
+            GatewayError::NoBackend(_) => Self::internal(message),
         }
     }
 }

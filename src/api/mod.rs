@@ -1,6 +1,5 @@
 //! The OpenAI-compatible HTTP surface.
 
-pub mod budget;
 pub mod chat;
 pub mod error;
 pub mod types;
@@ -16,11 +15,8 @@ use serde_json::json;
 
 use tokio::sync::watch;
 
-use crate::admission::{Admission, Client, Denied};
-use crate::cache::ReplyCache;
-use crate::engine::{ChatMessage, Engine};
-use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels};
-use crate::router::{Caller, Policy, PolicyStore, Route, Tokenizers};
+use crate::gateway::Gateway;
+use crate::router::Caller;
 use error::ApiError;
 
 /// Shared by every handler; cheap to clone.
@@ -29,17 +25,12 @@ pub struct AppState {
     inner: Arc<StateParts>,
 }
 
-/// Everything [`AppState`] shares between handlers.
+/// What the HTTP layer holds: the gateway it serves, and its own settings.
 pub struct StateParts {
-    /// In config order, which is also the degrade order: a tier degrades to the tier
-    /// listed before it.
-    pub engines: Vec<Arc<dyn Engine>>,
-    pub policies: Arc<PolicyStore>,
-    pub admission: Admission,
-    pub cache: Arc<ReplyCache>,
+    pub gateway: Arc<Gateway>,
+    /// The header a client may name a route hint in; empty turns hints off.
     pub hint_header: String,
     pub body_limit: usize,
-    pub metrics: Arc<Metrics>,
     /// Turns true when shutdown begins: `/ready` then says 503 so balancers stop sending.
     pub draining: watch::Receiver<bool>,
 }
@@ -51,94 +42,12 @@ impl AppState {
         }
     }
 
-    pub fn cache(&self) -> &Arc<ReplyCache> {
-        &self.inner.cache
-    }
-
-    /// Checks the caller's key and spends one request of its quota; refusals are counted.
-    pub fn admit(&self, caller: &Caller) -> Result<Option<Client>, ApiError> {
-        self.inner
-            .admission
-            .admit(caller.api_key.as_deref())
-            .map_err(|denied| self.refuse(denied))
-    }
-
-    /// Spends a request's tokens from its key's per-minute token quota.
-    pub fn spend_tokens(&self, client: &Client, tokens: u32) -> Result<(), ApiError> {
-        self.inner
-            .admission
-            .spend_tokens(client, tokens)
-            .map_err(|denied| self.refuse(denied))
-    }
-
-    fn refuse(&self, denied: Denied) -> ApiError {
-        self.metrics()
-            .rate_limited
-            .get_or_create(&ReasonLabels {
-                reason: denied.reason().to_owned(),
-            })
-            .inc();
-        denied.into()
-    }
-
-    /// `tier` first, then each smaller tier (those listed before it), nearest first.
-    pub fn degrade_path(&self, tier: &str) -> Vec<String> {
-        let mut tiers: Vec<&str> = Vec::new();
-        for engine in &self.inner.engines {
-            let name = engine.info().tier.as_str();
-            if name == tier {
-                break;
-            }
-            if !tiers.contains(&name) {
-                tiers.push(name);
-            }
-        }
-        std::iter::once(tier)
-            .chain(tiers.into_iter().rev())
-            .map(str::to_owned)
-            .collect()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+    pub fn gateway(&self) -> &Gateway {
+        &self.inner.gateway
     }
 
     pub fn body_limit(&self) -> usize {
         self.inner.body_limit
-    }
-
-    /// The policy in force now; a request keeps it to the end even if a reload happens.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.inner.policies.current()
-    }
-
-    /// The tier a request's `model` names: `None` for `auto` (the policy decides), the
-    /// model's tier for a model id, or the tier itself. Anything else is 404.
-    pub fn requested_tier(&self, requested: &str) -> Result<Option<String>, ApiError> {
-        if requested == "auto" {
-            return Ok(None);
-        }
-        let engines = &self.inner.engines;
-        engines
-            .iter()
-            .find(|e| e.info().id == requested)
-            .or_else(|| engines.iter().find(|e| e.info().tier == requested))
-            .map(|e| Some(e.info().tier.clone()))
-            .ok_or_else(|| ApiError::model_not_found(requested, &self.model_names()))
-    }
-
-    /// The engine serving `tier` (policies are validated against configured tiers).
-    pub fn engine_for_tier(&self, tier: &str) -> Result<Arc<dyn Engine>, ApiError> {
-        self.inner
-            .engines
-            .iter()
-            .find(|e| e.info().tier == tier)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::internal(format!(
-                    "the policy chose tier `{tier}`, which no model serves"
-                ))
-            })
     }
 
     /// Who is calling: the bearer token (or `x-api-key`) and the routing hint header.
@@ -162,58 +71,6 @@ impl AppState {
             hint,
         }
     }
-
-    pub fn count_route(&self, route: &Route) {
-        self.metrics()
-            .route_decisions
-            .get_or_create(&RouteLabels {
-                tier: route.tier.clone(),
-                rule: route.rule.clone(),
-            })
-            .inc();
-    }
-
-    fn model_names(&self) -> Vec<String> {
-        let mut names = vec!["auto".to_owned()];
-        for engine in &self.inner.engines {
-            let info = engine.info();
-            for name in [&info.tier, &info.id] {
-                if !names.contains(name) {
-                    names.push(name.clone());
-                }
-            }
-        }
-        names
-    }
-
-    /// One request's outcome: `status` is the HTTP status (or `stream_error`,
-    /// `client_closed`), `finish_reason` as in [`RequestLabels`].
-    pub fn count_request(&self, labels: &ModelLabels, status: &str, finish_reason: &str) {
-        self.metrics()
-            .requests
-            .get_or_create(&RequestLabels {
-                model: labels.model.clone(),
-                tier: labels.tier.clone(),
-                status: status.to_owned(),
-                finish_reason: finish_reason.to_owned(),
-            })
-            .inc();
-    }
-
-    pub fn all_ready(&self) -> bool {
-        self.inner.engines.iter().all(|e| e.is_ready())
-    }
-}
-
-/// The router counts prompt tokens on each tier's own vocabulary, exactly as its engine will
-/// prefill them (`Prompter::count`: the Rust tokenizer once it has matched llama.cpp).
-impl Tokenizers for AppState {
-    fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String> {
-        let engine = self.engine_for_tier(tier).map_err(|e| e.message)?;
-        engine
-            .count_prompt_tokens(messages)
-            .map_err(|e| e.to_string())
-    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -233,7 +90,7 @@ pub fn router(state: AppState) -> Router {
 async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut data =
         vec![json!({"id": "auto", "object": "model", "created": 0, "owned_by": "tiergate"})];
-    data.extend(state.inner.engines.iter().map(|e| {
+    data.extend(state.gateway().tiers().backends().iter().map(|e| {
         let info = e.info();
         json!({
             "id": info.id,
@@ -254,9 +111,9 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Every model is loaded and its step loop running.
 async fn ready(State(state): State<AppState>) -> Response {
-    let models: serde_json::Map<String, serde_json::Value> = state
-        .inner
-        .engines
+    let tiers = state.gateway().tiers();
+    let models: serde_json::Map<String, serde_json::Value> = tiers
+        .backends()
         .iter()
         .map(|e| (e.info().id.clone(), json!(e.is_ready())))
         .collect();
@@ -267,7 +124,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         )
             .into_response();
     }
-    if state.all_ready() {
+    if tiers.all_ready() {
         (
             StatusCode::OK,
             Json(json!({"status": "ready", "models": models})),
@@ -288,7 +145,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics().render(),
+        state.gateway().metrics().render(),
     )
         .into_response()
 }

@@ -1,11 +1,12 @@
 //! OpenAI chat-completion wire types: what frontends send, checked into a
-//! [`GenerationRequest`], and what goes back.
+//! [`ChatRequest`], and what goes back.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, GenerationRequest, Role, SamplingParams, Usage};
+use crate::chat::{ChatMessage, ChatRequest, Role, SamplingParams};
+use crate::engine::Usage;
 
 /// The most stop strings one request may carry; each is checked after every token.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -110,36 +111,22 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// A checked request, ready for an engine.
-#[derive(Debug)]
-pub struct ChatRequest {
-    /// `auto`, a tier name, or a model id.
-    pub model: String,
-    pub stream: bool,
-    pub include_usage: bool,
-    pub generation: GenerationRequest,
-}
-
-impl ChatRequest {
-    /// Parses and validates a request body; every error names the parameter at fault.
-    pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
-        let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let raw: ChatCompletionRequest = serde_path_to_error::deserialize(&mut deserializer)
-            .map_err(|err| {
-                let path = err.path().to_string();
-                let inner = err.into_inner();
-                if inner.is_data() && path != "." {
-                    ApiError::invalid_request(format!("invalid `{path}`: {inner}")).with_param(path)
-                } else if inner.is_data() {
-                    ApiError::invalid_request(format!("invalid request body: {inner}"))
-                } else {
-                    ApiError::invalid_request(format!(
-                        "the request body is not valid JSON: {inner}"
-                    ))
-                }
-            })?;
-        raw.validate()
-    }
+/// Parses and validates a request body; every error names the parameter at fault.
+pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let raw: ChatCompletionRequest =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_data() && path != "." {
+                ApiError::invalid_request(format!("invalid `{path}`: {inner}")).with_param(path)
+            } else if inner.is_data() {
+                ApiError::invalid_request(format!("invalid request body: {inner}"))
+            } else {
+                ApiError::invalid_request(format!("the request body is not valid JSON: {inner}"))
+            }
+        })?;
+    raw.validate()
 }
 
 impl ChatCompletionRequest {
@@ -222,15 +209,11 @@ impl ChatCompletionRequest {
             model: self.model.unwrap_or_else(|| "auto".into()),
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-            generation: GenerationRequest {
-                messages,
-                sampling,
-                max_tokens,
-                max_tokens_cap: None,
-                stop,
-                ignore_eos: self.ignore_eos.unwrap_or(false),
-                span: tracing::Span::none(),
-            },
+            messages,
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 
@@ -465,7 +448,7 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> Result<ChatRequest, ApiError> {
-        ChatRequest::from_json(body.as_bytes())
+        parse_chat_request(body.as_bytes())
     }
 
     #[test]
@@ -474,13 +457,13 @@ mod tests {
             r#"{"model":"auto","messages":[{"role":"user","content":[{"type":"text","text":"a","cache_control":{}},{"type":"text","text":"b"}]}]}"#,
         )
         .expect("valid");
-        assert_eq!(req.generation.messages[0].content, "ab");
+        assert_eq!(req.messages[0].content, "ab");
     }
 
     #[test]
     fn max_completion_tokens_wins_over_max_tokens() {
         let req = parse(r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":5,"max_completion_tokens":7}"#).expect("valid");
-        assert_eq!(req.generation.max_tokens, Some(7));
+        assert_eq!(req.max_tokens, Some(7));
         assert_eq!(req.model, "auto");
     }
 
@@ -488,16 +471,16 @@ mod tests {
     fn stop_accepts_a_string_or_a_list() {
         let one =
             parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END"}"#).expect("valid");
-        assert_eq!(one.generation.stop, vec!["END"]);
+        assert_eq!(one.stop, vec!["END"]);
         let many = parse(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#)
             .expect("valid");
-        assert_eq!(many.generation.stop, vec!["a", "b"]);
+        assert_eq!(many.stop, vec!["a", "b"]);
     }
 
     #[test]
     fn developer_role_is_a_system_message() {
         let req = parse(r#"{"messages":[{"role":"developer","content":"be brief"},{"role":"user","content":"x"}]}"#).expect("valid");
-        assert_eq!(req.generation.messages[0].role, Role::System);
+        assert_eq!(req.messages[0].role, Role::System);
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //! The model itself (`LlamaModel`) is `Sync`, so prompts are templated and tokenized on the
 //! caller's thread; only the context, which is not `Send`, stays on the model thread.
 
-use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -32,12 +31,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::load::{LoadMeter, LoadSnapshot};
 use super::prompt::{backend, Prompter};
-use super::schedule;
+use super::schedule::{Limits, Release, Scheduler, SeqState, Waiting, Work};
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, SamplingParams,
-    StageTimings, TokenEvent, TokenStream, Usage,
+    Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, StageTimings, TokenEvent,
+    TokenStream, Usage,
 };
+use crate::chat::{ChatMessage, SamplingParams};
 use crate::config::ModelConfig;
 use crate::metrics::EngineMetrics;
 
@@ -48,27 +48,41 @@ struct Loaded {
     context_per_sequence: u32,
 }
 
-/// A request that passed every check and waits for a slot.
-struct QueuedRequest {
-    prompt: Vec<LlamaToken>,
-    max_new_tokens: u32,
+/// The runner's side of one request: how to sample it and how to answer whoever submitted
+/// it. The scheduler carries it from the queue to the end of the sequence.
+struct Requester {
     sampling: SamplingParams,
-    stop: Vec<String>,
     ignore_eos: bool,
+    stops: StopMatcher,
+    utf8: Utf8Decoder,
     events: mpsc::UnboundedSender<TokenEvent>,
     enqueued_at: Instant,
+    /// Set when a slot is found.
+    admitted_at: Instant,
+    queue_time: Duration,
+    first_token_at: Option<Instant>,
     /// The request's span, parent of the stage spans.
     request_span: tracing::Span,
-    /// Open from `submit` until a slot is found.
-    queue_span: tracing::Span,
+    /// `queue` until a slot is found, `prefill` until the first token, then `decode`.
+    stage_span: tracing::Span,
 }
 
-impl QueuedRequest {
-    /// KV cells this request may need at most: it is admitted only when they are free.
-    fn reservation(&self) -> u32 {
-        self.prompt.len() as u32 + self.max_new_tokens
+impl Requester {
+    fn send_text(&self, text: String) {
+        if !text.is_empty() {
+            // A closed receiver is noticed by the cancellation check before the next step.
+            let _ = self.events.send(TokenEvent::Text(text));
+        }
+    }
+
+    /// The client went away: the sequence leaves before the next step.
+    fn is_gone(&self) -> bool {
+        self.events.is_closed()
     }
 }
+
+/// What the queue carries from `submit` to the model thread.
+type Queued = Waiting<Requester>;
 
 pub struct LlamaEngine {
     info: ModelInfo,
@@ -80,7 +94,7 @@ pub struct LlamaEngine {
     stopped: Arc<OnceLock<String>>,
     /// Bounded so a burst cannot grow memory without limit; the model thread owns the
     /// receiving end and drains it between steps.
-    queue: SyncSender<QueuedRequest>,
+    queue: SyncSender<Queued>,
     metrics: EngineMetrics,
     /// Written by the model thread, read by the budget planner.
     load: Arc<LoadMeter>,
@@ -249,16 +263,23 @@ impl Engine for LlamaEngine {
             model = %self.info.id,
             prompt_tokens,
         );
-        let queued = QueuedRequest {
+        let enqueued_at = Instant::now();
+        let queued = Waiting {
             prompt,
             max_new_tokens,
-            sampling: request.sampling,
-            stop: request.stop,
-            ignore_eos: request.ignore_eos,
-            events: events_tx,
-            enqueued_at: Instant::now(),
-            request_span: request.span,
-            queue_span,
+            payload: Requester {
+                sampling: request.sampling,
+                ignore_eos: request.ignore_eos,
+                stops: StopMatcher::new(request.stop),
+                utf8: Utf8Decoder::default(),
+                events: events_tx,
+                enqueued_at,
+                admitted_at: enqueued_at,
+                queue_time: Duration::ZERO,
+                first_token_at: None,
+                request_span: request.span,
+                stage_span: queue_span,
+            },
         };
         // Count before sending: the model thread decrements on admission, which may come
         // before try_send returns.
@@ -285,7 +306,7 @@ impl Engine for LlamaEngine {
 
 /// What the model thread receives from its owner.
 struct ThreadChannels {
-    queue: Receiver<QueuedRequest>,
+    queue: Receiver<Queued>,
     ready: oneshot::Sender<Result<(), String>>,
     stop: Arc<AtomicBool>,
 }
@@ -352,15 +373,15 @@ fn model_thread(
         ctx,
         model: &model,
         batch: LlamaBatch::new(batch_capacity, 1),
-        batch_capacity,
-        prefill_chunk: config.prefill_chunk as usize,
+        scheduler: Scheduler::new(Limits {
+            slots: config.slots,
+            total_cells,
+            batch_capacity,
+            prefill_chunk: config.prefill_chunk as usize,
+            prefix_cache,
+        }),
+        samplers: (0..config.slots).map(|_| None).collect(),
         total_cells,
-        reserved_cells: 0,
-        free_seq_ids: (0..config.slots as i32).collect(),
-        prefix_cache,
-        cached_prefix: vec![Vec::new(); config.slots as usize],
-        waiting: VecDeque::new(),
-        live: Vec::new(),
         metrics,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
@@ -411,123 +432,16 @@ fn load_model(config: &ModelConfig) -> Result<LoadedParts, String> {
     Ok((prompter, context_params, context_per_sequence))
 }
 
-/// One admitted request holding a slot (a llama.cpp sequence id) and KV cells.
-struct Sequence {
-    seq_id: i32,
-    admitted_at: Instant,
-    queue_time: Duration,
-    first_token_at: Option<Instant>,
-    request_span: tracing::Span,
-    /// `prefill` until the first token, then `decode`.
-    stage_span: tracing::Span,
-    prompt: Vec<LlamaToken>,
-    /// Prompt tokens already in the KV cache.
-    prompt_done: usize,
-    /// Next free position of this sequence.
-    n_past: i32,
-    /// Sampled, sent, and waiting to be decoded in the next step.
-    pending_token: Option<LlamaToken>,
-    generated: u32,
-    max_new_tokens: u32,
-    reservation: u32,
-    sampler: LlamaSampler,
-    utf8: Utf8Decoder,
-    stops: StopMatcher,
-    events: mpsc::UnboundedSender<TokenEvent>,
-    finished: Option<FinishReason>,
-    /// Generated tokens already decoded into the KV cache, in order.
-    decoded: Vec<LlamaToken>,
-    /// False after a failed decode: what the cells hold is then unknown.
-    kv_trusted: bool,
-    /// Prompt tokens reused from the slot's cells at admission.
-    cached_prompt_tokens: usize,
-}
-
-impl Sequence {
-    /// The tokens whose KV cells this sequence holds, positions 0.. in order; `None` when
-    /// that is not known for sure.
-    fn tokens_in_kv(&self) -> Option<Vec<LlamaToken>> {
-        let held = self.prompt_done + self.decoded.len();
-        if !self.kv_trusted || held != self.n_past as usize {
-            return None;
-        }
-        let mut tokens = self.prompt[..self.prompt_done].to_vec();
-        tokens.extend_from_slice(&self.decoded);
-        Some(tokens)
-    }
-
-    fn is_prefilling(&self) -> bool {
-        self.prompt_done < self.prompt.len()
-    }
-
-    /// Decode steps until this sequence is expected to leave: the rest of its prompt (in
-    /// step-equivalents), then the tokens an average reply still has to come, never more
-    /// than its `max_tokens` allows. Until a reply has finished, the cap is the estimate.
-    fn expected_steps_left(
-        &self,
-        expected_reply: Option<f64>,
-        prefill_s_per_token: f64,
-        step_s: f64,
-    ) -> u32 {
-        let cap_left = self.max_new_tokens.saturating_sub(self.generated);
-        let reply_left = match expected_reply {
-            Some(tokens) => {
-                ((tokens - f64::from(self.generated)).ceil().max(1.0) as u32).min(cap_left)
-            }
-            None => cap_left,
-        };
-        let prompt_left = (self.prompt.len() - self.prompt_done) as f64;
-        let prefill_steps = if step_s > 0.0 {
-            (prompt_left * prefill_s_per_token / step_s).ceil() as u32
-        } else {
-            0
-        };
-        prefill_steps.saturating_add(reply_left)
-    }
-
-    fn send_text(&self, text: String) {
-        if !text.is_empty() {
-            // A closed receiver is noticed by the cancellation check before the next step.
-            let _ = self.events.send(TokenEvent::Text(text));
-        }
-    }
-}
-
-/// What one sequence contributes to the next decode call.
-#[derive(Debug, Clone, Copy)]
-enum Work {
-    Decode { seq: usize },
-    Prompt { seq: usize, tokens: usize },
-}
-
-impl Work {
-    fn seq(self) -> usize {
-        match self {
-            Work::Decode { seq } | Work::Prompt { seq, .. } => seq,
-        }
-    }
-}
-
+/// The llama.cpp runner: owns the context and applies what the [`Scheduler`] decides.
 struct StepLoop<'m> {
     ctx: LlamaContext<'m>,
     model: &'m LlamaModel,
     batch: LlamaBatch<'static>,
-    batch_capacity: usize,
-    /// See [`schedule::prompt_chunks`].
-    prefill_chunk: usize,
+    scheduler: Scheduler<Requester>,
+    /// Per seq id: the live sequence's sampler (llama.cpp samplers are not `Send`, so they
+    /// are built here at admission rather than carried through the queue).
+    samplers: Vec<Option<LlamaSampler>>,
     total_cells: u32,
-    /// Sum of the live sequences' reservations.
-    reserved_cells: u32,
-    /// Ordered, so `pop_first` hands out the lowest free id: see [`Self::plan`].
-    free_seq_ids: BTreeSet<i32>,
-    /// Reuse a free slot's KV cells for a new prompt that starts with the same tokens.
-    prefix_cache: bool,
-    /// Per seq id: the tokens a free slot's cells still hold (empty while in use).
-    cached_prefix: Vec<Vec<LlamaToken>>,
-    /// Taken off the queue, not yet admitted (no slot or not enough free cells).
-    waiting: VecDeque<QueuedRequest>,
-    /// Admitted sequences, oldest first.
-    live: Vec<Sequence>,
     metrics: EngineMetrics,
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
@@ -540,35 +454,35 @@ struct StepLoop<'m> {
 }
 
 impl StepLoop<'_> {
-    fn run(&mut self, queue: &Receiver<QueuedRequest>) {
+    fn run(&mut self, queue: &Receiver<Queued>) {
         let mut queue_open = true;
         loop {
             if self.stop_requested() {
                 return;
             }
-            if self.live.is_empty() && self.waiting.is_empty() {
+            if self.scheduler.is_idle() {
                 if !queue_open {
                     return;
                 }
                 // Idle: wait for work, every engine handle gone, or a stop request.
                 match queue.recv_timeout(STOP_POLL) {
-                    Ok(request) => self.waiting.push_back(request),
+                    Ok(request) => self.scheduler.enqueue(request),
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while queue_open {
                 match queue.try_recv() {
-                    Ok(request) => self.waiting.push_back(request),
+                    Ok(request) => self.scheduler.enqueue(request),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => queue_open = false,
                 }
             }
-            self.drop_cancelled();
+            self.retire();
             self.admit();
-            if !self.live.is_empty() {
+            if !self.scheduler.live().is_empty() {
                 self.step();
-                self.retire_finished();
+                self.retire();
             }
             self.publish_load();
         }
@@ -600,7 +514,7 @@ impl StepLoop<'_> {
     /// predictions start from this machine's speed rather than from nothing.
     fn warm_up(&mut self) {
         const PROMPT: usize = 32;
-        let Some(seq_id) = self.free_seq_ids.first().copied() else {
+        let Some(seq_id) = self.scheduler.lowest_free_slot() else {
             return;
         };
         let token = self.model.vocab().bos();
@@ -640,149 +554,97 @@ impl StepLoop<'_> {
     }
 
     fn publish_load(&self) {
-        let queued: usize = self.waiting.iter().map(|r| r.prompt.len()).sum();
-        let prefilling: usize = self
-            .live
-            .iter()
-            .map(|s| s.prompt.len() - s.prompt_done)
-            .sum();
         let expected_reply = self.load.expected_completion_tokens();
         let (prefill_s_per_token, step_s) = (self.load.prefill_s_per_token(), self.load.step_s());
-        let mut steps_to_release: Vec<u32> = self
-            .live
-            .iter()
-            .map(|seq| seq.expected_steps_left(expected_reply, prefill_s_per_token, step_s))
-            .collect();
-        steps_to_release.sort_unstable();
-        self.metrics.free_slots.set(self.free_seq_ids.len() as i64);
-        let cells_in_use: i64 = self.live.iter().map(|s| i64::from(s.n_past)).sum();
+        let steps_to_release =
+            self.scheduler
+                .steps_to_release(expected_reply, prefill_s_per_token, step_s);
+        self.metrics
+            .free_slots
+            .set(self.scheduler.free_slots() as i64);
         self.metrics
             .kv_cache_usage
-            .set(cells_in_use as f64 / f64::from(self.total_cells.max(1)));
+            .set(self.scheduler.cells_in_use() as f64 / f64::from(self.total_cells.max(1)));
         self.load.set_occupancy(
-            self.live.len(),
-            self.waiting.len(),
-            queued + prefilling,
+            self.scheduler.live().len(),
+            self.scheduler.waiting().len(),
+            self.scheduler.pending_prompt_tokens(),
             steps_to_release,
         );
     }
 
-    /// Sequences whose receiver is gone (client disconnected) leave before the next step.
-    fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        self.waiting.retain(|request| !request.events.is_closed());
-        for _ in self.waiting.len()..before {
+    /// Sequences that are over, or whose client went away (it dropped the stream), leave:
+    /// their slot frees and their cells are cleared or kept as a prefix.
+    fn retire(&mut self) {
+        for _ in 0..self.scheduler.drop_waiting(Requester::is_gone) {
             self.metrics.waiting_requests.dec();
         }
-        let mut i = 0;
-        while i < self.live.len() {
-            if self.live[i].events.is_closed() {
-                let seq = self.live.remove(i);
+        for seq in self.scheduler.take_leaving(Requester::is_gone) {
+            if !seq.is_over() {
                 tracing::debug!(model = %self.model_id, seq_id = seq.seq_id, "client gone, sequence dropped");
-                self.release(seq);
-            } else {
-                i += 1;
             }
+            if let Release::Clear(seq_id) = self.scheduler.release(&seq) {
+                if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None) {
+                    tracing::error!(model = %self.model_id, seq_id, %err, "could not clear KV cells");
+                }
+            }
+            self.samplers[seq.seq_id as usize] = None;
+            // A sequence that ended on its own (stop, length) shows how long replies run.
+            let completed = (matches!(seq.state, SeqState::Finished(_)) && !seq.payload.is_gone())
+                .then_some(seq.generated);
+            self.load
+                .record_sequence(seq.payload.admitted_at.elapsed(), completed);
+            self.metrics.active_sequences.dec();
         }
     }
 
+    /// Gives each newly admitted sequence its cells (clearing a cached prefix past what it
+    /// shares), its sampler and its `prefill` span.
     fn admit(&mut self) {
-        let admitted = schedule::admit_count(
-            self.waiting.iter().map(QueuedRequest::reservation),
-            self.free_seq_ids.len(),
-            self.total_cells - self.reserved_cells,
-        );
-        for _ in 0..admitted {
-            let Some(request) = self.waiting.pop_front() else {
-                break;
-            };
-            let Some((seq_id, reused)) = self.take_slot(&request.prompt) else {
-                self.waiting.push_front(request);
-                break;
-            };
+        for admitted in self.scheduler.admit() {
+            let seq_id = admitted.seq_id;
             self.metrics.waiting_requests.dec();
             self.metrics.active_sequences.inc();
-            let reservation = request.reservation();
-            self.reserved_cells += reservation;
-            let admitted_at = Instant::now();
-            let queue_time = admitted_at - request.enqueued_at;
-            self.metrics.queue_time.observe(queue_time.as_secs_f64());
-            drop(request.queue_span);
-            let stage_span = tracing::debug_span!(
-                parent: &request.request_span,
+            if let Some(from) = admitted.clear_from {
+                let from = (from > 0).then_some(from);
+                if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), from, None) {
+                    tracing::error!(model = %self.model_id, seq_id, %err, "could not clear KV cells");
+                    let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+                    self.scheduler.forget_reuse(admitted.index);
+                }
+            }
+            let seq = self.scheduler.sequence_mut(admitted.index);
+            if seq.cached_prompt_tokens > 0 {
+                self.metrics
+                    .prefix_cache_tokens
+                    .inc_by(seq.cached_prompt_tokens as u64);
+            }
+            let requester = &mut seq.payload;
+            requester.admitted_at = Instant::now();
+            requester.queue_time = requester.admitted_at - requester.enqueued_at;
+            self.metrics
+                .queue_time
+                .observe(requester.queue_time.as_secs_f64());
+            // Replacing the `queue` span closes it.
+            requester.stage_span = tracing::debug_span!(
+                parent: &requester.request_span,
                 "prefill",
                 model = %self.model_id,
                 seq_id,
-                prompt_tokens = request.prompt.len(),
-                cached_tokens = reused,
+                prompt_tokens = seq.prompt.len(),
+                cached_tokens = seq.cached_prompt_tokens,
             );
-            self.live.push(Sequence {
-                seq_id,
-                admitted_at,
-                queue_time,
-                first_token_at: None,
-                request_span: request.request_span,
-                stage_span,
-                prompt: request.prompt,
-                prompt_done: reused,
-                n_past: reused as i32,
-                pending_token: None,
-                generated: 0,
-                max_new_tokens: request.max_new_tokens,
-                reservation,
-                sampler: build_sampler(
-                    self.model,
-                    &request.sampling,
-                    request.ignore_eos.then_some(&self.eog_tokens),
-                ),
-                utf8: Utf8Decoder::default(),
-                stops: StopMatcher::new(request.stop),
-                events: request.events,
-                finished: None,
-                decoded: Vec::new(),
-                kv_trusted: true,
-                cached_prompt_tokens: reused,
-            });
+            self.samplers[seq_id as usize] = Some(build_sampler(
+                self.model,
+                &requester.sampling,
+                requester.ignore_eos.then_some(&self.eog_tokens),
+            ));
         }
-    }
-
-    /// Takes a free slot for `prompt`; returns it and how many prompt tokens its cells
-    /// already hold (at least one token is always left to prefill: its logits give the
-    /// first sampled token). The cells past the shared prefix are cleared.
-    fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(i32, usize)> {
-        if !self.prefix_cache {
-            return Some((self.free_seq_ids.pop_first()?, 0));
-        }
-        let free: Vec<(i32, usize)> = self
-            .free_seq_ids
-            .iter()
-            .map(|&id| {
-                let cached = &self.cached_prefix[id as usize];
-                (id, schedule::common_prefix_len(cached, prompt))
-            })
-            .collect();
-        let (seq_id, shared) = schedule::pick_slot(&free)?;
-        self.free_seq_ids.remove(&seq_id);
-        let reused = shared.min(prompt.len().saturating_sub(1));
-        let cached = std::mem::take(&mut self.cached_prefix[seq_id as usize]);
-        // Cells of a slot with nothing cached were cleared when it was released.
-        if reused < cached.len() {
-            let from = (reused > 0).then_some(reused as u32);
-            if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), from, None) {
-                tracing::error!(model = %self.model_id, seq_id, %err, "could not clear KV cells");
-                let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
-                return Some((seq_id, 0));
-            }
-        }
-        if reused > 0 {
-            self.metrics.prefix_cache_tokens.inc_by(reused as u64);
-        }
-        Some((seq_id, reused))
     }
 
     /// One decode call over every live sequence, then sampling for each that produced logits.
     fn step(&mut self) {
-        let mut work = self.plan();
+        let mut work = self.scheduler.plan();
         let logits_at = loop {
             if work.is_empty() {
                 return;
@@ -811,16 +673,15 @@ impl StepLoop<'_> {
                 }
                 Err(DecodeError::NoKvCacheSlot) => {
                     // Reservations make this rare (cells can still run short, e.g. when
-                    // llama.cpp pads). Retry smaller: first without prompt chunks, then
-                    // by ending the newest sequence, which frees its cells.
-                    if work.iter().any(|w| matches!(w, Work::Prompt { .. })) {
-                        tracing::warn!(model = %self.model_id, "KV cache full: deferring prompt chunks");
-                        work.retain(|w| matches!(w, Work::Decode { .. }));
-                    } else if let Some(newest) = work.iter().map(|w| w.seq()).max() {
-                        // `live` is in admission order, so the largest index is the newest.
-                        tracing::warn!(model = %self.model_id, "KV cache full: ending the newest sequence");
-                        work.retain(|w| w.seq() != newest);
-                        self.finish(newest, FinishReason::Length);
+                    // llama.cpp pads). Retry smaller.
+                    match self.scheduler.shrink_for_kv(&mut work) {
+                        None => {
+                            tracing::warn!(model = %self.model_id, "KV cache full: deferring prompt chunks");
+                        }
+                        Some(newest) => {
+                            tracing::warn!(model = %self.model_id, "KV cache full: ending the newest sequence");
+                            self.finish(newest, FinishReason::Length);
+                        }
                     }
                 }
                 Err(err) => {
@@ -836,67 +697,17 @@ impl StepLoop<'_> {
         if sequences_in_step > self.metrics.batch_sequences_max.get() {
             self.metrics.batch_sequences_max.set(sequences_in_step);
         }
-        for w in &work {
-            let seq = &mut self.live[w.seq()];
-            match *w {
-                Work::Decode { .. } => {
-                    if let Some(token) = seq.pending_token.take() {
-                        seq.decoded.push(token);
-                    }
-                    seq.n_past += 1;
-                }
-                Work::Prompt { tokens, .. } => {
-                    seq.prompt_done += tokens;
-                    seq.n_past += tokens as i32;
-                }
-            }
-        }
+        self.scheduler.decoded(&work);
         for (w, batch_index) in work.iter().zip(logits_at) {
-            if let Some(batch_index) = batch_index {
-                let token = self.live[w.seq()].sampler.sample(&self.ctx, batch_index);
+            let Some(batch_index) = batch_index else {
+                continue;
+            };
+            let seq_id = self.scheduler.live()[w.seq()].seq_id;
+            if let Some(sampler) = self.samplers[seq_id as usize].as_mut() {
+                let token = sampler.sample(&self.ctx, batch_index);
                 self.accept_token(w.seq(), token);
             }
         }
-    }
-
-    /// Decode tokens get the batch budget first, then prompt chunks in admission order;
-    /// the batch itself is written in seq-id order.
-    fn plan(&self) -> Vec<Work> {
-        let mut work: Vec<Work> = self
-            .live
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.pending_token.is_some() && s.finished.is_none())
-            .map(|(seq, _)| Work::Decode { seq })
-            // Only when n_ctx clamps the batch below `slots`; the rest decode next step.
-            .take(self.batch_capacity)
-            .collect();
-        let prefilling: Vec<usize> = (0..self.live.len())
-            .filter(|&i| self.live[i].is_prefilling() && self.live[i].finished.is_none())
-            .collect();
-        let remaining: Vec<usize> = prefilling
-            .iter()
-            .map(|&i| self.live[i].prompt.len() - self.live[i].prompt_done)
-            .collect();
-        let chunks = schedule::prompt_chunks(
-            self.batch_capacity,
-            work.len(),
-            self.prefill_chunk,
-            &remaining,
-        );
-        work.extend(
-            prefilling
-                .into_iter()
-                .zip(chunks)
-                .filter(|&(_, tokens)| tokens > 0)
-                .map(|(seq, tokens)| Work::Prompt { seq, tokens }),
-        );
-        // With a split KV cache llama.cpp cuts a batch into micro-batches of sequences whose
-        // ids run consecutively in batch order (`split_equal(.., sequential = true)`); each
-        // micro-batch is a full pass over the weights. Writing the batch in seq-id order,
-        // with the lowest free ids handed out first, keeps a step to one pass.
-        work.sort_by_key(|w| self.live[w.seq()].seq_id);
-        work
     }
 
     /// Writes `work` into the batch; returns, per work item, the batch index whose logits
@@ -905,20 +716,16 @@ impl StepLoop<'_> {
         self.batch.clear();
         let mut logits_at = Vec::with_capacity(work.len());
         for w in work {
-            let seq = &self.live[w.seq()];
-            match *w {
-                Work::Decode { .. } => {
-                    let index = self.batch.n_tokens();
-                    if let Some(token) = seq.pending_token {
-                        self.batch.add(token, seq.n_past, &[seq.seq_id], true)?;
-                    }
-                    logits_at.push(Some(index));
+            let seq = &self.scheduler.live()[w.seq()];
+            match (*w, seq.state) {
+                (Work::Decode { .. }, SeqState::Generating { pending }) => {
+                    logits_at.push(Some(self.batch.n_tokens()));
+                    self.batch.add(pending, seq.n_past, &[seq.seq_id], true)?;
                 }
-                Work::Prompt { tokens, .. } => {
-                    let start = seq.prompt_done;
-                    let completes = start + tokens == seq.prompt.len();
+                (Work::Prompt { tokens, .. }, SeqState::Prefilling { done }) => {
+                    let completes = done + tokens == seq.prompt.len();
                     let mut index = None;
-                    for (offset, &token) in seq.prompt[start..start + tokens].iter().enumerate() {
+                    for (offset, &token) in seq.prompt[done..done + tokens].iter().enumerate() {
                         let wants_logits = completes && offset + 1 == tokens;
                         if wants_logits {
                             index = Some(self.batch.n_tokens());
@@ -932,6 +739,8 @@ impl StepLoop<'_> {
                     }
                     logits_at.push(index);
                 }
+                // The plan is made from these states in the same step.
+                _ => logits_at.push(None),
             }
         }
         Ok(logits_at)
@@ -939,17 +748,19 @@ impl StepLoop<'_> {
 
     /// Turns one sampled token into text for the client and decides whether the sequence ends.
     fn accept_token(&mut self, index: usize, token: LlamaToken) {
+        // A copy of the reference, so the vocabulary borrows the model, not `self`.
         let model = self.model;
         let vocab = model.vocab();
-        let seq = &mut self.live[index];
-        if seq.first_token_at.is_none() {
+        let seq = self.scheduler.sequence_mut(index);
+        let requester = &mut seq.payload;
+        if requester.first_token_at.is_none() {
             let now = Instant::now();
-            seq.first_token_at = Some(now);
+            requester.first_token_at = Some(now);
             self.metrics
                 .prefill_time
-                .observe((now - seq.admitted_at).as_secs_f64());
-            seq.stage_span = tracing::debug_span!(
-                parent: &seq.request_span,
+                .observe((now - requester.admitted_at).as_secs_f64());
+            requester.stage_span = tracing::debug_span!(
+                parent: &requester.request_span,
                 "decode",
                 model = %self.model_id,
                 seq_id = seq.seq_id,
@@ -960,38 +771,43 @@ impl StepLoop<'_> {
             self.finish(index, FinishReason::Stop);
             return;
         }
-        seq.generated += 1;
         let piece = vocab.token_to_piece(token, false, None);
-        let text = seq.utf8.push(&piece);
-        let matched = seq.stops.push(&text);
-        seq.send_text(matched.emit);
-        if matched.stopped {
+        let text = requester.utf8.push(&piece);
+        let matched = requester.stops.push(&text);
+        requester.send_text(matched.emit);
+        let stopped = matched.stopped;
+        if stopped {
             // Whatever was held back belongs to the stop string or comes after it.
-            seq.stops = StopMatcher::default();
-            seq.utf8 = Utf8Decoder::default();
+            requester.stops = StopMatcher::default();
+            requester.utf8 = Utf8Decoder::default();
+        }
+        self.scheduler.sampled(index, token);
+        let seq = &self.scheduler.live()[index];
+        if stopped {
             self.finish(index, FinishReason::Stop);
         } else if seq.generated >= seq.max_new_tokens {
             self.finish(index, FinishReason::Length);
-        } else {
-            seq.pending_token = Some(token);
         }
     }
 
     /// Sends the tail of the text and the final event; the sequence leaves at the end of the step.
     fn finish(&mut self, index: usize, reason: FinishReason) {
-        let seq = &mut self.live[index];
-        if seq.finished.is_some() {
+        let seq = self.scheduler.sequence_mut(index);
+        if seq.is_over() {
             return;
         }
-        let tail = seq.utf8.finish();
-        let mut text = seq.stops.push(&tail).emit;
-        text.push_str(&seq.stops.finish());
-        seq.send_text(text);
+        let requester = &mut seq.payload;
+        let tail = requester.utf8.finish();
+        let mut text = requester.stops.push(&tail).emit;
+        text.push_str(&requester.stops.finish());
+        requester.send_text(text);
         let now = Instant::now();
         // A sequence ended before its first token (context full) has no decode stage.
-        let first_token_at = seq.first_token_at.unwrap_or(now);
-        seq.stage_span.record("completion_tokens", seq.generated);
-        let _ = seq.events.send(TokenEvent::Finished {
+        let first_token_at = requester.first_token_at.unwrap_or(now);
+        requester
+            .stage_span
+            .record("completion_tokens", seq.generated);
+        let _ = requester.events.send(TokenEvent::Finished {
             finish_reason: reason,
             usage: Usage {
                 prompt_tokens: seq.prompt.len() as u32,
@@ -999,61 +815,23 @@ impl StepLoop<'_> {
                 cached_prompt_tokens: Some(seq.cached_prompt_tokens as u32),
             },
             timings: StageTimings {
-                queue: seq.queue_time,
-                prefill: first_token_at.saturating_duration_since(seq.admitted_at),
+                queue: requester.queue_time,
+                prefill: first_token_at.saturating_duration_since(requester.admitted_at),
                 decode: now.saturating_duration_since(first_token_at),
             },
         });
-        seq.finished = Some(reason);
-        seq.pending_token = None;
+        self.scheduler.finish(index, reason);
     }
 
     /// Ends every sequence in `work` with an error; they leave at the end of the step.
     fn fail(&mut self, work: &[Work], error: EngineError) {
         for w in work {
-            let seq = &mut self.live[w.seq()];
-            let _ = seq.events.send(TokenEvent::Failed(error.clone()));
-            seq.finished = Some(FinishReason::Stop);
-            seq.kv_trusted = false;
+            let _ = self.scheduler.live()[w.seq()]
+                .payload
+                .events
+                .send(TokenEvent::Failed(error.clone()));
         }
-    }
-
-    fn retire_finished(&mut self) {
-        let mut i = 0;
-        while i < self.live.len() {
-            if self.live[i].finished.is_some() {
-                let seq = self.live.remove(i);
-                self.release(seq);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Frees a sequence's KV cells and slot at once.
-    fn release(&mut self, seq: Sequence) {
-        // With the prefix cache the cells stay, and the slot remembers what they hold; a
-        // later prompt that starts the same way skips that much prefill.
-        let kept = self.prefix_cache.then(|| seq.tokens_in_kv()).flatten();
-        match kept {
-            Some(tokens) => self.cached_prefix[seq.seq_id as usize] = tokens,
-            None => {
-                if let Err(err) = self
-                    .ctx
-                    .clear_kv_cache_seq(Some(seq.seq_id as u32), None, None)
-                {
-                    tracing::error!(model = %self.model_id, seq_id = seq.seq_id, %err, "could not clear KV cells");
-                }
-            }
-        }
-        self.reserved_cells -= seq.reservation;
-        self.free_seq_ids.insert(seq.seq_id);
-        // A sequence that ended on its own (stop, length) shows how long replies run.
-        let completed =
-            (seq.finished.is_some() && !seq.events.is_closed()).then_some(seq.generated);
-        self.load
-            .record_sequence(seq.admitted_at.elapsed(), completed);
-        self.metrics.active_sequences.dec();
+        self.scheduler.fail(work);
     }
 }
 

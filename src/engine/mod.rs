@@ -8,6 +8,7 @@ pub mod llama;
 pub mod load;
 pub mod prompt;
 pub mod schedule;
+pub mod scripted;
 pub mod text;
 pub mod tokenizer;
 
@@ -18,59 +19,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-/// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
-/// by the API layer before it gets here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-/// Per-sequence sampling settings, already validated by the API layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy decoding.
-    pub temperature: f32,
-    /// 1.0 disables nucleus sampling.
-    pub top_p: f32,
-    /// 0 disables the top-k cut.
-    pub top_k: u32,
-    /// `None` draws a fresh seed per request.
-    pub seed: Option<u32>,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            // llama.cpp's default: it also keeps sampling cheap on a 262k vocabulary.
-            top_k: 40,
-            seed: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-        }
-    }
-}
+use crate::chat::{ChatMessage, SamplingParams};
 
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -82,8 +31,7 @@ pub struct GenerationRequest {
     /// already been clamped to it by the caller).
     pub max_tokens_cap: Option<u32>,
     pub stop: Vec<String>,
-    /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
-    /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
+    /// See [`crate::chat::ChatRequest::ignore_eos`].
     pub ignore_eos: bool,
     /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
     /// children. Not part of what the model generates.

@@ -17,7 +17,8 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::LogOptions;
 
 use super::tokenizer::GgufTokenizer;
-use super::{ChatMessage, EngineError};
+use super::EngineError;
+use crate::chat::ChatMessage;
 use crate::config::ModelConfig;
 
 /// Text the Rust tokenizer must split exactly as llama.cpp does before it is trusted:
@@ -131,11 +132,11 @@ impl Prompter {
     fn probe(&self, counter: &GgufTokenizer) -> Option<String> {
         let conversation = [
             ChatMessage {
-                role: super::Role::System,
+                role: crate::chat::Role::System,
                 content: "Answer briefly.".into(),
             },
             ChatMessage {
-                role: super::Role::User,
+                role: crate::chat::Role::User,
                 content: PROBE.into(),
             },
         ];

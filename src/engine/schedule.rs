@@ -1,7 +1,482 @@
-//! Continuous-batching policy, kept free of FFI so it can be tested on its own: who is
-//! admitted between steps, and how many prompt tokens each step may carry.
+//! Continuous batching as a pure scheduler, kept free of llama.cpp calls so it is tested on
+//! its own (as TGI tests `State::next_batch`): who is admitted between steps and into which
+//! slot, the KV cells each sequence reserves, the prefix-cache map, and the work of each
+//! decode step. The runner in [`super::llama`] owns the llama.cpp context; it asks the
+//! scheduler for work, applies it (batch, decode, KV clears), samples, and reports back.
 //!
-//! The step loop in [`super::llama`] asks these functions and carries out the answer.
+//! ```text
+//! enqueue ─► waiting ─admit─► live: Prefilling ─(last chunk decoded, token sampled)─► Generating
+//!                                    │                                                   │
+//!                                    └───────────── Finished / Failed ◄──────────────────┘
+//!                                                        │ retire
+//!                                                        ▼
+//!                                          slot free (cells cleared, or kept as a prefix)
+//! ```
+//!
+//! `P` is what the runner keeps per sequence (sampler, text decoder, event channel, spans);
+//! the scheduler carries it along and never looks inside.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use llama_cpp_2::token::LlamaToken;
+
+use super::FinishReason;
+
+/// A llama.cpp sequence id: one per slot.
+pub type SeqId = i32;
+
+/// Where one live sequence stands, as llama.cpp's server keeps one `slot_state` per slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqState {
+    /// `done` prompt tokens are in the KV cache; chunks keep coming until all are.
+    Prefilling { done: usize },
+    /// `pending` was sampled and sent; the next step decodes it.
+    Generating { pending: LlamaToken },
+    /// Ended (its last event is sent); it leaves at the end of the step.
+    Finished(FinishReason),
+    /// A decode failed: it leaves, and what its cells hold is unknown.
+    Failed,
+}
+
+/// A request that passed every check and waits for a slot.
+#[derive(Debug)]
+pub struct Waiting<P> {
+    pub prompt: Vec<LlamaToken>,
+    pub max_new_tokens: u32,
+    pub payload: P,
+}
+
+impl<P> Waiting<P> {
+    /// KV cells this request may need at most: it is admitted only when they are free.
+    pub fn reservation(&self) -> u32 {
+        self.prompt.len() as u32 + self.max_new_tokens
+    }
+}
+
+/// One admitted request holding a slot and KV cells.
+#[derive(Debug)]
+pub struct Sequence<P> {
+    pub seq_id: SeqId,
+    pub prompt: Vec<LlamaToken>,
+    pub state: SeqState,
+    /// Next free position of this sequence.
+    pub n_past: i32,
+    pub generated: u32,
+    pub max_new_tokens: u32,
+    pub reservation: u32,
+    /// Generated tokens already decoded into the KV cache, in order.
+    pub decoded: Vec<LlamaToken>,
+    /// Prompt tokens reused from the slot's cells at admission.
+    pub cached_prompt_tokens: usize,
+    pub payload: P,
+}
+
+impl<P> Sequence<P> {
+    /// Prompt tokens in the KV cache.
+    pub fn prompt_done(&self) -> usize {
+        match self.state {
+            SeqState::Prefilling { done } => done,
+            _ => self.prompt.len(),
+        }
+    }
+
+    pub fn prompt_left(&self) -> usize {
+        self.prompt.len() - self.prompt_done()
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self.state, SeqState::Finished(_) | SeqState::Failed)
+    }
+
+    /// The tokens whose KV cells this sequence holds, positions 0.. in order; `None` when
+    /// that is not known for sure (a failed decode, or cells not matching the count).
+    pub fn tokens_in_kv(&self) -> Option<Vec<LlamaToken>> {
+        let done = match self.state {
+            SeqState::Failed => return None,
+            SeqState::Prefilling { done } => done,
+            _ => self.prompt.len(),
+        };
+        if done + self.decoded.len() != self.n_past as usize {
+            return None;
+        }
+        let mut tokens = self.prompt[..done].to_vec();
+        tokens.extend_from_slice(&self.decoded);
+        Some(tokens)
+    }
+
+    /// Decode steps until this sequence is expected to leave: the rest of its prompt (in
+    /// step-equivalents), then the tokens an average reply still has to come, never more
+    /// than its `max_tokens` allows. Until a reply has finished, the cap is the estimate.
+    pub fn expected_steps_left(
+        &self,
+        expected_reply: Option<f64>,
+        prefill_s_per_token: f64,
+        step_s: f64,
+    ) -> u32 {
+        let cap_left = self.max_new_tokens.saturating_sub(self.generated);
+        let reply_left = match expected_reply {
+            Some(tokens) => {
+                ((tokens - f64::from(self.generated)).ceil().max(1.0) as u32).min(cap_left)
+            }
+            None => cap_left,
+        };
+        let prefill_steps = if step_s > 0.0 {
+            (self.prompt_left() as f64 * prefill_s_per_token / step_s).ceil() as u32
+        } else {
+            0
+        };
+        prefill_steps.saturating_add(reply_left)
+    }
+}
+
+/// What one live sequence (by its index in [`Scheduler::live`]) contributes to a decode call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    Decode { seq: usize },
+    Prompt { seq: usize, tokens: usize },
+}
+
+impl Work {
+    pub fn seq(self) -> usize {
+        match self {
+            Work::Decode { seq } | Work::Prompt { seq, .. } => seq,
+        }
+    }
+}
+
+/// A sequence just admitted, for the runner to prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Index in [`Scheduler::live`].
+    pub index: usize,
+    pub seq_id: SeqId,
+    /// Prompt tokens whose cells the slot already holds.
+    pub reused: usize,
+    /// Cells from this position on must be cleared first (the slot's cached prefix went
+    /// further than this prompt shares); `Some(0)` clears the slot.
+    pub clear_from: Option<u32>,
+}
+
+/// What to do with a leaving sequence's cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Clear them.
+    Clear(SeqId),
+    /// Keep them: the slot remembers them as a prefix for the next prompt.
+    Keep(SeqId),
+}
+
+/// The scheduler's settings, fixed when the model loads.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub slots: u32,
+    /// KV cells in the context (all slots together).
+    pub total_cells: u32,
+    /// Tokens one decode call may carry (llama.cpp's `n_batch`).
+    pub batch_capacity: usize,
+    /// See [`prompt_chunks`].
+    pub prefill_chunk: usize,
+    /// Keep a leaving sequence's cells as a prefix for the next prompt in its slot.
+    pub prefix_cache: bool,
+}
+
+pub struct Scheduler<P> {
+    limits: Limits,
+    /// Sum of the live sequences' reservations.
+    reserved_cells: u32,
+    /// Ordered, so `pop_first` hands out the lowest free id: see [`Scheduler::plan`].
+    free_seq_ids: BTreeSet<SeqId>,
+    /// Per seq id: the tokens a free slot's cells still hold (empty while in use).
+    cached_prefix: Vec<Vec<LlamaToken>>,
+    /// Not yet admitted (no slot or not enough free cells), oldest first.
+    waiting: VecDeque<Waiting<P>>,
+    /// Admitted, oldest first.
+    live: Vec<Sequence<P>>,
+}
+
+impl<P> Scheduler<P> {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            reserved_cells: 0,
+            free_seq_ids: (0..limits.slots as SeqId).collect(),
+            cached_prefix: vec![Vec::new(); limits.slots as usize],
+            waiting: VecDeque::new(),
+            live: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn enqueue(&mut self, request: Waiting<P>) {
+        self.waiting.push_back(request);
+    }
+
+    pub fn waiting(&self) -> &VecDeque<Waiting<P>> {
+        &self.waiting
+    }
+
+    pub fn live(&self) -> &[Sequence<P>] {
+        &self.live
+    }
+
+    pub fn sequence_mut(&mut self, index: usize) -> &mut Sequence<P> {
+        &mut self.live[index]
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.live.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn free_slots(&self) -> usize {
+        self.free_seq_ids.len()
+    }
+
+    /// The lowest free slot, for a warm-up decode before any request.
+    pub fn lowest_free_slot(&self) -> Option<SeqId> {
+        self.free_seq_ids.first().copied()
+    }
+
+    /// Prompt tokens not yet in the KV cache: the waiting requests' and the rest of the
+    /// prefilling ones'.
+    pub fn pending_prompt_tokens(&self) -> usize {
+        let queued: usize = self.waiting.iter().map(|r| r.prompt.len()).sum();
+        let prefilling: usize = self.live.iter().map(Sequence::prompt_left).sum();
+        queued + prefilling
+    }
+
+    /// KV cells the live sequences use now.
+    pub fn cells_in_use(&self) -> u64 {
+        self.live.iter().map(|s| s.n_past as u64).sum()
+    }
+
+    /// Removes the waiting requests `gone` says are gone; returns how many.
+    pub fn drop_waiting(&mut self, gone: impl Fn(&P) -> bool) -> usize {
+        let before = self.waiting.len();
+        self.waiting.retain(|request| !gone(&request.payload));
+        before - self.waiting.len()
+    }
+
+    /// Takes out the live sequences `gone` says are gone, and those that are over; the
+    /// runner then hands each to [`Scheduler::release`].
+    pub fn take_leaving(&mut self, gone: impl Fn(&P) -> bool) -> Vec<Sequence<P>> {
+        let (leaving, staying) = std::mem::take(&mut self.live)
+            .into_iter()
+            .partition(|seq| seq.is_over() || gone(&seq.payload));
+        self.live = staying;
+        leaving
+    }
+
+    /// Admits waiting requests in arrival order while a slot and their reservation are free.
+    pub fn admit(&mut self) -> Vec<Admitted> {
+        let admitted = admit_count(
+            self.waiting.iter().map(Waiting::reservation),
+            self.free_seq_ids.len(),
+            self.limits.total_cells - self.reserved_cells,
+        );
+        let mut out = Vec::with_capacity(admitted);
+        for _ in 0..admitted {
+            let Some(request) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some((seq_id, reused, clear_from)) = self.take_slot(&request.prompt) else {
+                self.waiting.push_front(request);
+                break;
+            };
+            let reservation = request.reservation();
+            self.reserved_cells += reservation;
+            out.push(Admitted {
+                index: self.live.len(),
+                seq_id,
+                reused,
+                clear_from,
+            });
+            self.live.push(Sequence {
+                seq_id,
+                prompt: request.prompt,
+                state: SeqState::Prefilling { done: reused },
+                n_past: reused as i32,
+                generated: 0,
+                max_new_tokens: request.max_new_tokens,
+                reservation,
+                decoded: Vec::new(),
+                cached_prompt_tokens: reused,
+                payload: request.payload,
+            });
+        }
+        out
+    }
+
+    /// Takes a free slot for `prompt`: the slot, how many prompt tokens its cells already
+    /// hold (at least one token is always left to prefill: its logits give the first
+    /// sampled token), and from where its cells must be cleared.
+    fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(SeqId, usize, Option<u32>)> {
+        if !self.limits.prefix_cache {
+            return Some((self.free_seq_ids.pop_first()?, 0, None));
+        }
+        let free: Vec<(SeqId, usize)> = self
+            .free_seq_ids
+            .iter()
+            .map(|&id| {
+                let cached = &self.cached_prefix[id as usize];
+                (id, common_prefix_len(cached, prompt))
+            })
+            .collect();
+        let (seq_id, shared) = pick_slot(&free)?;
+        self.free_seq_ids.remove(&seq_id);
+        let reused = shared.min(prompt.len().saturating_sub(1));
+        let cached = std::mem::take(&mut self.cached_prefix[seq_id as usize]);
+        // Cells of a slot with nothing cached were cleared when it was released.
+        let clear_from = (reused < cached.len()).then_some(reused as u32);
+        Some((seq_id, reused, clear_from))
+    }
+
+    /// The runner could not clear a reused slot's cells past the prefix and cleared the
+    /// whole slot instead: the sequence prefills its prompt from the start.
+    pub fn forget_reuse(&mut self, index: usize) {
+        let seq = &mut self.live[index];
+        seq.state = SeqState::Prefilling { done: 0 };
+        seq.n_past = 0;
+        seq.cached_prompt_tokens = 0;
+    }
+
+    /// The next decode call's work: every generating sequence's token first (only when
+    /// n_ctx clamps the batch below `slots` do some wait a step), then prompt chunks in
+    /// admission order. Written in seq-id order: with a split KV cache llama.cpp cuts a
+    /// batch into micro-batches of sequences whose ids run consecutively in batch order
+    /// (`split_equal(.., sequential = true)`), each a full pass over the weights; the
+    /// lowest free ids are handed out first, so a step stays one pass.
+    pub fn plan(&self) -> Vec<Work> {
+        let mut work: Vec<Work> = self
+            .live
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.state, SeqState::Generating { .. }))
+            .map(|(seq, _)| Work::Decode { seq })
+            .take(self.limits.batch_capacity)
+            .collect();
+        let prefilling: Vec<usize> = (0..self.live.len())
+            .filter(|&i| {
+                matches!(self.live[i].state, SeqState::Prefilling { .. })
+                    && self.live[i].prompt_left() > 0
+            })
+            .collect();
+        let remaining: Vec<usize> = prefilling
+            .iter()
+            .map(|&i| self.live[i].prompt_left())
+            .collect();
+        let chunks = prompt_chunks(
+            self.limits.batch_capacity,
+            work.len(),
+            self.limits.prefill_chunk,
+            &remaining,
+        );
+        work.extend(
+            prefilling
+                .into_iter()
+                .zip(chunks)
+                .filter(|&(_, tokens)| tokens > 0)
+                .map(|(seq, tokens)| Work::Prompt { seq, tokens }),
+        );
+        work.sort_by_key(|w| self.live[w.seq()].seq_id);
+        work
+    }
+
+    /// The decode call for `work` succeeded: the cells now hold what it carried.
+    pub fn decoded(&mut self, work: &[Work]) {
+        for w in work {
+            let seq = &mut self.live[w.seq()];
+            match (*w, seq.state) {
+                (Work::Decode { .. }, SeqState::Generating { pending }) => {
+                    seq.decoded.push(pending);
+                    seq.n_past += 1;
+                }
+                (Work::Prompt { tokens, .. }, SeqState::Prefilling { done }) => {
+                    seq.state = SeqState::Prefilling {
+                        done: done + tokens,
+                    };
+                    seq.n_past += tokens as i32;
+                }
+                // Planned work always matches the state it was planned from.
+                _ => {}
+            }
+        }
+    }
+
+    /// A token was sampled for live sequence `index` and sent: it is decoded next step.
+    pub fn sampled(&mut self, index: usize, token: LlamaToken) {
+        let seq = &mut self.live[index];
+        seq.generated += 1;
+        seq.state = SeqState::Generating { pending: token };
+    }
+
+    /// Ends live sequence `index`; it leaves at the next [`Scheduler::take_leaving`].
+    pub fn finish(&mut self, index: usize, reason: FinishReason) {
+        let seq = &mut self.live[index];
+        if !seq.is_over() {
+            seq.state = SeqState::Finished(reason);
+        }
+    }
+
+    /// A decode carrying these sequences failed: they end, and their cells are not trusted.
+    pub fn fail(&mut self, work: &[Work]) {
+        for w in work {
+            self.live[w.seq()].state = SeqState::Failed;
+        }
+    }
+
+    /// The KV cache was full for `work`: shrink it for a retry. Prompt chunks are dropped
+    /// first; with only decodes left, the newest sequence is ended (its cells free). Returns
+    /// the sequence ended that way, which the runner must tell its client about.
+    pub fn shrink_for_kv(&mut self, work: &mut Vec<Work>) -> Option<usize> {
+        if work.iter().any(|w| matches!(w, Work::Prompt { .. })) {
+            work.retain(|w| matches!(w, Work::Decode { .. }));
+            return None;
+        }
+        // `live` is in admission order, so the largest index is the newest.
+        let newest = work.iter().map(|w| w.seq()).max()?;
+        work.retain(|w| w.seq() != newest);
+        Some(newest)
+    }
+
+    /// Frees a leaving sequence's slot and reservation; says what to do with its cells.
+    pub fn release(&mut self, seq: &Sequence<P>) -> Release {
+        self.reserved_cells -= seq.reservation;
+        self.free_seq_ids.insert(seq.seq_id);
+        // With the prefix cache the cells stay, and the slot remembers what they hold; a
+        // later prompt that starts the same way skips that much prefill.
+        match self
+            .limits
+            .prefix_cache
+            .then(|| seq.tokens_in_kv())
+            .flatten()
+        {
+            Some(tokens) => {
+                self.cached_prefix[seq.seq_id as usize] = tokens;
+                Release::Keep(seq.seq_id)
+            }
+            None => Release::Clear(seq.seq_id),
+        }
+    }
+
+    /// Decode steps until each live sequence is expected to leave, soonest first.
+    pub fn steps_to_release(
+        &self,
+        expected_reply: Option<f64>,
+        prefill_s_per_token: f64,
+        step_s: f64,
+    ) -> Vec<u32> {
+        let mut steps: Vec<u32> = self
+            .live
+            .iter()
+            .map(|seq| seq.expected_steps_left(expected_reply, prefill_s_per_token, step_s))
+            .collect();
+        steps.sort_unstable();
+        steps
+    }
+}
 
 /// How many of the waiting requests (in arrival order, each given by the KV cells it
 /// reserves: prompt plus the most tokens it may generate) can start now.
@@ -153,5 +628,246 @@ mod tests {
     #[test]
     fn a_full_batch_of_decodes_leaves_no_prompt_budget() {
         assert_eq!(prompt_chunks(4, 4, 512, &[10]), vec![0]);
+    }
+
+    // ---- Scheduler -------------------------------------------------------------------
+
+    fn tokens(ids: &[i32]) -> Vec<LlamaToken> {
+        ids.iter().map(|&t| LlamaToken(t)).collect()
+    }
+
+    fn limits(slots: u32, total_cells: u32, prefix_cache: bool) -> Limits {
+        Limits {
+            slots,
+            total_cells,
+            batch_capacity: 512,
+            prefill_chunk: 128,
+            prefix_cache,
+        }
+    }
+
+    fn request(name: &'static str, prompt: &[i32], max_new_tokens: u32) -> Waiting<&'static str> {
+        Waiting {
+            prompt: tokens(prompt),
+            max_new_tokens,
+            payload: name,
+        }
+    }
+
+    /// Decodes whatever is planned and samples `token` for every sequence with logits.
+    fn step(s: &mut Scheduler<&'static str>, token: i32) -> Vec<Work> {
+        let work = s.plan();
+        s.decoded(&work);
+        for w in &work {
+            let seq = &s.live()[w.seq()];
+            let has_logits = matches!(w, Work::Decode { .. }) || seq.prompt_left() == 0;
+            if has_logits {
+                s.sampled(w.seq(), LlamaToken(token));
+            }
+        }
+        work
+    }
+
+    #[test]
+    fn admission_takes_the_lowest_free_slots_in_arrival_order() {
+        let mut s = Scheduler::new(limits(2, 1000, false));
+        for name in ["a", "b", "c"] {
+            s.enqueue(request(name, &[1, 2, 3], 10));
+        }
+        let admitted = s.admit();
+        assert_eq!(
+            admitted.iter().map(|a| a.seq_id).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(s.live()[0].payload, "a");
+        assert_eq!(s.live()[1].payload, "b");
+        assert_eq!(s.waiting().len(), 1, "c waits for a slot");
+        assert_eq!(s.free_slots(), 0);
+    }
+
+    #[test]
+    fn reservations_hold_cells_until_release() {
+        // 100 cells: a (60) fits, b (60) must wait although a slot is free.
+        let mut s = Scheduler::new(limits(4, 100, false));
+        s.enqueue(request("a", &[1; 10], 50));
+        s.enqueue(request("b", &[1; 10], 50));
+        assert_eq!(s.admit().len(), 1);
+        assert_eq!(s.waiting().len(), 1);
+        s.finish(0, FinishReason::Stop);
+        let leaving = s.take_leaving(|_| false);
+        assert_eq!(leaving.len(), 1);
+        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+        let admitted = s.admit();
+        assert_eq!(admitted.len(), 1, "a's cells came back");
+        assert_eq!(admitted[0].seq_id, 0, "and its slot is the lowest again");
+    }
+
+    #[test]
+    fn a_sequence_prefills_in_chunks_then_generates_until_finished() {
+        let mut s = Scheduler::new(Limits {
+            batch_capacity: 4,
+            ..limits(1, 100, false)
+        });
+        s.enqueue(request("a", &[1, 2, 3, 4, 5, 6], 3));
+        s.admit();
+        // Nothing is generating, so the prompt takes the whole batch: 4, then 2.
+        assert_eq!(step(&mut s, 9), [Work::Prompt { seq: 0, tokens: 4 }]);
+        assert_eq!(s.live()[0].state, SeqState::Prefilling { done: 4 });
+        assert_eq!(step(&mut s, 9), [Work::Prompt { seq: 0, tokens: 2 }]);
+        assert_eq!(
+            s.live()[0].state,
+            SeqState::Generating {
+                pending: LlamaToken(9)
+            }
+        );
+        assert_eq!(step(&mut s, 8), [Work::Decode { seq: 0 }]);
+        let seq = &s.live()[0];
+        assert_eq!((seq.n_past, seq.generated), (7, 2));
+        assert_eq!(seq.decoded, tokens(&[9]));
+        s.finish(0, FinishReason::Length);
+        assert!(s.plan().is_empty(), "a finished sequence gets no work");
+    }
+
+    #[test]
+    fn decodes_come_first_and_the_batch_is_written_in_seq_id_order() {
+        let mut s = Scheduler::new(limits(3, 1000, false));
+        s.enqueue(request("a", &[1, 2], 10));
+        s.enqueue(request("b", &[1, 2], 10));
+        s.admit();
+        step(&mut s, 5);
+        // b leaves; c arrives into slot 1, after a (slot 0) and behind nothing.
+        s.finish(1, FinishReason::Stop);
+        for seq in s.take_leaving(|_| false) {
+            s.release(&seq);
+        }
+        s.enqueue(request("c", &[7; 300], 10));
+        s.admit();
+        let work = s.plan();
+        assert_eq!(
+            work,
+            [
+                Work::Decode { seq: 0 },
+                Work::Prompt {
+                    seq: 1,
+                    tokens: 128
+                }
+            ],
+            "a decodes; c's prompt is held to the prefill chunk while a generates"
+        );
+        assert_eq!(s.live()[1].seq_id, 1);
+    }
+
+    #[test]
+    fn a_client_gone_frees_its_slot_whatever_its_state() {
+        let mut s = Scheduler::new(limits(2, 1000, false));
+        s.enqueue(request("a", &[1, 2], 10));
+        s.enqueue(request("b", &[1, 2], 10));
+        s.enqueue(request("c", &[1, 2], 10));
+        s.admit();
+        assert_eq!(s.drop_waiting(|p| *p == "c"), 1);
+        let leaving = s.take_leaving(|p| *p == "a");
+        assert_eq!(leaving.len(), 1);
+        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+        assert_eq!(s.live().len(), 1);
+        assert_eq!(s.free_slots(), 1);
+        assert!(s.waiting().is_empty());
+    }
+
+    #[test]
+    fn with_the_prefix_cache_a_finished_sequence_keeps_its_cells_for_the_next_prompt() {
+        let mut s = Scheduler::new(limits(2, 1000, true));
+        s.enqueue(request("a", &[1, 2, 3, 4], 2));
+        s.admit();
+        step(&mut s, 5);
+        step(&mut s, 6);
+        s.finish(0, FinishReason::Length);
+        let leaving = s.take_leaving(|_| false);
+        // The cells hold the prompt and the one generated token decoded so far.
+        assert_eq!(leaving[0].tokens_in_kv(), Some(tokens(&[1, 2, 3, 4, 5])));
+        assert_eq!(s.release(&leaving[0]), Release::Keep(0));
+
+        // A next turn that starts with the same five tokens reuses them all.
+        s.enqueue(request("b", &[1, 2, 3, 4, 5, 8, 9], 2));
+        let admitted = s.admit();
+        assert_eq!(
+            admitted,
+            [Admitted {
+                index: 0,
+                seq_id: 0,
+                reused: 5,
+                clear_from: None
+            }]
+        );
+        assert_eq!(s.live()[0].state, SeqState::Prefilling { done: 5 });
+        assert_eq!(s.plan(), [Work::Prompt { seq: 0, tokens: 2 }]);
+    }
+
+    #[test]
+    fn a_prompt_that_diverges_clears_the_cached_cells_past_the_shared_prefix() {
+        let mut s = Scheduler::new(limits(1, 1000, true));
+        s.enqueue(request("a", &[1, 2, 3, 4], 1));
+        s.admit();
+        step(&mut s, 5);
+        s.finish(0, FinishReason::Length);
+        for seq in s.take_leaving(|_| false) {
+            s.release(&seq);
+        }
+        s.enqueue(request("b", &[1, 2, 9], 1));
+        let admitted = s.admit();
+        assert_eq!(admitted[0].reused, 2);
+        assert_eq!(admitted[0].clear_from, Some(2));
+        step(&mut s, 5);
+        s.finish(0, FinishReason::Stop);
+        for seq in s.take_leaving(|_| false) {
+            s.release(&seq);
+        }
+        // A prompt the cells hold whole: one token is still left to prefill, for its logits.
+        s.enqueue(request("c", &[1, 2], 1));
+        let admitted = s.admit();
+        assert_eq!(admitted[0].reused, 1);
+        assert_eq!(admitted[0].clear_from, Some(1));
+        s.forget_reuse(0);
+        assert_eq!(s.live()[0].state, SeqState::Prefilling { done: 0 });
+        assert_eq!(s.live()[0].n_past, 0);
+    }
+
+    #[test]
+    fn a_failed_sequence_never_leaves_a_prefix_behind() {
+        let mut s = Scheduler::new(limits(1, 1000, true));
+        s.enqueue(request("a", &[1, 2, 3], 4));
+        s.admit();
+        let work = s.plan();
+        s.fail(&work);
+        let leaving = s.take_leaving(|_| false);
+        assert_eq!(leaving[0].state, SeqState::Failed);
+        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+    }
+
+    #[test]
+    fn a_full_kv_cache_drops_prompt_chunks_first_then_ends_the_newest_sequence() {
+        let mut s = Scheduler::new(limits(3, 1000, false));
+        s.enqueue(request("a", &[1], 10));
+        s.enqueue(request("b", &[1], 10));
+        s.admit();
+        step(&mut s, 5);
+        s.enqueue(request("c", &[1, 2, 3], 10));
+        s.admit();
+        let mut work = s.plan();
+        assert_eq!(work.len(), 3);
+        assert_eq!(s.shrink_for_kv(&mut work), None);
+        assert_eq!(work, [Work::Decode { seq: 0 }, Work::Decode { seq: 1 }]);
+        assert_eq!(s.shrink_for_kv(&mut work), Some(1));
+        assert_eq!(work, [Work::Decode { seq: 0 }]);
+    }
+
+    #[test]
+    fn steps_to_release_are_sorted_and_count_the_prompt_left() {
+        let mut s = Scheduler::new(limits(2, 1000, false));
+        s.enqueue(request("a", &[1; 10], 100));
+        s.enqueue(request("b", &[1; 10], 5));
+        s.admit();
+        // b: 10 prompt tokens at 0.01 s each over 0.05 s steps = 2 steps, then 5 tokens.
+        assert_eq!(s.steps_to_release(None, 0.01, 0.05), [7, 102]);
+        assert_eq!(s.pending_prompt_tokens(), 20);
     }
 }

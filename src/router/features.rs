@@ -13,7 +13,7 @@ use regex::Regex;
 use serde::Serialize;
 use unicode_script::{Script, UnicodeScript};
 
-use crate::engine::{ChatMessage, Role};
+use crate::chat::{ChatMessage, Role};
 
 /// Who is asking, from the request's headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! request ─► Features::extract (text signals, caller) ─► Policy::route ─► Route
 //!                                                          │ asks lazily, per tier
 //!                                                          ▼
-//!                                                  TokenCounter (the tier's own tokenizer)
+//!                                  TokenCounter (the tier's own tokenizer, from crate::tiers)
 //! ```
 //!
 //! The live [`Policy`] sits in a [`PolicyStore`]; a reload builds a whole new policy and
@@ -16,52 +16,14 @@ pub mod policy;
 pub mod reload;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 pub use features::{Caller, Features};
 pub use policy::{CacheMode, Explanation, Policy, Route, TokenCounter};
 
-use crate::engine::ChatMessage;
 use crate::tomlfile::Problems;
-
-/// Counts a conversation's prompt tokens on a tier's own tokenizer.
-pub trait Tokenizers: Send + Sync {
-    fn count(&self, tier: &str, messages: &[ChatMessage]) -> Result<u32, String>;
-}
-
-/// One request's messages bound to the tokenizers, as the policy's [`TokenCounter`].
-/// Counts are remembered per tier for the whole request: routing, the token quota and
-/// the TTFT prediction all ask, and tokenizing a long prompt costs milliseconds.
-pub struct RequestTokens<'a> {
-    tokenizers: &'a dyn Tokenizers,
-    messages: &'a [ChatMessage],
-    counted: Mutex<Vec<(String, Result<u32, String>)>>,
-}
-
-impl<'a> RequestTokens<'a> {
-    pub fn new(tokenizers: &'a dyn Tokenizers, messages: &'a [ChatMessage]) -> Self {
-        Self {
-            tokenizers,
-            messages,
-            counted: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-impl TokenCounter for RequestTokens<'_> {
-    fn prompt_tokens(&self, tier: &str) -> Result<u32, String> {
-        // Plain data behind the lock: a poisoned one is still consistent.
-        let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, count)) = counted.iter().find(|(t, _)| t == tier) {
-            return count.clone();
-        }
-        let count = self.tokenizers.count(tier, self.messages);
-        counted.push((tier.to_owned(), count.clone()));
-        count
-    }
-}
 
 /// The policy now in force, and how to build the next one.
 pub struct PolicyStore {

@@ -863,7 +863,7 @@ pub fn resolve_paths(base: &Path, files: &[PathBuf]) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{ChatMessage, Role};
+    use crate::chat::{ChatMessage, Role};
     use crate::router::Caller;
 
     /// Counts one token per four bytes: enough to exercise token thresholds.

@@ -112,12 +112,24 @@ impl TestServer {
     }
 
     pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.post_as(None, None, body).await
+    }
+
+    /// Sends a chat request with an API key and a route hint (`x-tiergate-route-hint`).
+    pub async fn post_as(
+        &self,
+        api_key: Option<&str>,
+        hint: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut request = self.client.post(self.url("/v1/chat/completions"));
+        if let Some(api_key) = api_key {
+            request = request.bearer_auth(api_key);
+        }
+        if let Some(hint) = hint {
+            request = request.header("x-tiergate-route-hint", hint);
+        }
+        request.json(body).send().await.expect("request sent")
     }
 
     /// Non-streaming completion that must succeed.
@@ -217,6 +229,32 @@ pub fn streamed_text(payloads: &[String]) -> String {
 
 pub fn user(content: &str) -> Value {
     json!([{"role": "user", "content": content}])
+}
+
+/// A request body for a greedy (temperature 0) reply from `model`.
+pub fn greedy(model: &str, content: &str, max_tokens: u32) -> Value {
+    json!({"model": model, "messages": user(content), "temperature": 0, "max_tokens": max_tokens})
+}
+
+/// A response header as text.
+pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Polls `condition` every 50 ms until it holds; fails the test after `within`.
+pub async fn wait_until<F, Fut>(within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Reads at least `at_least` bytes of a streaming body, leaving the rest unread.

@@ -1,0 +1,494 @@
+//! Keeping a request's latency budget: choose where its reply comes from.
+//!
+//! Tried in order along the degrade path (the routed tier, then each smaller one):
+//!
+//! 1. a fresh cached reply for that tier;
+//! 2. the tier itself, if its predicted time to first token fits what is left of the
+//!    budget (an identical running generation is joined instead of started);
+//! 3. after admission, a watchdog: no first token in time cancels the sequence (freeing its
+//!    slot) and moves on. It fires early enough that the next tier can still answer
+//!    within the same budget (see [`hedge`]).
+//!
+//! When no tier fits, a stale reply within `max_stale` is served, else [`BudgetError::Exhausted`]
+//! names every tier tried and why it was passed over, with a `Retry-After` from the
+//! smallest predicted overrun (TensorZero collects every provider's error the same way).
+//!
+//! Deadlines are on tokio's clock, so tests run this under a paused clock.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cache::{self, Follower, Freshness, Lookup, ReplyCache, ReplyKey};
+use crate::engine::{EngineError, GenerationRequest, StageTimings, TokenEvent, TokenStream};
+use crate::metrics::{CacheLabels, DegradeLabels, Metrics, TierLabels};
+use crate::router::{CacheMode, Route, TokenCounter};
+use crate::tiers::Tiers;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DegradeReason {
+    /// The tier's live queue state predicted a first token after the budget.
+    PredictedTtft,
+    /// The tier's queue was full.
+    QueueFull,
+    /// Admitted, but no first token came within the budget; the sequence was cancelled.
+    TtftWatchdog,
+}
+
+impl DegradeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DegradeReason::PredictedTtft => "predicted_ttft",
+            DegradeReason::QueueFull => "queue_full",
+            DegradeReason::TtftWatchdog => "ttft_watchdog",
+        }
+    }
+}
+
+/// The request was served somewhere other than where the policy routed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degradation {
+    pub from: String,
+    pub to: String,
+    pub reason: DegradeReason,
+}
+
+/// `x-tiergate-degraded: full->fast; reason=predicted_ttft`
+impl fmt::Display for Degradation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}->{}; reason={}",
+            self.from,
+            self.to,
+            self.reason.as_str()
+        )
+    }
+}
+
+/// How the cache took part in a reply, for `x-tiergate-cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Generated here and stored for the next identical request.
+    Miss,
+    /// Followed an identical generation that was already running.
+    Shared,
+    Hit,
+    /// Past its TTL, served because no tier could answer in time.
+    Stale,
+}
+
+impl CacheUse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheUse::Miss => "miss",
+            CacheUse::Shared => "shared",
+            CacheUse::Hit => "hit",
+            CacheUse::Stale => "stale",
+        }
+    }
+
+    /// Whether this response ran its own generation (and so counts its tokens).
+    pub fn generated(self) -> bool {
+        self == CacheUse::Miss
+    }
+
+    /// Whether the reply is a replay of stored text rather than a generation.
+    pub fn replayed(self) -> bool {
+        matches!(self, CacheUse::Hit | CacheUse::Stale)
+    }
+}
+
+/// One tier the planner passed over, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassedOver {
+    pub tier: String,
+    pub why: String,
+}
+
+impl fmt::Display for PassedOver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.tier, self.why)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BudgetError {
+    /// No tier on the degrade path could answer within the budget, and no stale reply was
+    /// kept: every tier tried, each with its reason.
+    #[error(
+        "no tier can answer within this request's {ttft_ms} ms time-to-first-token budget now ({}); retry later",
+        passed_over.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Exhausted {
+        ttft_ms: u64,
+        passed_over: Vec<PassedOver>,
+        retry_after: Duration,
+    },
+    /// A backend refused the request for a reason another tier would not fix (a prompt
+    /// that does not fit, a model still loading) or failed before its first token.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Where a response's token events come from.
+pub enum Source {
+    Engine(TokenStream),
+    Shared(Follower),
+    Replay(std::vec::IntoIter<TokenEvent>),
+}
+
+impl Source {
+    /// The next event; a source that ends without a last event reads as a failure, so a
+    /// stream always finishes well-formed.
+    pub async fn next_event(&mut self) -> TokenEvent {
+        let event = match self {
+            Source::Engine(tokens) => tokens.next_event().await,
+            Source::Shared(follower) => follower.next_event().await,
+            Source::Replay(events) => events.next(),
+        };
+        event.unwrap_or_else(|| {
+            TokenEvent::Failed(EngineError::Decode(
+                "the model thread ended the sequence without finishing it".into(),
+            ))
+        })
+    }
+}
+
+/// A reply source with its first event in hand.
+pub struct Acquired {
+    pub source: Source,
+    pub first: TokenEvent,
+    /// The tier that answers (the routed one unless degraded).
+    pub tier: String,
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub degraded: Option<Degradation>,
+    /// `None` when the request is not cacheable.
+    pub cache: Option<CacheUse>,
+}
+
+/// One request's budget, fixed when it was accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub first_token: Instant,
+    pub total: Instant,
+}
+
+impl Deadlines {
+    pub fn new(accepted_at: Instant, route: &Route) -> Self {
+        Self {
+            first_token: accepted_at + Duration::from_millis(route.ttft_ms),
+            total: accepted_at + Duration::from_millis(route.total_ms),
+        }
+    }
+}
+
+/// Whether this route caches this request.
+fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
+    match route.cache {
+        CacheMode::Off => false,
+        CacheMode::Deterministic => cache::is_reproducible(&generation.sampling),
+        CacheMode::Always => true,
+    }
+}
+
+/// What the planner works with: the backends, the reply cache, and where it counts.
+#[derive(Clone, Copy)]
+pub struct Planner<'a> {
+    pub tiers: &'a Tiers,
+    pub cache: &'a Arc<ReplyCache>,
+    pub metrics: &'a Metrics,
+}
+
+/// One request as the planner sees it.
+pub struct Attempt<'a> {
+    pub generation: &'a GenerationRequest,
+    pub route: &'a Route,
+    /// The model the request named, when it named one (then `route.pinned` is set).
+    pub pinned_model: Option<&'a str>,
+    pub tokens: &'a (dyn TokenCounter + Sync),
+    /// The API key, which scopes cached replies unless the route shares them.
+    pub api_key: Option<&'a str>,
+    pub deadlines: Deadlines,
+}
+
+impl Planner<'_> {
+    pub async fn acquire(self, attempt: Attempt<'_>) -> Result<Acquired, BudgetError> {
+        let Attempt {
+            generation,
+            route,
+            pinned_model,
+            tokens,
+            api_key,
+            deadlines,
+        } = attempt;
+        let use_cache = cacheable(route, generation);
+        let scope = (!route.cache_shared).then(|| api_key.unwrap_or(""));
+        let freshness = Freshness {
+            ttl: Duration::from_secs(route.cache_ttl_s),
+            max_stale: Duration::from_secs(route.max_stale_s),
+        };
+        // A pinned request asked for its tier by name: serving another model would
+        // contradict the `model` it will see, so it is never degraded.
+        let path = if route.pinned {
+            vec![route.tier.clone()]
+        } else {
+            self.tiers.degrade_path(&route.tier)
+        };
+
+        let first_token_by = deadlines.first_token;
+        let mut left_because: Option<DegradeReason> = None;
+        let mut shortest_overrun: Option<Duration> = None;
+        let mut passed_over = Vec::new();
+        let mut stale_candidates = Vec::new();
+        for (index, tier) in path.iter().enumerate() {
+            let degraded = left_because.map(|reason| Degradation {
+                from: route.tier.clone(),
+                to: tier.clone(),
+                reason,
+            });
+            let Some(engine) = self.tiers.backend(tier, pinned_model) else {
+                passed_over.push(PassedOver {
+                    tier: tier.clone(),
+                    why: "no model serves it".into(),
+                });
+                continue;
+            };
+            let model = engine.info().id.clone();
+            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
+            if let Some(key) = &key {
+                match self.cache.lookup(key) {
+                    Lookup::Fresh(reply) => {
+                        return Ok(self.replay(&reply, tier, model, degraded, CacheUse::Hit))
+                    }
+                    Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
+                    Lookup::Miss => {}
+                }
+            }
+
+            let left = first_token_by.saturating_duration_since(Instant::now());
+            // Token-count errors surface from `submit` with their proper status.
+            let prompt_tokens = tokens.prompt_tokens(tier).unwrap_or(0);
+            let predicted = engine.load().predict_ttft(prompt_tokens);
+            if predicted > left {
+                let overrun = predicted - left;
+                shortest_overrun = Some(shortest_overrun.map_or(overrun, |s| s.min(overrun)));
+                left_because = Some(DegradeReason::PredictedTtft);
+                passed_over.push(PassedOver {
+                    tier: tier.clone(),
+                    why: format!(
+                        "predicted first token in {} ms, {} ms left",
+                        predicted.as_millis(),
+                        left.as_millis()
+                    ),
+                });
+                continue;
+            }
+
+            let joined = key.as_ref().and_then(|k| self.cache.join(k));
+            let (mut source, cache_use) = match joined {
+                Some(follower) => (Source::Shared(follower), Some(CacheUse::Shared)),
+                None => match engine.submit(generation.clone()) {
+                    Ok(stream) => match key {
+                        Some(key) => (
+                            Source::Shared(self.cache.lead(key, stream, freshness)),
+                            Some(CacheUse::Miss),
+                        ),
+                        None => (Source::Engine(stream), None),
+                    },
+                    Err(err @ EngineError::QueueFull { .. }) => {
+                        left_because = Some(DegradeReason::QueueFull);
+                        shortest_overrun.get_or_insert(predicted.max(Duration::from_secs(1)));
+                        passed_over.push(PassedOver {
+                            tier: tier.clone(),
+                            why: err.to_string(),
+                        });
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
+                },
+            };
+            let prompt_tokens = match &source {
+                Source::Engine(stream) => stream.prompt_tokens,
+                Source::Shared(follower) => follower.prompt_tokens,
+                Source::Replay(_) => prompt_tokens,
+            };
+            let next_tier = path.get(index + 1);
+            let watchdog_at = first_token_by - self.hedge(tokens, next_tier, left);
+            // The watchdog: the first token must arrive while the budget lasts.
+            match tokio::time::timeout_at(watchdog_at, source.next_event()).await {
+                Ok(TokenEvent::Failed(err)) => return Err(err.into()),
+                Ok(first) => {
+                    if let Some(cache_use) = cache_use {
+                        self.count_cache(tier, cache_use);
+                    }
+                    self.count_degradation(degraded.as_ref());
+                    return Ok(Acquired {
+                        source,
+                        first,
+                        tier: tier.clone(),
+                        model,
+                        prompt_tokens,
+                        degraded,
+                        cache: cache_use,
+                    });
+                }
+                Err(_elapsed) => {
+                    let waited = watchdog_at.saturating_duration_since(first_token_by - left);
+                    tracing::warn!(%tier, budget_ms = route.ttft_ms, waited_ms = waited.as_millis() as u64,
+                        "no first token in time: failing over");
+                    // Dropping the source cancels the sequence (or leaves a shared one).
+                    drop(source);
+                    left_because = Some(DegradeReason::TtftWatchdog);
+                    passed_over.push(PassedOver {
+                        tier: tier.clone(),
+                        why: format!("no first token within {} ms", waited.as_millis()),
+                    });
+                    let overrun =
+                        Duration::from_millis(route.ttft_ms / 2).max(Duration::from_secs(1));
+                    shortest_overrun.get_or_insert(overrun);
+                }
+            }
+        }
+
+        // No tier can answer in time: an old reply beats an error.
+        for (tier, key) in stale_candidates {
+            if let Lookup::Stale(reply) | Lookup::Fresh(reply) = self.cache.lookup(&key) {
+                let model = self
+                    .tiers
+                    .backend(&tier, pinned_model)
+                    .map_or_else(String::new, |b| b.info().id.clone());
+                let degraded = Some(Degradation {
+                    from: route.tier.clone(),
+                    to: tier.clone(),
+                    reason: left_because.unwrap_or(DegradeReason::PredictedTtft),
+                });
+                return Ok(self.replay(&reply, &tier, model, degraded, CacheUse::Stale));
+            }
+        }
+        self.metrics
+            .shed
+            .get_or_create(&TierLabels {
+                tier: route.tier.clone(),
+            })
+            .inc();
+        tracing::warn!(budget_ms = route.ttft_ms, passed_over = %passed_over.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            "shed: no tier can answer in time");
+        Err(BudgetError::Exhausted {
+            ttft_ms: route.ttft_ms,
+            passed_over,
+            retry_after: shortest_overrun.unwrap_or(Duration::from_secs(1)),
+        })
+    }
+
+    /// How long before the first-token deadline the watchdog gives up on a tier, so that the
+    /// next tier on the path still has time to answer within the budget: twice that tier's
+    /// predicted TTFT now plus 50 ms (predictions are averages, and it must still pass its
+    /// own prediction check then), at most half of what is left. The last tier gets the
+    /// whole budget.
+    fn hedge(
+        &self,
+        tokens: &(dyn TokenCounter + Sync),
+        next_tier: Option<&String>,
+        left: Duration,
+    ) -> Duration {
+        let Some(engine) = next_tier.and_then(|tier| self.tiers.backend(tier, None)) else {
+            return Duration::ZERO;
+        };
+        let prompt_tokens = tokens.prompt_tokens(&engine.info().tier).unwrap_or(0);
+        let predicted = engine.load().predict_ttft(prompt_tokens);
+        (predicted * 2 + Duration::from_millis(50)).min(left / 2)
+    }
+
+    fn replay(
+        &self,
+        reply: &cache::CachedReply,
+        tier: &str,
+        model: String,
+        degraded: Option<Degradation>,
+        cache_use: CacheUse,
+    ) -> Acquired {
+        self.count_cache(tier, cache_use);
+        self.count_degradation(degraded.as_ref());
+        let mut events = reply.events().into_iter();
+        let first = events.next().unwrap_or(TokenEvent::Finished {
+            finish_reason: reply.finish_reason,
+            usage: reply.usage,
+            timings: StageTimings::default(),
+        });
+        Acquired {
+            source: Source::Replay(events),
+            first,
+            tier: tier.to_owned(),
+            model,
+            prompt_tokens: reply.usage.prompt_tokens,
+            degraded,
+            cache: Some(cache_use),
+        }
+    }
+
+    fn count_cache(&self, tier: &str, cache_use: CacheUse) {
+        self.metrics
+            .cache_lookups
+            .get_or_create(&CacheLabels {
+                tier: tier.to_owned(),
+                outcome: cache_use.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    fn count_degradation(&self, degraded: Option<&Degradation>) {
+        if let Some(d) = degraded {
+            self.metrics
+                .degradations
+                .get_or_create(&DegradeLabels {
+                    from: d.from.clone(),
+                    to: d.to.clone(),
+                    reason: d.reason.as_str().to_owned(),
+                })
+                .inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degradation_header_names_both_tiers_and_the_reason() {
+        let d = Degradation {
+            from: "full".into(),
+            to: "fast".into(),
+            reason: DegradeReason::TtftWatchdog,
+        };
+        assert_eq!(d.to_string(), "full->fast; reason=ttft_watchdog");
+    }
+
+    #[test]
+    fn exhausted_names_every_tier_and_why() {
+        let err = BudgetError::Exhausted {
+            ttft_ms: 2000,
+            passed_over: vec![
+                PassedOver {
+                    tier: "full".into(),
+                    why: "predicted first token in 4100 ms, 1990 ms left".into(),
+                },
+                PassedOver {
+                    tier: "fast".into(),
+                    why: "the request queue of model `m` is full (4 waiting)".into(),
+                },
+            ],
+            retry_after: Duration::from_secs(2),
+        };
+        assert_eq!(
+            err.to_string(),
+            "no tier can answer within this request's 2000 ms time-to-first-token budget now \
+             (full: predicted first token in 4100 ms, 1990 ms left; fast: the request queue of \
+             model `m` is full (4 waiting)); retry later"
+        );
+    }
+}

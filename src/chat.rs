@@ -1,0 +1,100 @@
+//! The domain types every layer shares: a conversation's messages, its sampling settings and
+//! a checked chat request. The HTTP layer parses JSON into these; the gateway, router, cache
+//! and engines read them. Nothing here knows about HTTP or llama.cpp.
+
+/// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
+/// by the API layer before it gets here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: Role::User,
+            content: content.into(),
+        }
+    }
+}
+
+/// Per-sequence sampling settings, already validated by the API layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// 1.0 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables the top-k cut.
+    pub top_k: u32,
+    /// `None` draws a fresh seed per request.
+    pub seed: Option<u32>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            // llama.cpp's default: it also keeps sampling cheap on a 262k vocabulary.
+            top_k: 40,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
+}
+
+/// A checked chat request: what the caller asked for, before routing decides anything.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// `auto`, a tier name, or a model id.
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage.
+    pub include_usage: bool,
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingParams,
+    /// As the request set it; `None` leaves it to the route's cap and the model's default.
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
+    /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
+    pub ignore_eos: bool,
+}
+
+impl ChatRequest {
+    /// A request with one user message and the defaults for everything else.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            model: "auto".into(),
+            stream: false,
+            include_usage: false,
+            messages: vec![ChatMessage::user(content)],
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The request path below HTTP, as one service: admission → route → token quota → budget
+//! plan → backend. The HTTP handler parses a body, calls [`Gateway::serve`] and renders the
+//! [`Served`] reply as SSE or JSON; `/v1/route` and `tiergate route` call [`explain`], the
+//! same routing step without generating.
+//!
+//! ```text
+//! serve(caller, request)
+//!   admission (key, request quota) ─► Tiers::resolve(model) ─► Policy::route ─► token quota
+//!   ─► budget::Planner::acquire (cache, prediction, watchdog, degrade) ─► Served { reply }
+//! ```
+//!
+//! A request's outcome (status, finish reason, TTFT, tokens) is recorded in one place,
+//! [`Outcome`], however the request ends: refused, failed, finished, cut by its budget or
+//! left by its client.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::histogram::Histogram;
+use serde::Serialize;
+use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument as _;
+
+use crate::admission::{Admission, Denied};
+use crate::budget::{
+    Acquired, Attempt, BudgetError, CacheUse, Deadlines, Degradation, Planner, Source,
+};
+use crate::cache::ReplyCache;
+use crate::chat::ChatRequest;
+use crate::engine::{
+    EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,
+};
+use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
+use crate::router::{Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter};
+use crate::tiers::{Pin, Tiers, UnknownModel};
+
+/// Everything a request may be refused or failed with before its reply starts.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0:?}")]
+    Denied(Denied),
+    #[error(transparent)]
+    UnknownModel(#[from] UnknownModel),
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    /// The policy named a tier no backend serves (policies are validated against the
+    /// configured tiers, so this is a bug).
+    #[error("the policy chose tier `{0}`, which no model serves")]
+    NoBackend(String),
+}
+
+impl From<EngineError> for GatewayError {
+    fn from(err: EngineError) -> Self {
+        GatewayError::Budget(BudgetError::Engine(err))
+    }
+}
+
+impl GatewayError {
+    /// The HTTP status this error answers with: the one mapping both the HTTP layer and
+    /// the request counter use.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            GatewayError::Denied(Denied::MissingKey | Denied::UnknownKey) => 401,
+            GatewayError::Denied(_) => 429,
+            GatewayError::UnknownModel(_) => 404,
+            GatewayError::Budget(BudgetError::Exhausted { .. }) => 503,
+            GatewayError::Budget(BudgetError::Engine(err)) => engine_status(err),
+            GatewayError::NoBackend(_) => 500,
+        }
+    }
+}
+
+/// Client errors are 400; a model not serving now is 503; anything else went wrong here.
+pub fn engine_status(err: &EngineError) -> u16 {
+    match err {
+        EngineError::Loading { .. }
+        | EngineError::Unavailable { .. }
+        | EngineError::QueueFull { .. } => 503,
+        EngineError::PromptTooLong { .. }
+        | EngineError::ContextLengthExceeded { .. }
+        | EngineError::Template(_) => 400,
+        EngineError::Decode(_) => 500,
+    }
+}
+
+/// What [`Gateway::new`] is built from.
+pub struct GatewayParts {
+    pub tiers: Tiers,
+    pub policies: Arc<PolicyStore>,
+    pub admission: Admission,
+    pub cache: Arc<ReplyCache>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct Gateway {
+    tiers: Tiers,
+    policies: Arc<PolicyStore>,
+    admission: Admission,
+    cache: Arc<ReplyCache>,
+    metrics: Arc<Metrics>,
+}
+
+/// A routing decision with what it was made from, for `/v1/route` and `tiergate route`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    #[serde(flatten)]
+    pub explanation: Explanation,
+    /// The model that would answer (before any degradation).
+    pub model: String,
+}
+
+/// How `request` would be routed for `caller`, with every rule tried: the same resolution,
+/// features and token counts as [`Gateway::serve`] uses.
+pub fn explain(
+    tiers: &Tiers,
+    policy: &Policy,
+    caller: Caller,
+    request: &ChatRequest,
+) -> Result<Explained, GatewayError> {
+    let pin = tiers.resolve(&request.model)?;
+    let tokens = tiers.counter(&request.messages, pin.as_ref());
+    let features = Features::extract(&request.messages, request.max_tokens, caller);
+    let explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+    let model = backend_id(tiers, &explanation.route, pin.as_ref())?;
+    Ok(Explained { explanation, model })
+}
+
+fn backend_id(tiers: &Tiers, route: &Route, pin: Option<&Pin>) -> Result<String, GatewayError> {
+    tiers
+        .backend(&route.tier, pinned_model(route, pin))
+        .map(|b| b.info().id.clone())
+        .ok_or_else(|| GatewayError::NoBackend(route.tier.clone()))
+}
+
+/// The model a pinned route must use, if the request named one.
+fn pinned_model<'a>(route: &Route, pin: Option<&'a Pin>) -> Option<&'a str> {
+    pin.filter(|_| route.pinned)
+        .and_then(|p| p.model.as_deref())
+}
+
+impl Gateway {
+    pub fn new(parts: GatewayParts) -> Self {
+        let GatewayParts {
+            tiers,
+            policies,
+            admission,
+            cache,
+            metrics,
+        } = parts;
+        Self {
+            tiers,
+            policies,
+            admission,
+            cache,
+            metrics,
+        }
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn cache(&self) -> &Arc<ReplyCache> {
+        &self.cache
+    }
+
+    /// The policy in force now; a request keeps it to the end even if a reload happens.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policies.current()
+    }
+
+    /// See [`explain`].
+    pub fn explain(
+        &self,
+        caller: Caller,
+        request: &ChatRequest,
+    ) -> Result<Explained, GatewayError> {
+        explain(&self.tiers, &self.policy(), caller, request)
+    }
+
+    /// Checks the caller's key and spends one request of its quota; refusals are counted.
+    fn admit(&self, caller: &mut Caller) -> Result<(), GatewayError> {
+        let client = self
+            .admission
+            .admit(caller.api_key.as_deref())
+            .map_err(|denied| self.refuse(denied))?;
+        caller.tenant = client.and_then(|c| c.tenant);
+        Ok(())
+    }
+
+    fn refuse(&self, denied: Denied) -> GatewayError {
+        self.metrics
+            .rate_limited
+            .get_or_create(&ReasonLabels {
+                reason: denied.reason().to_owned(),
+            })
+            .inc();
+        GatewayError::Denied(denied)
+    }
+
+    /// Serves one chat request up to its first token; the rest comes from [`Served::reply`].
+    pub async fn serve(
+        &self,
+        caller: Caller,
+        request: ChatRequest,
+    ) -> Result<Served, GatewayError> {
+        // One span per request; the route span and the engine's queue, prefill and decode
+        // spans are its children. It closes when the reply is dropped.
+        let span = tracing::info_span!(
+            "request",
+            id = Empty,
+            rule = Empty,
+            tier = Empty,
+            model = Empty,
+            degraded = Empty,
+            cache = Empty,
+            prompt_tokens = Empty,
+            completion_tokens = Empty,
+            finish_reason = Empty,
+            ttft_ms = Empty,
+        );
+        self.serve_in(span.clone(), caller, request)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_in(
+        &self,
+        span: tracing::Span,
+        mut caller: Caller,
+        request: ChatRequest,
+    ) -> Result<Served, GatewayError> {
+        // Keys and request quotas first: an unknown caller costs no tokenizing.
+        self.admit(&mut caller)?;
+        let pin = self.tiers.resolve(&request.model)?;
+        let accepted_at = Instant::now();
+        let api_key = caller.api_key.clone();
+        let ChatRequest {
+            model: _,
+            stream,
+            include_usage,
+            messages,
+            sampling,
+            max_tokens,
+            stop,
+            ignore_eos,
+        } = request;
+        let mut generation = GenerationRequest {
+            messages,
+            sampling,
+            max_tokens,
+            max_tokens_cap: None,
+            stop,
+            ignore_eos,
+            span: span.clone(),
+        };
+        let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
+        let route = tracing::debug_span!("route").in_scope(|| {
+            let features = Features::extract(&generation.messages, max_tokens, caller);
+            let route = self
+                .policy()
+                .route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+            tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
+            route
+        });
+        let route_time = accepted_at.elapsed();
+        span.record("rule", route.rule.as_str());
+        self.metrics
+            .route_decisions
+            .get_or_create(&RouteLabels {
+                tier: route.tier.clone(),
+                rule: route.rule.clone(),
+            })
+            .inc();
+        if let Some(cap) = route.max_tokens {
+            generation.max_tokens = generation.max_tokens.map(|n| n.min(cap));
+            generation.max_tokens_cap = Some(cap);
+        }
+        let pinned_model = pinned_model(&route, pin.as_ref());
+        let routed = ModelLabels {
+            model: backend_id(&self.tiers, &route, pin.as_ref())?,
+            tier: route.tier.clone(),
+        };
+
+        // The most this request can use: its prompt plus the completion it may generate
+        // (a request without max_tokens or a policy cap is charged its prompt only).
+        if let Some(key) = api_key.as_deref() {
+            let prompt = tokens.prompt_tokens(&route.tier).unwrap_or(0);
+            let completion = generation.max_tokens.or(route.max_tokens).unwrap_or(0);
+            self.admission
+                .spend_tokens(key, prompt.saturating_add(completion))
+                .map_err(|denied| self.refuse(denied))?;
+        }
+        let outcome = Outcome {
+            metrics: self.metrics.clone(),
+            labels: routed,
+            span,
+            accepted_at,
+            stream,
+            generated_here: true,
+            ended: false,
+        };
+
+        let deadlines = Deadlines::new(accepted_at, &route);
+        let planner = Planner {
+            tiers: &self.tiers,
+            cache: &self.cache,
+            metrics: &self.metrics,
+        };
+        let attempt = Attempt {
+            generation: &generation,
+            route: &route,
+            pinned_model,
+            tokens: &tokens,
+            api_key: api_key.as_deref(),
+            deadlines,
+        };
+        let acquired = match planner.acquire(attempt).await {
+            Ok(acquired) => acquired,
+            Err(err) => {
+                let err = GatewayError::Budget(err);
+                outcome.end(&err.http_status().to_string(), "none");
+                return Err(err);
+            }
+        };
+        Ok(self.served(
+            acquired,
+            route,
+            route_time,
+            include_usage,
+            deadlines,
+            outcome,
+        ))
+    }
+
+    /// Records what is known at the first token and wraps the source for reading.
+    fn served(
+        &self,
+        acquired: Acquired,
+        route: Route,
+        route_time: Duration,
+        include_usage: bool,
+        deadlines: Deadlines,
+        mut outcome: Outcome,
+    ) -> Served {
+        let labels = ModelLabels {
+            model: acquired.model.clone(),
+            tier: acquired.tier.clone(),
+        };
+        let generated_here = acquired.cache.is_none_or(CacheUse::generated);
+        let ttft = outcome.accepted_at.elapsed();
+        self.metrics
+            .time_to_first_token
+            .get_or_create(&labels)
+            .observe(ttft.as_secs_f64());
+        let span = &outcome.span;
+        span.record("tier", acquired.tier.as_str());
+        span.record("model", acquired.model.as_str());
+        span.record("prompt_tokens", acquired.prompt_tokens);
+        span.record("ttft_ms", ttft.as_millis() as u64);
+        if let Some(degraded) = &acquired.degraded {
+            span.record("degraded", degraded.to_string());
+        }
+        if let Some(cache) = acquired.cache {
+            span.record("cache", cache.as_str());
+        }
+        if generated_here {
+            self.metrics
+                .prompt_tokens
+                .get_or_create(&labels)
+                .inc_by(u64::from(acquired.prompt_tokens));
+        }
+        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        span.record("id", id.as_str());
+        // Gaps between pieces mean something only for text generated for this reply.
+        let inter_token = generated_here.then(|| {
+            self.metrics
+                .inter_token_latency
+                .get_or_create(&labels)
+                .clone()
+        });
+        outcome.labels = labels;
+        outcome.generated_here = generated_here;
+        Served {
+            id,
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            tier: acquired.tier,
+            model: acquired.model,
+            prompt_tokens: acquired.prompt_tokens,
+            degraded: acquired.degraded,
+            cache: acquired.cache,
+            route,
+            route_time,
+            include_usage,
+            reply: Reply {
+                source: acquired.source,
+                first: Some(acquired.first),
+                prompt_tokens: acquired.prompt_tokens,
+                pieces: 0,
+                deadline: deadlines.total,
+                inter_token,
+                last_piece_at: None,
+                outcome,
+            },
+        }
+    }
+}
+
+/// A request with its first event in hand: who answers, and the reply to read.
+pub struct Served {
+    /// `chatcmpl-…`, shared by every chunk of the response.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The tier and model that answer (the routed ones unless degraded).
+    pub tier: String,
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub degraded: Option<Degradation>,
+    /// `None` when the route does not cache this request.
+    pub cache: Option<CacheUse>,
+    pub route: Route,
+    /// Time spent routing (features, token counts, policy).
+    pub route_time: Duration,
+    pub include_usage: bool,
+    pub reply: Reply,
+}
+
+/// How a reply ended well: on its own, or cut by the total budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// True when the total budget ran out: `finish_reason` is then `length`.
+    pub budget_cut: bool,
+    pub timings: StageTimings,
+}
+
+/// What a reader of a [`Reply`] gets, in order: text, then one ending or failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyEvent {
+    Text(String),
+    Finished(Ending),
+    Failed(EngineError),
+}
+
+/// A whole non-streaming reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub ending: Ending,
+}
+
+/// One reply's events under its total budget. Dropping it before the end cancels the
+/// sequence (the engine sees its channel close) and counts the request as aborted.
+pub struct Reply {
+    source: Source,
+    first: Option<TokenEvent>,
+    prompt_tokens: u32,
+    /// Text events delivered: the completion-token count reported when the budget cuts
+    /// a reply short (a text event carries at least one token).
+    pieces: u32,
+    deadline: Instant,
+    /// Where gaps between text events are observed, if they are measured for this reply.
+    inter_token: Option<Histogram>,
+    last_piece_at: Option<Instant>,
+    outcome: Outcome,
+}
+
+impl Reply {
+    /// The next event; `None` after the ending or failure has been returned.
+    pub async fn next(&mut self) -> Option<ReplyEvent> {
+        if self.outcome.ended {
+            return None;
+        }
+        let event = match self.first.take() {
+            Some(first) => first,
+            None => match tokio::time::timeout_at(self.deadline, self.source.next_event()).await {
+                Ok(event) => event,
+                Err(_elapsed) => return Some(self.cut()),
+            },
+        };
+        Some(match event {
+            TokenEvent::Text(text) => {
+                self.pieces += 1;
+                let now = Instant::now();
+                if let (Some(histogram), Some(last)) = (&self.inter_token, self.last_piece_at) {
+                    histogram.observe((now - last).as_secs_f64());
+                }
+                self.last_piece_at = Some(now);
+                ReplyEvent::Text(text)
+            }
+            TokenEvent::Finished {
+                finish_reason,
+                usage,
+                timings,
+            } => {
+                let ending = Ending {
+                    finish_reason,
+                    usage,
+                    budget_cut: false,
+                    timings,
+                };
+                self.outcome.finished(&ending);
+                ReplyEvent::Finished(ending)
+            }
+            TokenEvent::Failed(err) => {
+                tracing::warn!(%err, "generation failed after its first token");
+                self.outcome.failed(&err);
+                ReplyEvent::Failed(err)
+            }
+        })
+    }
+
+    /// The total budget ran out: `length`, with the text events delivered counted as
+    /// completion tokens. The source is dropped with the reply, cancelling the sequence.
+    fn cut(&mut self) -> ReplyEvent {
+        let ending = Ending {
+            finish_reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.pieces,
+                cached_prompt_tokens: None,
+            },
+            budget_cut: true,
+            timings: StageTimings::default(),
+        };
+        tracing::info!("total budget spent: reply cut");
+        self.outcome.finished(&ending);
+        ReplyEvent::Finished(ending)
+    }
+
+    /// Reads the whole reply (or as much as the total budget allows).
+    pub async fn collect(mut self) -> Result<Completion, EngineError> {
+        let mut text = String::new();
+        while let Some(event) = self.next().await {
+            match event {
+                ReplyEvent::Text(piece) => text.push_str(&piece),
+                ReplyEvent::Finished(ending) => return Ok(Completion { text, ending }),
+                ReplyEvent::Failed(err) => return Err(err),
+            }
+        }
+        Err(EngineError::Decode("the reply was already read".into()))
+    }
+}
+
+/// The one place a request's outcome is recorded: `tiergate_requests_total` once per
+/// request, the end-to-end latency, generated tokens and budget cuts, and the request
+/// span's last fields.
+struct Outcome {
+    metrics: Arc<Metrics>,
+    /// The routed model until the first token, then the model that answered.
+    labels: ModelLabels,
+    span: tracing::Span,
+    accepted_at: Instant,
+    /// A failure after the first token is a `stream_error` when streaming, else the
+    /// error's status (the client has not seen a status yet).
+    stream: bool,
+    /// False for replies replayed from the cache or followed from another response's
+    /// generation: their tokens were counted once, by the response that generated them.
+    generated_here: bool,
+    ended: bool,
+}
+
+impl Outcome {
+    fn end(mut self, status: &str, finish_reason: &str) {
+        self.count(status, finish_reason);
+    }
+
+    fn count(&mut self, status: &str, finish_reason: &str) {
+        self.ended = true;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                model: self.labels.model.clone(),
+                tier: self.labels.tier.clone(),
+                status: status.to_owned(),
+                finish_reason: finish_reason.to_owned(),
+            })
+            .inc();
+    }
+
+    fn finished(&mut self, ending: &Ending) {
+        let finish_reason = ending.finish_reason.as_str();
+        self.count("200", finish_reason);
+        self.span
+            .record("completion_tokens", ending.usage.completion_tokens);
+        self.span.record("finish_reason", finish_reason);
+        self.metrics
+            .e2e_request_latency
+            .get_or_create(&self.labels)
+            .observe(self.accepted_at.elapsed().as_secs_f64());
+        if self.generated_here {
+            self.metrics
+                .generated_tokens
+                .get_or_create(&self.labels)
+                .inc_by(u64::from(ending.usage.completion_tokens));
+        }
+        if ending.budget_cut {
+            self.metrics
+                .budget_cuts
+                .get_or_create(&TierLabels {
+                    tier: self.labels.tier.clone(),
+                })
+                .inc();
+        }
+    }
+
+    fn failed(&mut self, err: &EngineError) {
+        let status = if self.stream {
+            "stream_error".to_owned()
+        } else {
+            engine_status(err).to_string()
+        };
+        self.count(&status, "error");
+    }
+}
+
+/// A client that leaves mid-reply drops it: the request counts as aborted, as vLLM does,
+/// so every request reaches `tiergate_requests_total` once.
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.count("client_closed", "abort");
+            self.span.record("finish_reason", "abort");
+        }
+    }
+}

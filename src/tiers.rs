@@ -1,0 +1,235 @@
+//! The tiers registry: which backend answers for each tier and each model id, the order
+//! tiers degrade in, and exact prompt-token counts on each tier's own tokenizer.
+//!
+//! A backend is anything that implements [`Engine`]: the in-process llama.cpp engine today,
+//! a fleet of remote endpoints later. Adding a kind of backend means implementing that one
+//! trait and passing it to [`Tiers::new`]; nothing above this module changes.
+//!
+//! **How `model` resolves** (one rule, used by chat, `/v1/route` and `tiergate route`):
+//! `auto` leaves the tier to the routing policy; a configured model id pins that exact
+//! model; otherwise a tier name pins that tier's first model. Model ids are checked first,
+//! so a model whose id equals another tier's name is still reachable by its id.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::chat::ChatMessage;
+use crate::engine::Engine;
+use crate::router::TokenCounter;
+
+/// Backends in config order, which is also the degrade order: a tier degrades to the tiers
+/// listed before it, nearest first.
+pub struct Tiers {
+    backends: Vec<Arc<dyn Engine>>,
+}
+
+/// What a request's `model` named, when it named something other than `auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub tier: String,
+    /// Set when the request named a model id: that model answers, not the tier's first.
+    pub model: Option<String>,
+}
+
+/// `model` named nothing configured: the names that would have worked come with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the model `{requested}` does not exist; available: {}", available.join(", "))]
+pub struct UnknownModel {
+    pub requested: String,
+    pub available: Vec<String>,
+}
+
+impl Tiers {
+    pub fn new(backends: Vec<Arc<dyn Engine>>) -> Self {
+        Self { backends }
+    }
+
+    /// Every backend, in config order.
+    pub fn backends(&self) -> &[Arc<dyn Engine>] {
+        &self.backends
+    }
+
+    /// Tier names in config order, each once.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for backend in &self.backends {
+            let tier = &backend.info().tier;
+            if !names.contains(tier) {
+                names.push(tier.clone());
+            }
+        }
+        names
+    }
+
+    /// Resolves a request's `model` by the rule in the module docs: `None` for `auto`.
+    pub fn resolve(&self, requested: &str) -> Result<Option<Pin>, UnknownModel> {
+        if requested == "auto" {
+            return Ok(None);
+        }
+        if let Some(backend) = self.backends.iter().find(|b| b.info().id == requested) {
+            return Ok(Some(Pin {
+                tier: backend.info().tier.clone(),
+                model: Some(requested.to_owned()),
+            }));
+        }
+        if self.backends.iter().any(|b| b.info().tier == requested) {
+            return Ok(Some(Pin {
+                tier: requested.to_owned(),
+                model: None,
+            }));
+        }
+        Err(UnknownModel {
+            requested: requested.to_owned(),
+            available: self.model_names(),
+        })
+    }
+
+    /// The backend that answers for `tier`: the named `model` when the request pinned one
+    /// in this tier, else the tier's first model.
+    pub fn backend(&self, tier: &str, model: Option<&str>) -> Option<&Arc<dyn Engine>> {
+        let in_tier = |b: &&Arc<dyn Engine>| b.info().tier == tier;
+        model
+            .and_then(|id| {
+                self.backends
+                    .iter()
+                    .filter(in_tier)
+                    .find(|b| b.info().id == id)
+            })
+            .or_else(|| self.backends.iter().find(in_tier))
+    }
+
+    /// `tier` first, then each smaller tier (those listed before it), nearest first.
+    pub fn degrade_path(&self, tier: &str) -> Vec<String> {
+        let names = self.names();
+        let position = names.iter().position(|t| t == tier).unwrap_or(0);
+        std::iter::once(tier.to_owned())
+            .chain(names[..position].iter().rev().cloned())
+            .collect()
+    }
+
+    /// `auto`, then every tier and model id, each once: what `model` may say.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names = vec!["auto".to_owned()];
+        for backend in &self.backends {
+            let info = backend.info();
+            for name in [&info.tier, &info.id] {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
+    pub fn all_ready(&self) -> bool {
+        self.backends.iter().all(|b| b.is_ready())
+    }
+
+    /// One request's prompt-token counts, computed per tier on first use.
+    pub fn counter<'a>(
+        &'a self,
+        messages: &'a [ChatMessage],
+        pin: Option<&'a Pin>,
+    ) -> PromptTokens<'a> {
+        PromptTokens {
+            tiers: self,
+            messages,
+            pin,
+            counted: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// A request's prompt-token counts on each tier's tokenizer, as its backend will prefill
+/// them. Routing rules, the token quota and the TTFT prediction all ask, and a long prompt
+/// costs real time to template and count, so each tier is counted once per request.
+pub struct PromptTokens<'a> {
+    tiers: &'a Tiers,
+    messages: &'a [ChatMessage],
+    /// A pinned model counts with its own tokenizer, which may differ from its tier's first.
+    pin: Option<&'a Pin>,
+    counted: Mutex<Vec<(String, Result<u32, String>)>>,
+}
+
+impl TokenCounter for PromptTokens<'_> {
+    fn prompt_tokens(&self, tier: &str) -> Result<u32, String> {
+        // Plain data behind the lock: a poisoned one is still consistent.
+        let mut counted = self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, count)) = counted.iter().find(|(t, _)| t == tier) {
+            return count.clone();
+        }
+        let model = self
+            .pin
+            .filter(|p| p.tier == tier)
+            .and_then(|p| p.model.as_deref());
+        let count = match self.tiers.backend(tier, model) {
+            Some(backend) => backend
+                .count_prompt_tokens(self.messages)
+                .map_err(|e| e.to_string()),
+            None => Err(format!("no model serves tier `{tier}`")),
+        };
+        counted.push((tier.to_owned(), count.clone()));
+        count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::scripted::ScriptedEngine;
+
+    fn tiers() -> Tiers {
+        Tiers::new(vec![
+            ScriptedEngine::new("small-a", "fast").into_backend(),
+            ScriptedEngine::new("small-b", "fast").into_backend(),
+            ScriptedEngine::new("big", "full").into_backend(),
+        ])
+    }
+
+    #[test]
+    fn naming_the_second_model_of_a_shared_tier_serves_that_model() {
+        let tiers = tiers();
+        let pin = tiers.resolve("small-b").expect("known").expect("pinned");
+        assert_eq!(pin.tier, "fast");
+        let backend = tiers
+            .backend(&pin.tier, pin.model.as_deref())
+            .expect("a backend");
+        assert_eq!(backend.info().id, "small-b");
+    }
+
+    #[test]
+    fn a_tier_name_pins_the_tiers_first_model_and_auto_pins_nothing() {
+        let tiers = tiers();
+        let pin = tiers.resolve("fast").expect("known").expect("pinned");
+        assert_eq!(pin.model, None);
+        let backend = tiers.backend("fast", None).expect("a backend");
+        assert_eq!(backend.info().id, "small-a");
+        assert_eq!(tiers.resolve("auto"), Ok(None));
+    }
+
+    #[test]
+    fn model_ids_win_over_tier_names() {
+        let tiers = Tiers::new(vec![
+            ScriptedEngine::new("fast", "full").into_backend(),
+            ScriptedEngine::new("tiny", "fast").into_backend(),
+        ]);
+        let pin = tiers.resolve("fast").expect("known").expect("pinned");
+        assert_eq!(pin.tier, "full");
+        assert_eq!(pin.model.as_deref(), Some("fast"));
+    }
+
+    #[test]
+    fn unknown_models_list_what_exists() {
+        let err = tiers().resolve("gpt-4").expect_err("unknown");
+        assert_eq!(
+            err.available,
+            ["auto", "fast", "small-a", "small-b", "full", "big"]
+        );
+    }
+
+    #[test]
+    fn tiers_degrade_to_the_ones_listed_before_them() {
+        let tiers = tiers();
+        assert_eq!(tiers.degrade_path("full"), ["full", "fast"]);
+        assert_eq!(tiers.degrade_path("fast"), ["fast"]);
+    }
+}

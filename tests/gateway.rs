@@ -1,0 +1,550 @@
+//! The gateway's timing logic (budgets, watchdog, stale serving, shedding, budget cuts,
+//! cache sharing, drain) on scripted backends under tokio's paused clock: an 8-second
+//! stall costs no wall time, and each case runs in milliseconds. The real-model tests in
+//! `budgets.rs` and `chat_api.rs` keep the real path honest.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tiergate::admission::Admission;
+use tiergate::budget::{BudgetError, CacheUse, DegradeReason};
+use tiergate::cache::{CacheCounters, ReplyCache};
+use tiergate::chat::ChatRequest;
+use tiergate::engine::load::LoadSnapshot;
+use tiergate::engine::scripted::{Script, ScriptedEngine, Step};
+use tiergate::engine::{Engine, EngineError, FinishReason};
+use tiergate::gateway::{Gateway, GatewayError, GatewayParts, ReplyEvent, Served};
+use tiergate::metrics::Metrics;
+use tiergate::router::{Caller, PolicyStore};
+use tiergate::server::{self, HttpOptions};
+use tiergate::tiers::Tiers;
+use tokio::time::Instant;
+
+const BUDGETS: &str = r#"
+[defaults]
+tier = "fast"
+ttft_ms = 2000
+total_ms = 60000
+cache = "off"
+
+[[rule]]
+name = "to-full"
+when = { hint = ["full"] }
+tier = "full"
+
+[[rule]]
+name = "cached"
+when = { hint = ["cached"] }
+cache = "deterministic"
+cache_ttl_s = 1
+max_stale_s = 60
+
+[[rule]]
+name = "tight-total"
+when = { hint = ["tight-total"] }
+ttft_ms = 500
+total_ms = 1000
+"#;
+
+/// A gateway over two scripted tiers, `fast` (listed first, so `full` degrades to it) and
+/// `full`, with the policy above.
+struct Harness {
+    gateway: Arc<Gateway>,
+    fast: Arc<ScriptedEngine>,
+    full: Arc<ScriptedEngine>,
+    _policy_dir: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    harness_with(vec![
+        Arc::new(ScriptedEngine::new("small", "fast")),
+        Arc::new(ScriptedEngine::new("big", "full")),
+    ])
+}
+
+fn harness_with(engines: Vec<Arc<ScriptedEngine>>) -> Harness {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("policy.toml");
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(BUDGETS.as_bytes()))
+        .expect("policy file");
+    let backends: Vec<Arc<dyn Engine>> = engines
+        .iter()
+        .map(|e| e.clone() as Arc<dyn Engine>)
+        .collect();
+    let tiers = Tiers::new(backends);
+    let policies = PolicyStore::load(vec![path], tiers.names()).expect("policy");
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(ReplyCache::new(
+        100,
+        1 << 20,
+        CacheCounters {
+            evictions: metrics.cache_evictions.clone(),
+        },
+    ));
+    let gateway = Gateway::new(GatewayParts {
+        tiers,
+        policies: Arc::new(policies),
+        admission: Admission::new(&[]),
+        cache,
+        metrics,
+    });
+    let find = |tier: &str| {
+        engines
+            .iter()
+            .find(|e| e.info().tier == tier)
+            .cloned()
+            .expect("engine for tier")
+    };
+    Harness {
+        gateway: Arc::new(gateway),
+        fast: find("fast"),
+        full: find("full"),
+        _policy_dir: dir,
+    }
+}
+
+fn hinted(hint: &str) -> Caller {
+    Caller {
+        hint: Some(hint.to_owned()),
+        ..Caller::default()
+    }
+}
+
+fn greedy(prompt: &str) -> ChatRequest {
+    let mut request = ChatRequest::user(prompt);
+    request.sampling.temperature = 0.0;
+    request
+}
+
+/// A tier whose live state predicts a first token `seconds` away.
+fn busy(seconds: f64) -> LoadSnapshot {
+    LoadSnapshot {
+        slots: 4,
+        step_s: seconds,
+        ..LoadSnapshot::default()
+    }
+}
+
+/// Reads a reply to its end: the text and the last event.
+async fn read_all(served: Served) -> (String, ReplyEvent) {
+    let mut reply = served.reply;
+    let mut text = String::new();
+    loop {
+        match reply.next().await.expect("a last event") {
+            ReplyEvent::Text(piece) => text.push_str(&piece),
+            last => return (text, last),
+        }
+    }
+}
+
+/// The value of one sample in the gateway's metrics (0 when absent).
+fn metric(harness: &Harness, sample: &str) -> f64 {
+    let rendered = harness.gateway.metrics().render();
+    rendered
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Lets spawned tasks (the scripted sequences, the cache's pump) run to their next wait.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_predicted_to_miss_the_budget_is_skipped_before_queueing() {
+    let h = harness();
+    h.full.set_load(busy(3.0));
+    let served = h
+        .gateway
+        .serve(hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
+    assert_eq!(served.tier, "fast");
+    let degraded = served.degraded.clone().expect("degraded");
+    assert_eq!(degraded.reason, DegradeReason::PredictedTtft);
+    assert_eq!(h.full.submitted(), 0, "nothing queued on the slow tier");
+    assert_eq!(h.fast.submitted(), 1);
+    let (text, last) = read_all(served).await;
+    assert_eq!(text, "t0 t1 t2 t3 ");
+    assert!(matches!(last, ReplyEvent::Finished(_)));
+    assert_eq!(
+        metric(
+            &h,
+            r#"tiergate_degradations_total{from="full",to="fast",reason="predicted_ttft"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_predicted_within_the_budget_serves_the_request_itself() {
+    let h = harness();
+    h.full.set_load(busy(1.5));
+    let served = h
+        .gateway
+        .serve(hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
+    assert_eq!(
+        (served.tier.as_str(), served.model.as_str()),
+        ("full", "big")
+    );
+    assert_eq!(served.degraded, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn watchdog_cancels_a_silent_tier_early_enough_for_the_next_to_answer() {
+    let h = harness();
+    h.full
+        .set_script(Script::tokens(4, Duration::from_secs(60), Duration::ZERO));
+    // The fast tier's first token is predicted 100 ms away: the watchdog leaves it
+    // twice that plus 50 ms, firing 250 ms before the 2 s budget ends.
+    h.fast.set_load(busy(0.1));
+    let started = Instant::now();
+    let served = h
+        .gateway
+        .serve(hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
+    let ttft = started.elapsed();
+    assert_eq!(served.tier, "fast");
+    assert_eq!(
+        served.degraded.as_ref().map(|d| d.reason),
+        Some(DegradeReason::TtftWatchdog)
+    );
+    assert_eq!(
+        ttft,
+        Duration::from_millis(1750 + 10),
+        "watchdog at 1750 ms, then the fast tier's first token 10 ms later"
+    );
+    settle().await;
+    assert_eq!(h.full.live(), 0, "the silent sequence was cancelled");
+    assert_eq!(h.full.submitted(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watchdog_gives_a_tier_at_least_half_the_budget() {
+    let h = harness();
+    h.full
+        .set_script(Script::tokens(4, Duration::from_secs(60), Duration::ZERO));
+    // A next tier predicted at 5 s would want the watchdog to fire at once: it is capped
+    // at half of what is left, and then the fast tier is itself predicted too slow.
+    h.fast.set_load(busy(5.0));
+    let started = Instant::now();
+    let err = h
+        .gateway
+        .serve(hinted("full"), greedy("hi"))
+        .await
+        .err()
+        .expect("shed");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert!(matches!(
+        err,
+        GatewayError::Budget(BudgetError::Exhausted { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_request_gets_the_whole_budget_then_a_503_naming_the_tier() {
+    let h = harness();
+    h.full
+        .set_script(Script::tokens(4, Duration::from_secs(60), Duration::ZERO));
+    let mut request = greedy("hi");
+    request.model = "big".into();
+    let started = Instant::now();
+    let err = h
+        .gateway
+        .serve(Caller::default(), request)
+        .await
+        .err()
+        .expect("shed");
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(err.http_status(), 503);
+    let GatewayError::Budget(BudgetError::Exhausted {
+        passed_over,
+        retry_after,
+        ..
+    }) = &err
+    else {
+        panic!("expected exhausted, got {err:?}");
+    };
+    assert_eq!(passed_over.len(), 1, "{passed_over:?}");
+    assert_eq!(passed_over[0].tier, "full");
+    assert_eq!(passed_over[0].why, "no first token within 2000 ms");
+    assert!(*retry_after >= Duration::from_secs(1));
+    assert_eq!(h.fast.submitted(), 0, "a pinned request never degrades");
+    settle().await;
+    assert_eq!(h.full.live(), 0);
+    assert_eq!(
+        metric(
+            &h,
+            r#"tiergate_requests_total{model="big",tier="full",status="503",finish_reason="none"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_no_tier_fits_the_503_names_each_tier_and_why() {
+    let h = harness();
+    h.full.set_load(busy(5.0));
+    h.fast.refuse_with(Some(EngineError::QueueFull {
+        model: "small".into(),
+        capacity: 4,
+    }));
+    let err = h
+        .gateway
+        .serve(hinted("full"), greedy("hi"))
+        .await
+        .err()
+        .expect("shed");
+    assert_eq!(err.http_status(), 503);
+    let message = err.to_string();
+    assert!(
+        message.contains("full: predicted first token in 5000 ms, 2000 ms left"),
+        "{message}"
+    );
+    assert!(
+        message.contains("fast: the request queue of model `small` is full (4 waiting)"),
+        "{message}"
+    );
+    assert_eq!(metric(&h, r#"tiergate_shed_total{tier="full"}"#), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_reply_is_served_when_no_tier_can_answer_in_time() {
+    let h = harness();
+    let first = h
+        .gateway
+        .serve(hinted("cached"), greedy("what is 2+2"))
+        .await
+        .expect("served");
+    assert_eq!(first.cache, Some(CacheUse::Miss));
+    let (text, _) = read_all(first).await;
+    settle().await;
+
+    // Within the 1 s TTL: a hit, without generating.
+    let hit = h
+        .gateway
+        .serve(hinted("cached"), greedy("what is 2+2"))
+        .await
+        .expect("served");
+    assert_eq!(hit.cache, Some(CacheUse::Hit));
+    assert_eq!(read_all(hit).await.0, text);
+    assert_eq!(h.fast.submitted(), 1);
+
+    // Past the TTL while the tier is overloaded: the stale reply beats a 503.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    h.fast.set_load(busy(10.0));
+    let stale = h
+        .gateway
+        .serve(hinted("cached"), greedy("what is 2+2"))
+        .await
+        .expect("served");
+    assert_eq!(stale.cache, Some(CacheUse::Stale));
+    assert_eq!(read_all(stale).await.0, text);
+
+    // Past max_stale too: nothing left to serve.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let err = h
+        .gateway
+        .serve(hinted("cached"), greedy("what is 2+2"))
+        .await
+        .err()
+        .expect("shed");
+    assert_eq!(err.http_status(), 503);
+    assert_eq!(h.fast.submitted(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_total_budget_cuts_a_reply_with_length_and_cancels_its_sequence() {
+    let h = harness();
+    h.fast.set_script(Script::tokens(
+        100,
+        Duration::from_millis(100),
+        Duration::from_millis(100),
+    ));
+    let served = h
+        .gateway
+        .serve(hinted("tight-total"), greedy("write a lot"))
+        .await
+        .expect("served");
+    let started = Instant::now();
+    let (text, last) = read_all(served).await;
+    let ReplyEvent::Finished(ending) = last else {
+        panic!("expected an ending, got {last:?}");
+    };
+    assert!(ending.budget_cut);
+    assert_eq!(ending.finish_reason, FinishReason::Length);
+    // Pieces at 100, 200, ... ms; the budget ends at 1000 ms after acceptance.
+    assert_eq!(ending.usage.completion_tokens, 9, "{text}");
+    assert_eq!(started.elapsed(), Duration::from_millis(900));
+    settle().await;
+    assert_eq!(h.fast.live(), 0, "the cut reply's sequence left");
+    assert_eq!(
+        metric(&h, r#"tiergate_budget_cuts_total{tier="fast"}"#),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_concurrent_requests_share_one_generation() {
+    let h = harness();
+    let (a, b) = tokio::join!(
+        h.gateway.serve(hinted("cached"), greedy("same question")),
+        h.gateway.serve(hinted("cached"), greedy("same question")),
+    );
+    let (a, b) = (a.expect("served"), b.expect("served"));
+    let mut uses = [a.cache, b.cache];
+    uses.sort_by_key(|u| u.map(CacheUse::as_str));
+    assert_eq!(uses, [Some(CacheUse::Miss), Some(CacheUse::Shared)]);
+    assert_eq!(h.fast.submitted(), 1, "one generation for both");
+    let (text_a, _) = read_all(a).await;
+    let (text_b, _) = read_all(b).await;
+    assert_eq!(text_a, text_b);
+    assert_eq!(text_a, "t0 t1 t2 t3 ");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_leaves_cancels_the_sequence_and_counts_as_aborted() {
+    let h = harness();
+    h.fast.set_script(Script::tokens(
+        100,
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    ));
+    let served = h
+        .gateway
+        .serve(Caller::default(), greedy("hi"))
+        .await
+        .expect("served");
+    let mut reply = served.reply;
+    assert!(matches!(reply.next().await, Some(ReplyEvent::Text(_))));
+    assert_eq!(h.fast.live(), 1);
+    drop(reply);
+    settle().await;
+    assert_eq!(h.fast.live(), 0);
+    assert_eq!(
+        metric(
+            &h,
+            r#"tiergate_requests_total{model="small",tier="fast",status="client_closed",finish_reason="abort"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_after_the_first_token_is_a_stream_error_counted_once() {
+    let h = harness();
+    let mut script = Script::tokens(1, Duration::from_millis(10), Duration::ZERO);
+    script.0.pop();
+    script
+        .0
+        .push(Step::Fail(EngineError::Decode("device lost".into())));
+    h.fast.set_script(script);
+    let mut request = greedy("hi");
+    request.stream = true;
+    let served = h
+        .gateway
+        .serve(Caller::default(), request)
+        .await
+        .expect("served");
+    let (_, last) = read_all(served).await;
+    assert!(matches!(last, ReplyEvent::Failed(EngineError::Decode(_))));
+    let rendered = h.gateway.metrics().render();
+    let counted: Vec<&str> = rendered
+        .lines()
+        .filter(|l| l.starts_with("tiergate_requests_total{"))
+        .collect();
+    assert_eq!(
+        counted,
+        [
+            r#"tiergate_requests_total{model="small",tier="fast",status="stream_error",finish_reason="error"} 1"#
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn naming_the_second_model_of_a_shared_tier_is_served_by_that_model() {
+    let h = harness_with(vec![
+        Arc::new(ScriptedEngine::new("small-a", "fast")),
+        Arc::new(ScriptedEngine::new("small-b", "fast")),
+        Arc::new(ScriptedEngine::new("big", "full")),
+    ]);
+    let mut request = greedy("hi");
+    request.model = "small-b".into();
+    let served = h
+        .gateway
+        .serve(Caller::default(), request)
+        .await
+        .expect("served");
+    assert_eq!(served.model, "small-b");
+    assert!(served.route.pinned);
+    assert_eq!(h.fast.submitted(), 0, "small-a never saw it");
+}
+
+/// Drain runs the real HTTP server on the real clock (sockets and a paused clock do not
+/// mix), with replies short enough to keep it well under a second.
+#[tokio::test]
+async fn shutdown_lets_open_streams_finish_and_accepts_nothing_new() {
+    let h = harness();
+    h.fast.set_script(Script::tokens(
+        5,
+        Duration::from_millis(20),
+        Duration::from_millis(60),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let options = HttpOptions {
+        hint_header: "x-tiergate-route-hint".into(),
+        body_limit: 1 << 20,
+        drain_timeout: Duration::from_secs(10),
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        h.gateway.clone(),
+        options,
+        async {
+            let _ = stop_rx.await;
+        },
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "messages": [{"role": "user", "content": "hi"}], "stream": true
+        }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let first = body.next().await.expect("a chunk").expect("bytes");
+    assert!(first.starts_with(b"data: "));
+    let _ = stop_tx.send(());
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream stays open"));
+    }
+    let rest = String::from_utf8(rest).expect("utf-8");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let served = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the stream is done")
+        .expect("no panic");
+    assert!(served.is_ok(), "{served:?}");
+    assert!(
+        client.get(format!("{base}/health")).send().await.is_err(),
+        "nothing listens after the drain"
+    );
+}
