@@ -532,7 +532,13 @@ async fn shutdown_lets_open_streams_finish_and_accepts_nothing_new() {
     let first = body.next().await.expect("a chunk").expect("bytes");
     assert!(first.starts_with(b"data: "));
     let _ = stop_tx.send(());
-    let mut rest = Vec::new();
+    // The next piece comes 60 ms after the signal, with three more (180 ms) still to come:
+    // the server must be waiting for them, not returned.
+    let mut rest = body.next().await.expect("a chunk").expect("bytes").to_vec();
+    assert!(
+        !server.is_finished(),
+        "the server returned while a reply was still streaming"
+    );
     while let Some(chunk) = body.next().await {
         rest.extend_from_slice(&chunk.expect("the stream stays open"));
     }
