@@ -7,7 +7,7 @@
 //!    budget (an identical running generation is joined instead of started);
 //! 3. after admission, a watchdog: no first token in time cancels the sequence (freeing its
 //!    slot) and moves on. It fires early enough that the next tier can still answer
-//!    within the same budget (see [`hedge`]).
+//!    within the same budget (see `Planner::hedge`).
 //!
 //! When no tier fits, a stale reply within `max_stale` is served, else [`BudgetError::Exhausted`]
 //! names every tier tried and why it was passed over, with a `Retry-After` from the
@@ -22,7 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::cache::{self, Follower, Freshness, Lookup, ReplyCache, ReplyKey};
-use crate::engine::{EngineError, GenerationRequest, StageTimings, TokenEvent, TokenStream};
+use dashmap::DashMap;
+
+use crate::engine::{
+    EngineError, GenerationRequest, Health, PromptLimits, StageTimings, TokenEvent, TokenStream,
+};
 use crate::metrics::{CacheLabels, DegradeLabels, Metrics, TierLabels};
 use crate::router::{CacheMode, Route, TokenCounter};
 use crate::tiers::Tiers;
@@ -35,6 +39,8 @@ pub enum DegradeReason {
     QueueFull,
     /// Admitted, but no first token came within the budget; the sequence was cancelled.
     TtftWatchdog,
+    /// The tier is loading or down, or refused the request as not running.
+    Unavailable,
 }
 
 impl DegradeReason {
@@ -43,6 +49,7 @@ impl DegradeReason {
             DegradeReason::PredictedTtft => "predicted_ttft",
             DegradeReason::QueueFull => "queue_full",
             DegradeReason::TtftWatchdog => "ttft_watchdog",
+            DegradeReason::Unavailable => "unavailable",
         }
     }
 }
@@ -195,12 +202,77 @@ fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
     }
 }
 
+/// Below this many observations a tier's predictions are used as they are.
+const CALIBRATION_MIN_SAMPLES: u32 = 3;
+/// A calibration factor is kept within these bounds: one odd request must not make a tier
+/// look free or hopeless.
+const CALIBRATION_BOUNDS: (f64, f64) = (0.5, 4.0);
+/// Weight of each new observation in the moving averages.
+const CALIBRATION_WEIGHT: f64 = 0.2;
+
+/// How each tier's TTFT predictions compared with what its requests then saw, kept per
+/// tier: predictions are scaled by the observed ratio, and a tier whose requests have been
+/// answering well inside their budgets is not shed on a prediction alone.
+#[derive(Default)]
+pub struct Calibration {
+    tiers: DashMap<String, TierRecord>,
+}
+
+/// Moving averages of one tier's observations.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TierRecord {
+    /// Observed over predicted time to first token.
+    pub ratio: f64,
+    /// Observed time to first token, from submit, in seconds.
+    pub observed_s: f64,
+    pub samples: u32,
+}
+
+impl TierRecord {
+    /// `raw` scaled by the observed ratio, once there are enough observations.
+    pub fn calibrate(&self, raw: Duration) -> Duration {
+        if self.samples < CALIBRATION_MIN_SAMPLES {
+            return raw;
+        }
+        let (low, high) = CALIBRATION_BOUNDS;
+        raw.mul_f64(self.ratio.clamp(low, high))
+    }
+}
+
+impl Calibration {
+    pub fn record(&self, tier: &str) -> TierRecord {
+        self.tiers.get(tier).map(|r| *r).unwrap_or_default()
+    }
+
+    /// A request on `tier` was predicted to see its first token after `predicted` and saw
+    /// it after `observed` (or was cancelled after waiting that long: a lower bound, which
+    /// still moves the averages the right way). Returns the ratio.
+    pub fn observe(&self, tier: &str, predicted: Duration, observed: Duration) -> f64 {
+        // A prediction under a millisecond is "free"; compare against a millisecond.
+        let ratio = observed.as_secs_f64() / predicted.as_secs_f64().max(0.001);
+        let mut record = self.tiers.entry(tier.to_owned()).or_default();
+        let fold = |old: f64, new: f64, first: bool| {
+            if first {
+                new
+            } else {
+                old + CALIBRATION_WEIGHT * (new - old)
+            }
+        };
+        let first = record.samples == 0;
+        record.ratio = fold(record.ratio, ratio, first);
+        record.observed_s = fold(record.observed_s, observed.as_secs_f64(), first);
+        record.samples = record.samples.saturating_add(1);
+        ratio
+    }
+}
+
 /// What the planner works with: the backends, the reply cache, and where it counts.
 #[derive(Clone, Copy)]
 pub struct Planner<'a> {
     pub tiers: &'a Tiers,
     pub cache: &'a Arc<ReplyCache>,
     pub metrics: &'a Metrics,
+    pub calibration: &'a Calibration,
 }
 
 /// One request as the planner sees it.
@@ -213,6 +285,41 @@ pub struct Attempt<'a> {
     /// The API key, which scopes cached replies unless the route shares them.
     pub api_key: Option<&'a str>,
     pub deadlines: Deadlines,
+}
+
+/// The context error a request gets on a tier its prompt (and `max_tokens`) cannot fit.
+fn misfit(
+    prompt_tokens: u32,
+    max_tokens: Option<u32>,
+    limits: Option<PromptLimits>,
+) -> Option<EngineError> {
+    let context = limits?.context;
+    match max_tokens {
+        Some(max_tokens) if prompt_tokens.saturating_add(max_tokens) > context => {
+            Some(EngineError::ContextLengthExceeded {
+                prompt_tokens,
+                max_tokens,
+                context,
+            })
+        }
+        // At least one position must be left to generate into.
+        None if prompt_tokens >= context => Some(EngineError::PromptTooLong {
+            prompt_tokens,
+            context,
+        }),
+        _ => None,
+    }
+}
+
+/// Refusals that another tier, or a later retry, may not meet: the request goes on down
+/// the degrade path instead of failing with them.
+fn is_load_refusal(err: &EngineError) -> bool {
+    matches!(
+        err,
+        EngineError::QueueFull { .. }
+            | EngineError::Loading { .. }
+            | EngineError::Unavailable { .. }
+    )
 }
 
 impl Planner<'_> {
@@ -238,26 +345,63 @@ impl Planner<'_> {
         } else {
             self.tiers.degrade_path(&route.tier)
         };
+        let budget = Duration::from_millis(route.ttft_ms);
 
         let first_token_by = deadlines.first_token;
         let mut left_because: Option<DegradeReason> = None;
         let mut shortest_overrun: Option<Duration> = None;
         let mut passed_over = Vec::new();
+        // The first tier's context error, returned when no tier on the path fits.
+        let mut misfits: Option<EngineError> = None;
+        let mut misfit_tiers = 0;
         let mut stale_candidates = Vec::new();
         for (index, tier) in path.iter().enumerate() {
+            let mut pass = |why: String| {
+                passed_over.push(PassedOver {
+                    tier: tier.clone(),
+                    why,
+                })
+            };
             let degraded = left_because.map(|reason| Degradation {
                 from: route.tier.clone(),
                 to: tier.clone(),
                 reason,
             });
             let Some(engine) = self.tiers.backend(tier, pinned_model) else {
-                passed_over.push(PassedOver {
-                    tier: tier.clone(),
-                    why: "no model serves it".into(),
-                });
+                pass("no model serves it".into());
                 continue;
             };
             let model = engine.info().id.clone();
+            // Count first: a prompt that fits no tier is the client's error, not load.
+            let prompt_tokens = match tokens.prompt_tokens(tier) {
+                Ok(count) => count,
+                // The backend is still loading or down; it is passed over just below.
+                Err(_) if !engine.is_ready() => 0,
+                Err(error) => {
+                    pass(format!("cannot count the prompt: {error}"));
+                    continue;
+                }
+            };
+            if let Some(error) = misfit(prompt_tokens, generation.max_tokens, engine.limits()) {
+                pass(error.to_string());
+                misfits.get_or_insert(error);
+                misfit_tiers += 1;
+                continue;
+            }
+            match engine.health() {
+                Health::Ready => {}
+                Health::Loading => {
+                    pass("still loading".into());
+                    left_because.get_or_insert(DegradeReason::Unavailable);
+                    shortest_overrun.get_or_insert(Duration::from_secs(1));
+                    continue;
+                }
+                Health::Down(reason) => {
+                    pass(format!("down: {reason}"));
+                    left_because.get_or_insert(DegradeReason::Unavailable);
+                    continue;
+                }
+            }
             let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
             if let Some(key) = &key {
                 match self.cache.lookup(key) {
@@ -270,25 +414,32 @@ impl Planner<'_> {
             }
 
             let left = first_token_by.saturating_duration_since(Instant::now());
-            // Token-count errors surface from `submit` with their proper status.
-            let prompt_tokens = tokens.prompt_tokens(tier).unwrap_or(0);
-            let predicted = engine.load().predict_ttft(prompt_tokens);
-            if predicted > left {
+            let load = engine.load();
+            let raw = load.predict_ttft(prompt_tokens);
+            let record = self.calibration.record(tier);
+            let predicted = record.calibrate(raw);
+            // Evidence beats a prediction: a tier that would take the request at once and
+            // whose requests have been answering well inside the budget is tried (the
+            // watchdog still guards it), unless a step is stalled past what is left.
+            let proven = load.live < load.slots
+                && load.waiting == 0
+                && load.step_running_s < left.as_secs_f64()
+                && record.samples >= CALIBRATION_MIN_SAMPLES
+                && record.observed_s <= budget.as_secs_f64() / 2.0;
+            if predicted > left && !proven {
                 let overrun = predicted - left;
                 shortest_overrun = Some(shortest_overrun.map_or(overrun, |s| s.min(overrun)));
                 left_because = Some(DegradeReason::PredictedTtft);
-                passed_over.push(PassedOver {
-                    tier: tier.clone(),
-                    why: format!(
-                        "predicted first token in {} ms, {} ms left",
-                        predicted.as_millis(),
-                        left.as_millis()
-                    ),
-                });
+                pass(format!(
+                    "predicted first token in {} ms, {} ms left",
+                    predicted.as_millis(),
+                    left.as_millis()
+                ));
                 continue;
             }
 
             let joined = key.as_ref().and_then(|k| self.cache.join(k));
+            let submitted_at = Instant::now();
             let (mut source, cache_use) = match joined {
                 Some(follower) => (Source::Shared(follower), Some(CacheUse::Shared)),
                 None => match engine.submit(generation.clone()) {
@@ -299,18 +450,20 @@ impl Planner<'_> {
                         ),
                         None => (Source::Engine(stream), None),
                     },
-                    Err(err @ EngineError::QueueFull { .. }) => {
-                        left_because = Some(DegradeReason::QueueFull);
-                        shortest_overrun.get_or_insert(predicted.max(Duration::from_secs(1)));
-                        passed_over.push(PassedOver {
-                            tier: tier.clone(),
-                            why: err.to_string(),
+                    Err(err) if is_load_refusal(&err) => {
+                        left_because = Some(match err {
+                            EngineError::QueueFull { .. } => DegradeReason::QueueFull,
+                            _ => DegradeReason::Unavailable,
                         });
+                        shortest_overrun.get_or_insert(predicted.max(Duration::from_secs(1)));
+                        pass(err.to_string());
                         continue;
                     }
                     Err(err) => return Err(err.into()),
                 },
             };
+            // Only a generation started here shows how the tier answers.
+            let generated_here = cache_use.is_none_or(CacheUse::generated);
             let prompt_tokens = match &source {
                 Source::Engine(stream) => stream.prompt_tokens,
                 Source::Shared(follower) => follower.prompt_tokens,
@@ -322,6 +475,9 @@ impl Planner<'_> {
             match tokio::time::timeout_at(watchdog_at, source.next_event()).await {
                 Ok(TokenEvent::Failed(err)) => return Err(err.into()),
                 Ok(first) => {
+                    if generated_here {
+                        self.observe(tier, raw, submitted_at.elapsed());
+                    }
                     if let Some(cache_use) = cache_use {
                         self.count_cache(tier, cache_use);
                     }
@@ -337,7 +493,10 @@ impl Planner<'_> {
                     });
                 }
                 Err(_elapsed) => {
-                    let waited = watchdog_at.saturating_duration_since(first_token_by - left);
+                    let waited = submitted_at.elapsed();
+                    if generated_here {
+                        self.observe(tier, raw, waited);
+                    }
                     tracing::warn!(%tier, budget_ms = route.ttft_ms, waited_ms = waited.as_millis() as u64,
                         "no first token in time: failing over");
                     // Dropping the source cancels the sequence (or leaves a shared one).
@@ -354,6 +513,13 @@ impl Planner<'_> {
             }
         }
 
+        // A prompt that fits no tier on its path is the client's error: 400, never a 503
+        // that invites a retry.
+        if misfit_tiers == path.len() {
+            if let Some(error) = misfits {
+                return Err(error.into());
+            }
+        }
         // No tier can answer in time: an old reply beats an error.
         for (tier, key) in stale_candidates {
             if let Lookup::Stale(reply) | Lookup::Fresh(reply) = self.cache.lookup(&key) {
@@ -382,6 +548,17 @@ impl Planner<'_> {
             passed_over,
             retry_after: shortest_overrun.unwrap_or(Duration::from_secs(1)),
         })
+    }
+
+    /// Records how a tier's first token compared with its raw prediction.
+    fn observe(&self, tier: &str, predicted: Duration, observed: Duration) {
+        let ratio = self.calibration.observe(tier, predicted, observed);
+        self.metrics
+            .ttft_prediction_ratio
+            .get_or_create(&TierLabels {
+                tier: tier.to_owned(),
+            })
+            .observe(ratio);
     }
 
     /// How long before the first-token deadline the watchdog gives up on a tier, so that the

@@ -97,7 +97,7 @@ impl ReplyKey {
 
 /// Whether sampling makes the same request give the same reply.
 pub fn is_reproducible(sampling: &SamplingParams) -> bool {
-    sampling.temperature == 0.0 || sampling.seed.is_some()
+    sampling.is_greedy() || sampling.seed.is_some()
 }
 
 /// A finished reply, kept in the pieces it streamed in so a replay looks the same.

@@ -51,6 +51,18 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
 }
 
+/// Temperatures below this sample greedily. Dividing logits by a temperature near zero
+/// overflows to infinities and NaNs (1e-38 does), and anything this small picks the top
+/// token anyway.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-3;
+
+impl SamplingParams {
+    /// Whether sampling reduces to taking the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_BELOW_TEMPERATURE
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {

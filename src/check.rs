@@ -12,7 +12,9 @@ use crate::chat::{ChatMessage, ChatRequest};
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::LoadSnapshot;
 use crate::engine::prompt::Prompter;
-use crate::engine::{Engine, EngineError, GenerationRequest, ModelInfo, TokenStream};
+use crate::engine::{
+    Engine, EngineError, GenerationRequest, Health, ModelInfo, PromptLimits, TokenStream,
+};
 use crate::gateway::{self, Explained};
 use crate::router::{Caller, Policy};
 use crate::tiers::Tiers;
@@ -76,6 +78,8 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
 pub struct VocabOnly {
     info: ModelInfo,
     prompter: Prompter,
+    /// What the served model's sequences will hold, from its config and training context.
+    context: u32,
 }
 
 /// Every configured model, vocabulary only, in config order.
@@ -110,6 +114,7 @@ impl VocabOnly {
                 id: model.id.clone(),
                 tier: model.tier.clone(),
             },
+            context: model.context_per_sequence(prompter.model().n_ctx_train()),
             prompter,
         })
     }
@@ -127,8 +132,15 @@ impl Engine for VocabOnly {
         })
     }
 
-    fn is_ready(&self) -> bool {
-        false
+    fn health(&self) -> Health {
+        Health::Down("loaded for counting prompt tokens only".into())
+    }
+
+    fn limits(&self) -> Option<PromptLimits> {
+        Some(PromptLimits {
+            context: self.context,
+            max_token_bytes: self.prompter.max_token_bytes(),
+        })
     }
 
     fn load(&self) -> LoadSnapshot {

@@ -230,6 +230,19 @@ mod defaults {
     }
 }
 
+impl ModelConfig {
+    /// The most positions one sequence may use: its slot's share of `n_ctx` (all of it
+    /// with a unified KV pool), capped by the context the model was trained on.
+    pub fn context_per_sequence(&self, trained: u32) -> u32 {
+        let cells = if self.kv_unified {
+            self.n_ctx
+        } else {
+            self.n_ctx / self.slots
+        };
+        cells.min(trained)
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, Problems> {
         let (raw, file) = TomlFile::load::<RawConfig>(path).map_err(Problems)?;

@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    Acquired, Attempt, BudgetError, CacheUse, Deadlines, Degradation, Planner, Source,
+    Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation, Planner, Source,
 };
 use crate::cache::ReplyCache;
 use crate::chat::ChatRequest;
@@ -33,7 +33,7 @@ use crate::engine::{
 };
 use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
 use crate::router::{Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter};
-use crate::tiers::{Pin, Tiers, UnknownModel};
+use crate::tiers::{Pin, Tiers, TooLarge, UnknownModel};
 
 /// Everything a request may be refused or failed with before its reply starts.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,6 +42,8 @@ pub enum GatewayError {
     Denied(Denied),
     #[error(transparent)]
     UnknownModel(#[from] UnknownModel),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     #[error(transparent)]
     Budget(#[from] BudgetError),
     /// The policy named a tier no backend serves (policies are validated against the
@@ -64,6 +66,7 @@ impl GatewayError {
             GatewayError::Denied(Denied::MissingKey | Denied::UnknownKey) => 401,
             GatewayError::Denied(_) => 429,
             GatewayError::UnknownModel(_) => 404,
+            GatewayError::TooLarge(_) => 400,
             GatewayError::Budget(BudgetError::Exhausted { .. }) => 503,
             GatewayError::Budget(BudgetError::Engine(err)) => engine_status(err),
             GatewayError::NoBackend(_) => 500,
@@ -84,6 +87,10 @@ pub fn engine_status(err: &EngineError) -> u16 {
     }
 }
 
+/// A caller whose key and request quota were checked ([`Gateway::admit`]), with its tenant.
+#[derive(Debug, Clone)]
+pub struct Admitted(Caller);
+
 /// What [`Gateway::new`] is built from.
 pub struct GatewayParts {
     pub tiers: Tiers,
@@ -94,6 +101,8 @@ pub struct GatewayParts {
 }
 
 pub struct Gateway {
+    /// Predicted against observed TTFT per tier, kept for the life of the process.
+    calibration: Calibration,
     tiers: Tiers,
     policies: Arc<PolicyStore>,
     admission: Admission,
@@ -119,6 +128,8 @@ pub fn explain(
     request: &ChatRequest,
 ) -> Result<Explained, GatewayError> {
     let pin = tiers.resolve(&request.model)?;
+    // A pin the policy ignores must not choose the tokenizer either.
+    let pin = pin.filter(|_| policy.allow_pinning);
     let tokens = tiers.counter(&request.messages, pin.as_ref());
     let features = Features::extract(&request.messages, request.max_tokens, caller);
     let explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
@@ -149,6 +160,7 @@ impl Gateway {
             metrics,
         } = parts;
         Self {
+            calibration: Calibration::default(),
             tiers,
             policies,
             admission,
@@ -174,23 +186,36 @@ impl Gateway {
         self.policies.current()
     }
 
-    /// See [`explain`].
+    /// See [`explain`]; for clients, so policy files are named without their directories.
     pub fn explain(
         &self,
-        caller: Caller,
+        caller: Admitted,
         request: &ChatRequest,
     ) -> Result<Explained, GatewayError> {
-        explain(&self.tiers, &self.policy(), caller, request)
+        let mut explained = explain(&self.tiers, &self.policy(), caller.0, request)?;
+        let file_name = |path: &mut std::path::PathBuf| {
+            if let Some(name) = path.file_name() {
+                *path = name.into();
+            }
+        };
+        let explanation = &mut explained.explanation;
+        explanation.policy.iter_mut().for_each(file_name);
+        explanation
+            .rules
+            .iter_mut()
+            .for_each(|rule| file_name(&mut rule.file));
+        Ok(explained)
     }
 
     /// Checks the caller's key and spends one request of its quota; refusals are counted.
-    fn admit(&self, caller: &mut Caller) -> Result<(), GatewayError> {
+    /// Done before a request body is read, so an unknown caller costs nothing more.
+    pub fn admit(&self, mut caller: Caller) -> Result<Admitted, GatewayError> {
         let client = self
             .admission
             .admit(caller.api_key.as_deref())
             .map_err(|denied| self.refuse(denied))?;
         caller.tenant = client.and_then(|c| c.tenant);
-        Ok(())
+        Ok(Admitted(caller))
     }
 
     fn refuse(&self, denied: Denied) -> GatewayError {
@@ -206,7 +231,7 @@ impl Gateway {
     /// Serves one chat request up to its first token; the rest comes from [`Served::reply`].
     pub async fn serve(
         &self,
-        caller: Caller,
+        caller: Admitted,
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
         // One span per request; the route span and the engine's queue, prefill and decode
@@ -224,7 +249,7 @@ impl Gateway {
             finish_reason = Empty,
             ttft_ms = Empty,
         );
-        self.serve_in(span.clone(), caller, request)
+        self.serve_in(span.clone(), caller.0, request)
             .instrument(span)
             .await
     }
@@ -232,12 +257,14 @@ impl Gateway {
     async fn serve_in(
         &self,
         span: tracing::Span,
-        mut caller: Caller,
+        caller: Caller,
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
-        // Keys and request quotas first: an unknown caller costs no tokenizing.
-        self.admit(&mut caller)?;
         let pin = self.tiers.resolve(&request.model)?;
+        let bytes = request.messages.iter().map(|m| m.content.len()).sum();
+        if let Some(too_large) = self.tiers.too_large(bytes) {
+            return Err(too_large.into());
+        }
         let accepted_at = Instant::now();
         let api_key = caller.api_key.clone();
         let ChatRequest {
@@ -259,12 +286,13 @@ impl Gateway {
             ignore_eos,
             span: span.clone(),
         };
+        let policy = self.policy();
+        // A pin the policy ignores must not choose the tokenizer either.
+        let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
         let route = tracing::debug_span!("route").in_scope(|| {
             let features = Features::extract(&generation.messages, max_tokens, caller);
-            let route = self
-                .policy()
-                .route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+            let route = policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
             tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
             route
         });
@@ -311,6 +339,7 @@ impl Gateway {
             tiers: &self.tiers,
             cache: &self.cache,
             metrics: &self.metrics,
+            calibration: &self.calibration,
         };
         let attempt = Attempt {
             generation: &generation,

@@ -97,6 +97,11 @@ const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0, 256.0,
 ];
 
+/// Observed over predicted TTFT: how far off a prediction was, either way.
+const RATIO_BUCKETS: [f64; 13] = [
+    0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0,
+];
+
 fn histograms(buckets: &'static [f64]) -> Histograms {
     Family::new_with_constructor(HistogramMaker(buckets))
 }
@@ -125,6 +130,7 @@ pub struct Metrics {
     batch_size: Histograms,
     prefix_cache_tokens: Family<ModelLabels, Counter>,
     prompt_count_mismatches: Family<ModelLabels, Counter>,
+    model_up: Family<ModelLabels, Gauge>,
     pub time_to_first_token: Histograms,
     pub inter_token_latency: Histograms,
     pub e2e_request_latency: Histograms,
@@ -139,6 +145,8 @@ pub struct Metrics {
     pub rate_limited: Family<ReasonLabels, Counter>,
     pub shed: Family<TierLabels, Counter>,
     pub budget_cuts: Family<TierLabels, Counter>,
+    /// Observed over predicted time to first token, per tier.
+    pub ttft_prediction_ratio: Family<TierLabels, Histogram, HistogramMaker>,
 }
 
 /// The gauges one model's step loop owns, already bound to its labels.
@@ -163,6 +171,8 @@ pub struct EngineMetrics {
     pub prefix_cache_tokens: Counter,
     /// Requests whose prompt the router's Rust tokenizer counted differently from llama.cpp.
     pub prompt_count_mismatches: Counter,
+    /// 1 while the model serves, 0 while it loads or after its thread ended.
+    pub up: Gauge,
 }
 
 impl Default for Metrics {
@@ -262,6 +272,11 @@ impl Metrics {
                 "Requests whose prompt tokens the router counted differently from llama.cpp's tokenizer (expected 0)",
                 Family::default(),
             ),
+            model_up: r.add(
+                "model_up",
+                "1 while a model serves requests; 0 while it loads or after its thread failed, panicked or stopped",
+                Family::default(),
+            ),
             requests: r.add(
                 "requests",
                 "Chat completion requests by outcome",
@@ -309,6 +324,11 @@ impl Metrics {
                 "Replies ended with finish_reason length because the total budget ran out",
                 Family::default(),
             ),
+            ttft_prediction_ratio: r.add(
+                "ttft_prediction_ratio",
+                "Observed over predicted time to first token per tier (1 is exact; a watchdog cancel counts the time waited)",
+                Family::new_with_constructor(HistogramMaker(&RATIO_BUCKETS)),
+            ),
             registry: r.0,
         }
     }
@@ -325,6 +345,7 @@ impl Metrics {
             batch_size: self.batch_size.get_or_create(labels).clone(),
             prefix_cache_tokens: self.prefix_cache_tokens.get_or_create(labels).clone(),
             prompt_count_mismatches: self.prompt_count_mismatches.get_or_create(labels).clone(),
+            up: self.model_up.get_or_create(labels).clone(),
         }
     }
 

@@ -30,6 +30,18 @@ pub struct Pin {
     pub model: Option<String>,
 }
 
+/// A prompt too large for every tier, found from its size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the messages ({bytes} bytes) take at least {min_tokens} tokens, more than any model's \
+     maximum context length ({largest_context} tokens)"
+)]
+pub struct TooLarge {
+    pub bytes: usize,
+    pub min_tokens: u64,
+    pub largest_context: u32,
+}
+
 /// `model` named nothing configured: the names that would have worked come with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the model `{requested}` does not exist; available: {}", available.join(", "))]
@@ -118,6 +130,29 @@ impl Tiers {
             }
         }
         names
+    }
+
+    /// `Some` when text of `bytes` cannot fit any tier's context: every backend's fewest
+    /// possible tokens for it (from its longest token) reach its context. Decided before
+    /// any templating or tokenizing, so an oversized prompt costs nothing. Backends whose
+    /// limits are not known yet (still loading) count as fitting.
+    pub fn too_large(&self, bytes: usize) -> Option<TooLarge> {
+        let mut largest_context = 0;
+        let mut min_tokens = u64::MAX;
+        for backend in &self.backends {
+            let limits = backend.limits()?;
+            let tokens = limits.min_tokens(bytes);
+            if tokens < u64::from(limits.context) {
+                return None;
+            }
+            largest_context = largest_context.max(limits.context);
+            min_tokens = min_tokens.min(tokens);
+        }
+        (!self.backends.is_empty()).then_some(TooLarge {
+            bytes,
+            min_tokens,
+            largest_context,
+        })
     }
 
     pub fn all_ready(&self) -> bool {
@@ -224,6 +259,20 @@ mod tests {
             err.available,
             ["auto", "fast", "small-a", "small-b", "full", "big"]
         );
+    }
+
+    #[test]
+    fn a_prompt_is_too_large_only_when_it_fits_no_tier_by_its_bytes() {
+        let small = ScriptedEngine::new("small", "fast");
+        small.set_context(Some(100));
+        let big = ScriptedEngine::new("big", "full");
+        big.set_context(Some(1000));
+        let tiers = Tiers::new(vec![small.into_backend(), big.into_backend()]);
+        // 64 bytes per token at most: 64 000 bytes are at least 1000 tokens.
+        assert_eq!(tiers.too_large(63_999), None);
+        let too_large = tiers.too_large(64_000).expect("fits no tier");
+        assert_eq!(too_large.largest_context, 1000);
+        assert_eq!(too_large.min_tokens, 1000);
     }
 
     #[test]

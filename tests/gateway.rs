@@ -119,6 +119,12 @@ fn greedy(prompt: &str) -> ChatRequest {
     request
 }
 
+/// Admits `caller` and serves `request`, as the HTTP handler does.
+async fn serve(h: &Harness, caller: Caller, request: ChatRequest) -> Result<Served, GatewayError> {
+    let admitted = h.gateway.admit(caller)?;
+    h.gateway.serve(admitted, request).await
+}
+
 /// A tier whose live state predicts a first token `seconds` away.
 fn busy(seconds: f64) -> LoadSnapshot {
     LoadSnapshot {
@@ -160,9 +166,7 @@ async fn settle() {
 async fn a_tier_predicted_to_miss_the_budget_is_skipped_before_queueing() {
     let h = harness();
     h.full.set_load(busy(3.0));
-    let served = h
-        .gateway
-        .serve(hinted("full"), greedy("hi"))
+    let served = serve(&h, hinted("full"), greedy("hi"))
         .await
         .expect("served");
     assert_eq!(served.tier, "fast");
@@ -186,9 +190,7 @@ async fn a_tier_predicted_to_miss_the_budget_is_skipped_before_queueing() {
 async fn a_tier_predicted_within_the_budget_serves_the_request_itself() {
     let h = harness();
     h.full.set_load(busy(1.5));
-    let served = h
-        .gateway
-        .serve(hinted("full"), greedy("hi"))
+    let served = serve(&h, hinted("full"), greedy("hi"))
         .await
         .expect("served");
     assert_eq!(
@@ -207,9 +209,7 @@ async fn watchdog_cancels_a_silent_tier_early_enough_for_the_next_to_answer() {
     // twice that plus 50 ms, firing 250 ms before the 2 s budget ends.
     h.fast.set_load(busy(0.1));
     let started = Instant::now();
-    let served = h
-        .gateway
-        .serve(hinted("full"), greedy("hi"))
+    let served = serve(&h, hinted("full"), greedy("hi"))
         .await
         .expect("served");
     let ttft = started.elapsed();
@@ -237,9 +237,7 @@ async fn the_watchdog_gives_a_tier_at_least_half_the_budget() {
     // at half of what is left, and then the fast tier is itself predicted too slow.
     h.fast.set_load(busy(5.0));
     let started = Instant::now();
-    let err = h
-        .gateway
-        .serve(hinted("full"), greedy("hi"))
+    let err = serve(&h, hinted("full"), greedy("hi"))
         .await
         .err()
         .expect("shed");
@@ -258,9 +256,7 @@ async fn a_pinned_request_gets_the_whole_budget_then_a_503_naming_the_tier() {
     let mut request = greedy("hi");
     request.model = "big".into();
     let started = Instant::now();
-    let err = h
-        .gateway
-        .serve(Caller::default(), request)
+    let err = serve(&h, Caller::default(), request)
         .await
         .err()
         .expect("shed");
@@ -298,9 +294,7 @@ async fn when_no_tier_fits_the_503_names_each_tier_and_why() {
         model: "small".into(),
         capacity: 4,
     }));
-    let err = h
-        .gateway
-        .serve(hinted("full"), greedy("hi"))
+    let err = serve(&h, hinted("full"), greedy("hi"))
         .await
         .err()
         .expect("shed");
@@ -320,9 +314,7 @@ async fn when_no_tier_fits_the_503_names_each_tier_and_why() {
 #[tokio::test(start_paused = true)]
 async fn a_stale_reply_is_served_when_no_tier_can_answer_in_time() {
     let h = harness();
-    let first = h
-        .gateway
-        .serve(hinted("cached"), greedy("what is 2+2"))
+    let first = serve(&h, hinted("cached"), greedy("what is 2+2"))
         .await
         .expect("served");
     assert_eq!(first.cache, Some(CacheUse::Miss));
@@ -330,9 +322,7 @@ async fn a_stale_reply_is_served_when_no_tier_can_answer_in_time() {
     settle().await;
 
     // Within the 1 s TTL: a hit, without generating.
-    let hit = h
-        .gateway
-        .serve(hinted("cached"), greedy("what is 2+2"))
+    let hit = serve(&h, hinted("cached"), greedy("what is 2+2"))
         .await
         .expect("served");
     assert_eq!(hit.cache, Some(CacheUse::Hit));
@@ -342,9 +332,7 @@ async fn a_stale_reply_is_served_when_no_tier_can_answer_in_time() {
     // Past the TTL while the tier is overloaded: the stale reply beats a 503.
     tokio::time::sleep(Duration::from_secs(5)).await;
     h.fast.set_load(busy(10.0));
-    let stale = h
-        .gateway
-        .serve(hinted("cached"), greedy("what is 2+2"))
+    let stale = serve(&h, hinted("cached"), greedy("what is 2+2"))
         .await
         .expect("served");
     assert_eq!(stale.cache, Some(CacheUse::Stale));
@@ -352,9 +340,7 @@ async fn a_stale_reply_is_served_when_no_tier_can_answer_in_time() {
 
     // Past max_stale too: nothing left to serve.
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let err = h
-        .gateway
-        .serve(hinted("cached"), greedy("what is 2+2"))
+    let err = serve(&h, hinted("cached"), greedy("what is 2+2"))
         .await
         .err()
         .expect("shed");
@@ -370,9 +356,7 @@ async fn the_total_budget_cuts_a_reply_with_length_and_cancels_its_sequence() {
         Duration::from_millis(100),
         Duration::from_millis(100),
     ));
-    let served = h
-        .gateway
-        .serve(hinted("tight-total"), greedy("write a lot"))
+    let served = serve(&h, hinted("tight-total"), greedy("write a lot"))
         .await
         .expect("served");
     let started = Instant::now();
@@ -397,8 +381,8 @@ async fn the_total_budget_cuts_a_reply_with_length_and_cancels_its_sequence() {
 async fn identical_concurrent_requests_share_one_generation() {
     let h = harness();
     let (a, b) = tokio::join!(
-        h.gateway.serve(hinted("cached"), greedy("same question")),
-        h.gateway.serve(hinted("cached"), greedy("same question")),
+        serve(&h, hinted("cached"), greedy("same question")),
+        serve(&h, hinted("cached"), greedy("same question")),
     );
     let (a, b) = (a.expect("served"), b.expect("served"));
     let mut uses = [a.cache, b.cache];
@@ -419,9 +403,7 @@ async fn a_reader_that_leaves_cancels_the_sequence_and_counts_as_aborted() {
         Duration::from_millis(10),
         Duration::from_millis(100),
     ));
-    let served = h
-        .gateway
-        .serve(Caller::default(), greedy("hi"))
+    let served = serve(&h, Caller::default(), greedy("hi"))
         .await
         .expect("served");
     let mut reply = served.reply;
@@ -450,11 +432,7 @@ async fn a_failure_after_the_first_token_is_a_stream_error_counted_once() {
     h.fast.set_script(script);
     let mut request = greedy("hi");
     request.stream = true;
-    let served = h
-        .gateway
-        .serve(Caller::default(), request)
-        .await
-        .expect("served");
+    let served = serve(&h, Caller::default(), request).await.expect("served");
     let (_, last) = read_all(served).await;
     assert!(matches!(last, ReplyEvent::Failed(EngineError::Decode(_))));
     let rendered = h.gateway.metrics().render();
@@ -479,11 +457,7 @@ async fn naming_the_second_model_of_a_shared_tier_is_served_by_that_model() {
     ]);
     let mut request = greedy("hi");
     request.model = "small-b".into();
-    let served = h
-        .gateway
-        .serve(Caller::default(), request)
-        .await
-        .expect("served");
+    let served = serve(&h, Caller::default(), request).await.expect("served");
     assert_eq!(served.model, "small-b");
     assert!(served.route.pinned);
     assert_eq!(h.fast.submitted(), 0, "small-a never saw it");

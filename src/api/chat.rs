@@ -23,7 +23,7 @@ use super::types::{
     parse_chat_request, AssistantMessage, ChunkBody, ChunkChoice, ChunkNote, CompletionBody,
     CompletionChoice, Delta, UsageBody,
 };
-use super::AppState;
+use super::{AppState, Authorized};
 use crate::budget::CacheUse;
 use crate::engine::{FinishReason, StageTimings, Usage};
 use crate::gateway::{Completion, Ending, Reply, ReplyEvent, Served};
@@ -42,10 +42,9 @@ const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authorized(caller): Authorized,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = state.caller(&headers);
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
     let request = parse_chat_request(&body)?;
     let stream = request.stream;
@@ -75,14 +74,15 @@ pub async fn chat_completions(
 }
 
 /// `POST /v1/route`: how a chat request would be routed, without generating.
+/// Needs the same API key as chat and counts against its request quota.
 pub async fn explain_route(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Authorized(caller): Authorized,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
     let request = parse_chat_request(&body)?;
-    let explained = state.gateway().explain(state.caller(&headers), &request)?;
+    let explained = state.gateway().explain(caller, &request)?;
     Ok(Json(explained).into_response())
 }
 

@@ -227,6 +227,9 @@ impl From<GatewayError> for ApiError {
             GatewayError::Budget(BudgetError::Exhausted { retry_after, .. }) => {
                 Self::overloaded(message, retry_after_secs(retry_after))
             }
+            GatewayError::TooLarge(_) => Self::invalid_request(message)
+                .with_code("context_length_exceeded")
+                .with_param("messages"),
             GatewayError::NoBackend(_) => Self::internal(message),
         }
     }

@@ -6,7 +6,8 @@ pub mod types;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,7 +16,8 @@ use serde_json::json;
 
 use tokio::sync::watch;
 
-use crate::gateway::Gateway;
+use crate::engine::Health;
+use crate::gateway::{Admitted, Gateway};
 use crate::router::Caller;
 use error::ApiError;
 
@@ -51,6 +53,7 @@ impl AppState {
     }
 
     /// Who is calling: the bearer token (or `x-api-key`) and the routing hint header.
+    /// Not yet admitted: see [`Authorized`].
     pub fn caller(&self, headers: &HeaderMap) -> Caller {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let api_key = text("authorization")
@@ -70,6 +73,19 @@ impl AppState {
             tenant: None,
             hint,
         }
+    }
+}
+
+/// A caller whose API key and request quota were checked from the headers alone, before
+/// the body is read: axum runs this extractor ahead of the one that reads the body.
+pub struct Authorized(pub Admitted);
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = state.caller(&parts.headers);
+        Ok(Self(state.gateway().admit(caller)?))
     }
 }
 
@@ -109,34 +125,46 @@ async fn health() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Every model is loaded and its step loop running.
+/// 200 once every model is loaded and its step loop running. 503 while any loads, after
+/// any went down (naming it, its tier and why), and while draining.
 async fn ready(State(state): State<AppState>) -> Response {
-    let tiers = state.gateway().tiers();
-    let models: serde_json::Map<String, serde_json::Value> = tiers
-        .backends()
-        .iter()
-        .map(|e| (e.info().id.clone(), json!(e.is_ready())))
-        .collect();
-    if *state.inner.draining.borrow() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining", "models": models})),
-        )
-            .into_response();
+    let mut models = serde_json::Map::new();
+    let mut down = serde_json::Map::new();
+    let mut loading = false;
+    for backend in state.gateway().tiers().backends() {
+        let info = backend.info();
+        let health = backend.health();
+        models.insert(info.id.clone(), json!(health == Health::Ready));
+        match health {
+            Health::Ready => {}
+            Health::Loading => loading = true,
+            Health::Down(reason) => {
+                down.insert(
+                    info.id.clone(),
+                    json!({"tier": info.tier, "reason": reason}),
+                );
+            }
+        }
     }
-    if tiers.all_ready() {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "models": models})),
-        )
-            .into_response()
+    let status = if *state.inner.draining.borrow() {
+        "draining"
+    } else if !down.is_empty() {
+        "down"
+    } else if loading {
+        "loading"
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading", "models": models})),
-        )
-            .into_response()
+        "ready"
+    };
+    let mut body = json!({"status": status, "models": models});
+    if !down.is_empty() {
+        body["down"] = serde_json::Value::Object(down);
     }
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -10,6 +10,8 @@ use crate::engine::Usage;
 
 /// The most stop strings one request may carry; each is checked after every token.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string accepted, in bytes (stop strings are markers, not documents).
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// The request body as frontends send it. Unknown fields are ignored; fields that name an
 /// OpenAI feature tiergate cannot honour are parsed only so the error can name them.
@@ -197,6 +199,13 @@ impl ChatCompletionRequest {
             Some(StopField::One(s)) => vec![s],
             Some(StopField::Many(list)) => list,
         };
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid_request(format!(
+                "each `stop` string may be at most {MAX_STOP_BYTES} bytes, got one of {}",
+                long.len()
+            ))
+            .with_param("stop"));
+        }
         if stop.len() > MAX_STOP_STRINGS {
             return Err(ApiError::invalid_request(format!(
                 "`stop` may hold at most {MAX_STOP_STRINGS} strings, got {}",

@@ -12,6 +12,7 @@
 //! caller's thread; only the context, which is not `Send`, stays on the model thread.
 
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
@@ -31,11 +32,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::load::{LoadMeter, LoadSnapshot};
 use super::prompt::{backend, Prompter};
-use super::schedule::{Limits, Release, Scheduler, SeqState, Waiting, Work};
+use super::schedule::{Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
-    Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, StageTimings, TokenEvent,
-    TokenStream, Usage,
+    Engine, EngineError, FinishReason, GenerationRequest, Health, ModelInfo, PromptLimits,
+    StageTimings, TokenEvent, TokenStream, Usage,
 };
 use crate::chat::{ChatMessage, SamplingParams};
 use crate::config::ModelConfig;
@@ -167,14 +168,30 @@ impl LlamaEngine {
                     ready: ready_tx,
                     stop: stop_flag,
                 };
-                let outcome = model_thread(config, &loaded, channels, metrics, load);
+                let up = metrics.up.clone();
+                // A panic on this thread must still mark the model down, so that requests
+                // go elsewhere instead of queueing for a thread that is gone.
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    model_thread(config, &loaded, channels, metrics, load)
+                }));
                 let reason = match outcome {
-                    Ok(()) => "the model thread stopped".to_owned(),
-                    Err(reason) => {
+                    Ok(Ok(())) => "the model thread stopped".to_owned(),
+                    Ok(Err(reason)) => {
                         tracing::error!(model = %id, %reason, "model thread failed");
                         reason
                     }
+                    Err(panic) => {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let reason = format!("the model thread panicked: {message}");
+                        tracing::error!(model = %id, %reason, "model down");
+                        reason
+                    }
                 };
+                up.set(0);
                 let _ = stopped.set(reason);
             })?;
         Ok((
@@ -206,8 +223,20 @@ impl Engine for LlamaEngine {
         &self.info
     }
 
-    fn is_ready(&self) -> bool {
-        self.loaded().is_ok()
+    fn health(&self) -> Health {
+        match (self.stopped.get(), self.loaded.get()) {
+            (Some(reason), _) => Health::Down(reason.clone()),
+            (None, Some(_)) => Health::Ready,
+            (None, None) => Health::Loading,
+        }
+    }
+
+    fn limits(&self) -> Option<PromptLimits> {
+        let loaded = self.loaded.get()?;
+        Some(PromptLimits {
+            context: loaded.context_per_sequence,
+            max_token_bytes: loaded.prompter.max_token_bytes(),
+        })
     }
 
     fn load(&self) -> LoadSnapshot {
@@ -381,7 +410,6 @@ fn model_thread(
             prefix_cache,
         }),
         samplers: (0..config.slots).map(|_| None).collect(),
-        total_cells,
         metrics,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
@@ -397,6 +425,7 @@ fn model_thread(
         context_per_sequence,
     });
     step_loop.warm_up();
+    step_loop.metrics.up.set(1);
     let _ = ready.send(Ok(()));
     step_loop.run(&queue);
     Ok(())
@@ -409,12 +438,7 @@ fn load_model(config: &ModelConfig) -> Result<LoadedParts, String> {
     let prompter = Prompter::load(config, &params)?;
     let model = prompter.model();
 
-    let context_per_sequence = if config.kv_unified {
-        config.n_ctx
-    } else {
-        config.n_ctx / config.slots
-    }
-    .min(model.n_ctx_train());
+    let context_per_sequence = config.context_per_sequence(model.n_ctx_train());
     let threads = config.threads as i32;
     let context_params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.n_ctx))
@@ -441,7 +465,6 @@ struct StepLoop<'m> {
     /// Per seq id: the live sequence's sampler (llama.cpp samplers are not `Send`, so they
     /// are built here at admission rather than carried through the queue).
     samplers: Vec<Option<LlamaSampler>>,
-    total_cells: u32,
     metrics: EngineMetrics,
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
@@ -510,21 +533,33 @@ impl StepLoop<'_> {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Measures a short prefill and one decode step before the first request, so TTFT
-    /// predictions start from this machine's speed rather than from nothing.
+    /// Measures prefill and decode before the first request, so TTFT predictions start
+    /// from what requests will see: a batched prefill of several short prompts and a few
+    /// batched decode steps, as a burst of requests gets. The very first decode runs cold
+    /// (weights paged in, buffers allocated) and is not recorded.
     fn warm_up(&mut self) {
         const PROMPT: usize = 32;
-        let Some(seq_id) = self.scheduler.lowest_free_slot() else {
+        const DECODE_STEPS: usize = 3;
+        let slots = self.scheduler.limits().slots.min(4) as SeqId;
+        let batch_tokens = self.scheduler.limits().batch_capacity;
+        let sequences: Vec<SeqId> = (0..slots)
+            .take_while(|&seq| (seq as usize + 1) * PROMPT <= batch_tokens)
+            .collect();
+        if sequences.is_empty() {
+            tracing::warn!(model = %self.model_id, batch_tokens, "batch too small to measure a warm-up prefill");
             return;
-        };
+        }
         let token = self.model.vocab().bos();
-        let run = |this: &mut Self, positions: std::ops::Range<usize>| {
+        // One decode call over `positions` of every sequence in `seqs`; its duration.
+        let run = |this: &mut Self, seqs: &[SeqId], positions: std::ops::Range<usize>| {
             this.batch.clear();
             let last = positions.end - 1;
-            for pos in positions.clone() {
-                this.batch
-                    .add(token, pos as i32, &[seq_id], pos == last)
-                    .map_err(|e| e.to_string())?;
+            for &seq in seqs {
+                for pos in positions.clone() {
+                    this.batch
+                        .add(token, pos as i32, &[seq], pos == last)
+                        .map_err(|e| e.to_string())?;
+                }
             }
             let started = Instant::now();
             // Not `timed_decode`: the injected stall models a tier that stalls after
@@ -532,23 +567,33 @@ impl StepLoop<'_> {
             this.ctx
                 .decode(&mut this.batch)
                 .map_err(|e| e.to_string())?;
-            let elapsed = started.elapsed();
-            Ok::<_, String>(elapsed)
+            Ok::<_, String>(started.elapsed())
         };
-        let outcome = run(self, 0..PROMPT).and_then(|prefill| {
-            let step = run(self, PROMPT..PROMPT + 1)?;
-            Ok((prefill, step))
-        });
-        self.batch.clear();
-        self.ctx
-            .clear_kv_cache_seq(Some(seq_id as u32), None, None)
-            .ok();
-        match outcome {
-            Ok((prefill, step)) => {
-                self.load.record_step(prefill, PROMPT, 0);
-                self.load.record_step(step, 0, 1);
-                tracing::debug!(model = %self.model_id, ?prefill, ?step, "warm-up measured");
+        let clear = |this: &mut Self| {
+            for &seq in &sequences {
+                this.ctx
+                    .clear_kv_cache_seq(Some(seq as u32), None, None)
+                    .ok();
             }
+        };
+        let outcome = (|| {
+            run(self, &sequences[..1], 0..PROMPT)?;
+            clear(self);
+            let prefill = run(self, &sequences, 0..PROMPT)?;
+            self.load.record_step(prefill, PROMPT * sequences.len(), 0);
+            let mut steps = Vec::with_capacity(DECODE_STEPS);
+            for step in 0..DECODE_STEPS {
+                let elapsed = run(self, &sequences, PROMPT + step..PROMPT + step + 1)?;
+                self.load.record_step(elapsed, 0, sequences.len());
+                steps.push(elapsed);
+            }
+            Ok::<_, String>((prefill, steps))
+        })();
+        self.batch.clear();
+        clear(self);
+        match outcome {
+            Ok((prefill, steps)) => tracing::debug!(model = %self.model_id,
+                sequences = sequences.len(), ?prefill, ?steps, "warm-up measured"),
             Err(err) => tracing::warn!(model = %self.model_id, %err, "warm-up decode failed"),
         }
     }
@@ -562,9 +607,10 @@ impl StepLoop<'_> {
         self.metrics
             .free_slots
             .set(self.scheduler.free_slots() as i64);
-        self.metrics
-            .kv_cache_usage
-            .set(self.scheduler.cells_in_use() as f64 / f64::from(self.total_cells.max(1)));
+        self.metrics.kv_cache_usage.set(
+            self.scheduler.cells_in_use() as f64
+                / f64::from(self.scheduler.limits().total_cells.max(1)),
+        );
         self.load.set_occupancy(
             self.scheduler.live().len(),
             self.scheduler.waiting().len(),
@@ -703,9 +749,17 @@ impl StepLoop<'_> {
                 continue;
             };
             let seq_id = self.scheduler.live()[w.seq()].seq_id;
-            if let Some(sampler) = self.samplers[seq_id as usize].as_mut() {
-                let token = sampler.sample(&self.ctx, batch_index);
-                self.accept_token(w.seq(), token);
+            match self.samplers[seq_id as usize].as_mut() {
+                Some(sampler) => {
+                    let token = sampler.sample(&self.ctx, batch_index);
+                    self.accept_token(w.seq(), token);
+                }
+                // Admission builds every sampler; without one, the sequence must not go on
+                // (its pending token was just decoded and would be decoded again).
+                None => self.fail(
+                    &[*w],
+                    EngineError::Decode("the sequence has no sampler".into()),
+                ),
             }
         }
     }
@@ -860,7 +914,7 @@ fn build_sampler(
             params.presence_penalty,
         ));
     }
-    if params.temperature <= 0.0 {
+    if params.is_greedy() {
         chain.push(LlamaSampler::greedy());
     } else {
         if params.top_k > 0 {

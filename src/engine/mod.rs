@@ -169,8 +169,13 @@ pub trait Engine: Send + Sync + 'static {
     /// the caller's thread, so a bad request fails before it takes a queue place.
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError>;
 
+    /// Whether it can take requests now.
+    fn health(&self) -> Health;
+
     /// True once the model is loaded and its step loop is running.
-    fn is_ready(&self) -> bool;
+    fn is_ready(&self) -> bool {
+        self.health() == Health::Ready
+    }
 
     /// Live queue state and measured speeds, for predicting time to first token.
     fn load(&self) -> load::LoadSnapshot;
@@ -178,4 +183,33 @@ pub trait Engine: Send + Sync + 'static {
     /// Tokens the templated `messages` take on this model (what `usage.prompt_tokens`
     /// would say), without queueing anything. The router calls it off the model thread.
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError>;
+
+    /// What a request's prompt and completion must fit in; `None` until the model is loaded.
+    fn limits(&self) -> Option<PromptLimits>;
+}
+
+/// Whether a backend can take requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Loading,
+    Ready,
+    /// Failed to load, or its model thread ended or panicked: requests go elsewhere.
+    Down(String),
+}
+
+/// A backend's size limits, for refusing what cannot fit before it is queued anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptLimits {
+    /// Positions one sequence may use: prompt plus completion.
+    pub context: u32,
+    /// Bytes of the longest token's text: a prompt of `b` bytes takes at least
+    /// `b / max_token_bytes` tokens, which bounds it before any tokenizing.
+    pub max_token_bytes: u32,
+}
+
+impl PromptLimits {
+    /// The fewest tokens `bytes` of text can take.
+    pub fn min_tokens(&self, bytes: usize) -> u64 {
+        bytes as u64 / u64::from(self.max_token_bytes.max(1))
+    }
 }

@@ -65,6 +65,8 @@ pub struct Prompter {
     template: LlamaChatTemplate,
     /// Why not, when the vocabulary's tokenizer type is not mirrored or failed the probe.
     counter: Result<GgufTokenizer, String>,
+    /// Bytes of the longest token's text (special tokens included).
+    max_token_bytes: u32,
 }
 
 impl Prompter {
@@ -120,10 +122,17 @@ impl Prompter {
                     "chat template cannot be applied ({e}); name one of llama.cpp's built-in templates"
                 )
             })?;
+        let vocab = model.vocab();
+        let max_token_bytes = vocab
+            .tokens()
+            .map(|t| vocab.token_to_piece(t, true, None).len() as u32)
+            .max()
+            .unwrap_or(1);
         Ok(Self {
             model,
             template,
             counter: Err("not loaded".into()),
+            max_token_bytes,
         })
     }
 
@@ -182,6 +191,11 @@ impl Prompter {
 
     pub fn model(&self) -> &Arc<LlamaModel> {
         &self.model
+    }
+
+    /// Bytes of the longest token's text.
+    pub fn max_token_bytes(&self) -> u32 {
+        self.max_token_bytes
     }
 
     /// The templated conversation with the assistant's turn opened, as text.

@@ -542,7 +542,7 @@ pub fn common_prefix_len<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize {
 
 /// Prompt tokens a slot must reuse beyond what the lowest free slot offers before a new
 /// sequence goes there instead: batches of consecutive seq ids cost one pass over the
-/// weights (see `StepLoop::plan`), and a gap in the ids costs another pass on every step
+/// weights (see `Scheduler::plan`), and a gap in the ids costs another pass on every step
 /// the sequence lives, which only a long saved prefill is worth.
 pub const PREFIX_GAIN_FOR_ANOTHER_SLOT: usize = 64;
 

@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::load::LoadSnapshot;
 use super::{
-    Engine, EngineError, FinishReason, GenerationRequest, ModelInfo, StageTimings, TokenEvent,
-    TokenStream, Usage,
+    Engine, EngineError, FinishReason, GenerationRequest, Health, ModelInfo, PromptLimits,
+    StageTimings, TokenEvent, TokenStream, Usage,
 };
 use crate::chat::ChatMessage;
 
@@ -67,6 +67,8 @@ struct Settings {
     /// Returned by `submit` instead of a stream while set.
     refuse: Option<EngineError>,
     loading: bool,
+    /// Set: the backend is down for this reason (its thread died).
+    down: Option<String>,
     /// Positions one sequence may use; prompts beyond it are refused as llama.cpp's are.
     context: Option<u32>,
 }
@@ -126,6 +128,11 @@ impl ScriptedEngine {
         self.settings().context = context;
     }
 
+    /// Marks the backend down (as a model thread that panicked is) or up again.
+    pub fn set_down(&self, reason: Option<&str>) {
+        self.settings().down = reason.map(str::to_owned);
+    }
+
     /// Requests that got a stream.
     pub fn submitted(&self) -> usize {
         self.submitted.load(Ordering::SeqCst)
@@ -165,6 +172,12 @@ impl Engine for ScriptedEngine {
         if settings.loading {
             return Err(EngineError::Loading {
                 model: self.info.id.clone(),
+            });
+        }
+        if let Some(reason) = settings.down {
+            return Err(EngineError::Unavailable {
+                model: self.info.id.clone(),
+                reason,
             });
         }
         if let Some(refusal) = settings.refuse {
@@ -229,8 +242,22 @@ impl Engine for ScriptedEngine {
         Ok(TokenStream::new(prompt_tokens, rx))
     }
 
-    fn is_ready(&self) -> bool {
-        !self.settings().loading
+    fn health(&self) -> Health {
+        let settings = self.settings();
+        match (&settings.down, settings.loading) {
+            (Some(reason), _) => Health::Down(reason.clone()),
+            (None, true) => Health::Loading,
+            (None, false) => Health::Ready,
+        }
+    }
+
+    fn limits(&self) -> Option<PromptLimits> {
+        // Words count as tokens here, and no test word is longer than this.
+        let context = self.settings().context?;
+        Some(PromptLimits {
+            context,
+            max_token_bytes: 64,
+        })
     }
 
     fn load(&self) -> LoadSnapshot {

@@ -66,17 +66,72 @@ pub struct Matched {
 
 /// Finds stop strings across token boundaries. Text that could be the start of a stop
 /// string is held back until it either completes the stop string or cannot.
+///
+/// Each stop string runs a KMP automaton over the text as it arrives, so a token costs
+/// O(its bytes × stop strings) whatever the stop strings' lengths, and only the longest
+/// partial match is kept.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    stops: Vec<StopAutomaton>,
+    /// Text not sent yet: the longest suffix that may still become a stop string.
     held: String,
+}
+
+#[derive(Debug)]
+struct StopAutomaton {
+    pattern: Vec<u8>,
+    /// KMP failure function: for each prefix length, the longest proper prefix of the
+    /// pattern that is also a suffix of that prefix.
+    fallback: Vec<usize>,
+    /// Bytes of the pattern matched by the end of the text so far.
+    matched: usize,
+}
+
+impl StopAutomaton {
+    fn new(pattern: &str) -> Self {
+        let pattern = pattern.as_bytes().to_vec();
+        let mut fallback = vec![0; pattern.len()];
+        let mut k = 0;
+        for i in 1..pattern.len() {
+            while k > 0 && pattern[i] != pattern[k] {
+                k = fallback[k - 1];
+            }
+            if pattern[i] == pattern[k] {
+                k += 1;
+            }
+            fallback[i] = k;
+        }
+        Self {
+            pattern,
+            fallback,
+            matched: 0,
+        }
+    }
+
+    /// Feeds one byte; true when the whole pattern ends here.
+    fn advance(&mut self, byte: u8) -> bool {
+        while self.matched > 0 && self.pattern[self.matched] != byte {
+            self.matched = self.fallback[self.matched - 1];
+        }
+        if self.pattern[self.matched] == byte {
+            self.matched += 1;
+        }
+        if self.matched == self.pattern.len() {
+            self.matched = self.fallback[self.matched - 1];
+            return true;
+        }
+        false
+    }
 }
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
-            stops,
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| StopAutomaton::new(s))
+                .collect(),
             held: String::new(),
         }
     }
@@ -88,22 +143,32 @@ impl StopMatcher {
                 stopped: false,
             };
         }
+        let base = self.held.len();
         self.held.push_str(text);
-        let earliest = self
-            .stops
-            .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()))
-            .min();
+        // The earliest start of a stop string that ends in this text (a longer one ending
+        // later in the same text may start earlier).
+        let mut earliest: Option<usize> = None;
+        for (offset, byte) in text.bytes().enumerate() {
+            let end = base + offset + 1;
+            for stop in &mut self.stops {
+                if stop.advance(byte) {
+                    let start = end - stop.pattern.len();
+                    earliest = Some(earliest.map_or(start, |e| e.min(start)));
+                }
+            }
+        }
         if let Some(at) = earliest {
             let emit = self.held[..at].to_owned();
             self.held.clear();
+            self.stops.iter_mut().for_each(|s| s.matched = 0);
             return Matched {
                 emit,
                 stopped: true,
             };
         }
-        let keep = self.longest_stop_prefix_suffix();
-        let split = self.held.len() - keep;
+        // A partial match starts where a stop string starts, so on a character boundary.
+        let keep = self.stops.iter().map(|s| s.matched).max().unwrap_or(0);
+        let split = self.held.len() - keep.min(self.held.len());
         let emit = self.held[..split].to_owned();
         self.held.drain(..split);
         Matched {
@@ -115,22 +180,6 @@ impl StopMatcher {
     /// Held-back text when generation ends for another reason: it was not a stop string.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
-    }
-
-    /// Length in bytes of the longest suffix of `held` that is a proper prefix of a stop string.
-    fn longest_stop_prefix_suffix(&self) -> usize {
-        let mut best = 0;
-        for stop in &self.stops {
-            let max = stop.len().saturating_sub(1).min(self.held.len());
-            for len in (best + 1..=max).rev() {
-                let start = self.held.len() - len;
-                if self.held.is_char_boundary(start) && stop.starts_with(&self.held[start..]) {
-                    best = len;
-                    break;
-                }
-            }
-        }
-        best
     }
 }
 
@@ -203,5 +252,36 @@ mod tests {
     fn no_stop_strings_pass_text_through() {
         let mut stops = StopMatcher::new(vec![String::new()]);
         assert_eq!(stops.push("abc").emit, "abc");
+    }
+
+    #[test]
+    fn a_longer_stop_string_that_starts_earlier_in_the_same_text_wins() {
+        let mut stops = StopMatcher::new(vec!["bc".into(), "abcd".into()]);
+        let matched = stops.push("xabcd");
+        assert_eq!(matched.emit, "x");
+        assert!(matched.stopped);
+    }
+
+    #[test]
+    fn overlapping_partial_matches_fall_back_without_losing_text() {
+        // "aab" after "aaa": the automaton falls back instead of restarting.
+        let mut stops = StopMatcher::new(vec!["aab".into()]);
+        assert_eq!(stops.push("aa").emit, "");
+        assert_eq!(stops.push("a").emit, "a");
+        // "aaab!": the text before "aab" is the one "a" already sent.
+        let matched = stops.push("b!");
+        assert_eq!(matched.emit, "");
+        assert!(matched.stopped);
+    }
+
+    #[test]
+    fn a_long_stop_string_costs_nothing_until_it_could_match() {
+        let stop = "z".repeat(200);
+        let mut stops = StopMatcher::new(vec![stop.clone()]);
+        for _ in 0..1000 {
+            assert_eq!(stops.push("a").emit, "a");
+        }
+        assert_eq!(stops.push(&stop[..199]).emit, "");
+        assert!(stops.push("z").stopped);
     }
 }

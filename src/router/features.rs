@@ -45,7 +45,8 @@ pub struct Features {
     pub reasoning_cues: u32,
     /// Dominant writing system of the last user message (`latin`, `cjk`, `cyrillic`, ...).
     pub script: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Never shown: an explanation says only that a key was sent.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "redacted")]
     pub api_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
@@ -54,6 +55,11 @@ pub struct Features {
     /// The last user message as sent, for regex rules.
     #[serde(skip)]
     pub last_user: String,
+}
+
+/// `"<redacted>"` in place of a secret.
+fn redacted<S: serde::Serializer>(_: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("<redacted>")
 }
 
 impl Features {

@@ -214,6 +214,8 @@ pub enum Mismatch {
         what: &'static str,
         value: Option<String>,
     },
+    /// The caller's API key is not one of the rule's (the key itself is never shown).
+    KeyNotListed,
     NoKeyword,
     NoRegexMatch,
     Unknown {
@@ -237,6 +239,7 @@ impl fmt::Display for Mismatch {
                 what,
                 value: Some(v),
             } => write!(f, "{what} `{v}` not listed"),
+            Mismatch::KeyNotListed => write!(f, "api key not listed"),
             Mismatch::NoKeyword => write!(f, "no keyword in the last user message"),
             Mismatch::NoRegexMatch => write!(f, "regex does not match the last user message"),
             Mismatch::Unknown { what, error } => write!(f, "{what} unknown: {error}"),
@@ -373,7 +376,11 @@ impl Policy {
             })?;
         }
         if let Some(keys) = &when.api_keys {
-            listed("api key", f.api_key.as_deref(), |k| keys.contains(k))?;
+            match &f.api_key {
+                None => listed("api key", None, |_| false)?,
+                Some(key) if !keys.contains(key) => return Err(Mismatch::KeyNotListed),
+                Some(_) => {}
+            }
         }
         if let Some(tenants) = &when.tenants {
             listed("tenant", f.tenant.as_deref(), |t| tenants.contains(t))?;
