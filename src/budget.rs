@@ -41,6 +41,8 @@ pub enum DegradeReason {
     TtftWatchdog,
     /// The tier is loading or down, or refused the request as not running.
     Unavailable,
+    /// The prompt (with `max_tokens`) does not fit the tier's context.
+    ContextLength,
 }
 
 impl DegradeReason {
@@ -50,6 +52,7 @@ impl DegradeReason {
             DegradeReason::QueueFull => "queue_full",
             DegradeReason::TtftWatchdog => "ttft_watchdog",
             DegradeReason::Unavailable => "unavailable",
+            DegradeReason::ContextLength => "context_length",
         }
     }
 }
@@ -386,6 +389,7 @@ impl Planner<'_> {
                 pass(error.to_string());
                 misfits.get_or_insert(error);
                 misfit_tiers += 1;
+                left_because.get_or_insert(DegradeReason::ContextLength);
                 continue;
             }
             match engine.health() {

@@ -46,7 +46,8 @@ pub struct OutcomeLabels {
 pub struct DegradeLabels {
     pub from: String,
     pub to: String,
-    /// `predicted_ttft`, `queue_full` or `ttft_watchdog`.
+    /// `predicted_ttft`, `queue_full`, `ttft_watchdog`, `unavailable` (loading or down) or
+    /// `context_length` (the prompt does not fit the routed tier).
     pub reason: String,
 }
 

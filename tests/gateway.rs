@@ -12,6 +12,7 @@ use tiergate::admission::Admission;
 use tiergate::budget::{BudgetError, CacheUse, DegradeReason};
 use tiergate::cache::{CacheCounters, ReplyCache};
 use tiergate::chat::ChatRequest;
+use tiergate::config::ApiKeyConfig;
 use tiergate::engine::load::LoadSnapshot;
 use tiergate::engine::scripted::{Script, ScriptedEngine, Step};
 use tiergate::engine::{Engine, EngineError, FinishReason};
@@ -65,6 +66,10 @@ fn harness() -> Harness {
 }
 
 fn harness_with(engines: Vec<Arc<ScriptedEngine>>) -> Harness {
+    harness_keyed(engines, &[])
+}
+
+fn harness_keyed(engines: Vec<Arc<ScriptedEngine>>, keys: &[ApiKeyConfig]) -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("policy.toml");
     std::fs::File::create(&path)
@@ -87,7 +92,7 @@ fn harness_with(engines: Vec<Arc<ScriptedEngine>>) -> Harness {
     let gateway = Gateway::new(GatewayParts {
         tiers,
         policies: Arc::new(policies),
-        admission: Admission::new(&[]),
+        admission: Admission::new(keys),
         cache,
         metrics,
     });
@@ -528,3 +533,291 @@ async fn shutdown_lets_open_streams_finish_and_accepts_nothing_new() {
         "nothing listens after the drain"
     );
 }
+
+// ---- Calibrated budgets and the degrade path -------------------------------------------
+
+/// `words` words of prompt.
+fn long(words: usize) -> ChatRequest {
+    greedy(&"word ".repeat(words))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_that_fits_no_tier_is_a_400_not_a_503() {
+    let h = harness();
+    h.fast.set_context(Some(50));
+    h.full.set_context(Some(100));
+    let err = serve(&h, hinted("full"), long(120)).await.err().expect("refused");
+    assert_eq!(err.http_status(), 400, "{err}");
+    assert!(
+        matches!(
+            err,
+            GatewayError::Budget(BudgetError::Engine(EngineError::PromptTooLong { context: 100, .. }))
+        ),
+        "the routed tier's limit is named: {err:?}"
+    );
+    assert_eq!(h.full.submitted() + h.fast.submitted(), 0);
+    assert_eq!(metric(&h, r#"tiergate_shed_total{tier="full"}"#), 0.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_too_large_by_its_bytes_is_refused_before_routing() {
+    let h = harness();
+    h.fast.set_context(Some(50));
+    h.full.set_context(Some(100));
+    // At most 64 bytes a token: 7 000 bytes are at least 109 tokens, past both contexts.
+    let err = serve(&h, Caller::default(), greedy(&"x".repeat(7_000)))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, GatewayError::TooLarge(_)), "{err:?}");
+    assert_eq!(err.http_status(), 400);
+    assert_eq!(
+        metric(&h, r#"tiergate_route_decisions_total{tier="fast",rule="default"}"#),
+        0.0,
+        "refused before routing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn degrading_never_moves_a_request_to_a_tier_it_does_not_fit() {
+    let h = harness();
+    // The full tier cannot hold the prompt with its max_tokens; the fast tier can.
+    h.full.set_context(Some(100));
+    h.fast.set_context(Some(1000));
+    let mut request = long(90);
+    request.max_tokens = Some(50);
+    let served = serve(&h, hinted("full"), request).await.expect("served");
+    assert_eq!(served.tier, "fast");
+    assert_eq!(
+        served.degraded.as_ref().map(|d| d.reason),
+        Some(DegradeReason::ContextLength)
+    );
+    // And the other way round: a smaller tier too small for the prompt is skipped, so a
+    // slow full tier sheds with both reasons rather than queueing where it cannot fit.
+    h.full.set_context(Some(1000));
+    h.fast.set_context(Some(100));
+    h.full.set_load(busy(5.0));
+    let mut request = long(90);
+    request.max_tokens = Some(50);
+    let err = serve(&h, hinted("full"), request).await.err().expect("shed");
+    assert_eq!(err.http_status(), 503);
+    let message = err.to_string();
+    assert!(message.contains("fast: this model's maximum context length is 100 tokens"), "{message}");
+    assert_eq!(h.fast.submitted(), 1, "only the first request reached the fast tier");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_that_is_down_loading_or_full_passes_the_request_down_the_path() {
+    let h = harness();
+    h.full.set_down(Some("the model thread panicked: boom"));
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!(served.tier, "fast");
+    assert_eq!(
+        served.degraded.as_ref().map(|d| d.reason),
+        Some(DegradeReason::Unavailable)
+    );
+
+    h.full.set_down(None);
+    h.full.set_loading(true);
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!(served.tier, "fast");
+
+    h.full.set_loading(false);
+    h.full.refuse_with(Some(EngineError::QueueFull {
+        model: "big".into(),
+        capacity: 1,
+    }));
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!(
+        served.degraded.as_ref().map(|d| d.reason),
+        Some(DegradeReason::QueueFull)
+    );
+
+    // With nothing left on the path, the 503 says why each tier was passed over.
+    h.fast.set_down(Some("gone"));
+    let err = serve(&h, hinted("full"), greedy("hi")).await.err().expect("shed");
+    assert_eq!(err.http_status(), 503);
+    let message = err.to_string();
+    assert!(message.contains("full: the request queue of model `big` is full"), "{message}");
+    assert!(message.contains("fast: down: gone"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn predictions_are_scaled_by_how_the_tier_has_answered() {
+    let h = harness();
+    // The full tier predicts 0.6 s but answers in 1.5 s: after a few requests its
+    // predictions are scaled up 2.5 times.
+    h.full.set_load(busy(0.6));
+    h.full.set_script(Script::tokens(
+        1,
+        Duration::from_millis(1500),
+        Duration::ZERO,
+    ));
+    for _ in 0..3 {
+        let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+        assert_eq!(served.tier, "full");
+        read_all(served).await;
+    }
+    assert!(
+        h.gateway
+            .metrics()
+            .render()
+            .contains(r#"tiergate_ttft_prediction_ratio_count{tier="full"} 3"#),
+        "each first token is compared with its prediction"
+    );
+    // 0.9 s raw fits a 2 s budget; scaled by 2.5 it does not.
+    h.full.set_load(busy(0.9));
+    let started = Instant::now();
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!(served.tier, "fast");
+    assert_eq!(
+        served.degraded.as_ref().map(|d| d.reason),
+        Some(DegradeReason::PredictedTtft)
+    );
+    assert!(started.elapsed() < Duration::from_millis(100), "no time spent on the full tier");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_with_a_free_slot_and_fast_answers_is_not_shed_on_a_prediction() {
+    let h = harness();
+    // Three quick answers: observed TTFTs well inside the 2 s budget.
+    for _ in 0..3 {
+        let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+        read_all(served).await;
+    }
+    // A pessimistic prediction (5 s of prompts still prefilling), but a free slot and no
+    // queue: the evidence wins and the request is tried.
+    h.full.set_load(LoadSnapshot {
+        slots: 4,
+        live: 1,
+        pending_prompt_tokens: 5000,
+        prefill_s_per_token: 0.001,
+        step_s: 0.01,
+        ..LoadSnapshot::default()
+    });
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!((served.tier.as_str(), served.degraded.clone()), ("full", None));
+    read_all(served).await;
+    // With requests queued ahead, the prediction stands.
+    h.full.set_load(LoadSnapshot {
+        slots: 4,
+        live: 4,
+        waiting: 2,
+        pending_prompt_tokens: 5000,
+        prefill_s_per_token: 0.001,
+        step_s: 0.01,
+        steps_to_release: Arc::from([300, 300, 300, 300]),
+        ..LoadSnapshot::default()
+    });
+    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    assert_eq!(served.tier, "fast");
+}
+
+/// Serves the harness over HTTP on a free port; returns the base URL and the stop signal.
+async fn http(h: &Harness) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let options = HttpOptions {
+        hint_header: "x-tiergate-route-hint".into(),
+        body_limit: 1 << 20,
+        drain_timeout: Duration::from_secs(1),
+    };
+    tokio::spawn(server::serve(
+        listener,
+        h.gateway.clone(),
+        options,
+        async {
+            let _ = stop_rx.await;
+        },
+        std::future::pending(),
+    ));
+    (base, stop_tx)
+}
+
+#[tokio::test]
+async fn ready_is_503_naming_a_tier_that_went_down() {
+    let h = harness();
+    let (base, _stop) = http(&h).await;
+    let client = reqwest::Client::new();
+    let ready = client.get(format!("{base}/ready")).send().await.expect("ready");
+    assert_eq!(ready.status(), 200);
+    h.full.set_down(Some("the model thread panicked: boom"));
+    let ready = client.get(format!("{base}/ready")).send().await.expect("ready");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "down");
+    assert_eq!(body["down"]["big"]["tier"], "full");
+    assert_eq!(body["down"]["big"]["reason"], "the model thread panicked: boom");
+    assert_eq!(body["models"]["small"], true);
+}
+
+#[tokio::test]
+async fn v1_route_needs_the_key_resolves_the_tenant_and_shows_no_secrets_or_paths() {
+    let keys = [ApiKeyConfig {
+        key: "sk-acme".into(),
+        tenant: Some("acme".into()),
+        requests_per_minute: Some(2),
+        tokens_per_minute: None,
+    }];
+    let h = harness_keyed(
+        vec![
+            Arc::new(ScriptedEngine::new("small", "fast")),
+            Arc::new(ScriptedEngine::new("big", "full")),
+        ],
+        &keys,
+    );
+    let (base, _stop) = http(&h).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+    let route = |key: Option<&'static str>| {
+        let mut request = client.post(format!("{base}/v1/route")).json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    let anonymous = route(None).await.expect("sent");
+    assert_eq!(anonymous.status(), 401);
+    let explained = route(Some("sk-acme")).await.expect("sent");
+    assert_eq!(explained.status(), 200);
+    let text = explained.text().await.expect("body");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(json["features"]["tenant"], "acme");
+    assert!(!text.contains("sk-acme"), "the key is never echoed: {text}");
+    assert_eq!(json["policy"][0], "policy.toml", "no directories: {text}");
+    // Two requests a minute: the explanation spent one, this spends the second, then 429.
+    assert_eq!(route(Some("sk-acme")).await.expect("sent").status(), 200);
+    let limited = route(Some("sk-acme")).await.expect("sent");
+    assert_eq!(limited.status(), 429);
+}
+
+#[tokio::test]
+async fn a_bad_key_is_refused_before_the_body_is_read() {
+    let keys = [ApiKeyConfig {
+        key: "sk-acme".into(),
+        tenant: None,
+        requests_per_minute: None,
+        tokens_per_minute: None,
+    }];
+    let h = harness_keyed(
+        vec![
+            Arc::new(ScriptedEngine::new("small", "fast")),
+            Arc::new(ScriptedEngine::new("big", "full")),
+        ],
+        &keys,
+    );
+    let (base, _stop) = http(&h).await;
+    // Not JSON at all: a 401, not a 400, because the key is checked first.
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("sk-wrong")
+        .body("not json")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 401);
+}
+
