@@ -3,7 +3,6 @@
 //!
 //! Generic over the clock so quota arithmetic is tested with governor's fake clock.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -11,8 +10,14 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::config::ApiKeyConfig;
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
@@ -53,6 +58,8 @@ pub struct Client {
 }
 
 struct KeyQuotas<C: Clock> {
+    /// SHA-256 of the key: every lookup compares fixed-length digests in constant time.
+    digest: [u8; 32],
     tenant: Option<String>,
     requests: Option<Limiter<C>>,
     tokens: Option<(Limiter<C>, u32)>,
@@ -60,7 +67,7 @@ struct KeyQuotas<C: Clock> {
 
 pub struct Admission<C: Clock = DefaultClock> {
     /// Empty: the API is open and nothing is limited.
-    keys: HashMap<String, KeyQuotas<C>>,
+    keys: Vec<KeyQuotas<C>>,
     clock: C,
 }
 
@@ -80,16 +87,28 @@ impl<C: Clock + Clone> Admission<C> {
         };
         let keys = keys
             .iter()
-            .map(|k| {
-                let quotas = KeyQuotas {
-                    tenant: k.tenant.clone(),
-                    requests: k.requests_per_minute.and_then(limiter),
-                    tokens: k.tokens_per_minute.and_then(|n| limiter(n).map(|l| (l, n))),
-                };
-                (k.key.clone(), quotas)
+            .map(|k| KeyQuotas {
+                digest: digest(&k.key),
+                tenant: k.tenant.clone(),
+                requests: k.requests_per_minute.and_then(limiter),
+                tokens: k.tokens_per_minute.and_then(|n| limiter(n).map(|l| (l, n))),
             })
             .collect();
         Self { keys, clock }
+    }
+
+    /// The quotas of `key`. Its digest is compared with every configured key's, in
+    /// constant time and without stopping at a match, so the time a lookup takes says
+    /// nothing about how close a guess came.
+    fn find(&self, key: &str) -> Option<&KeyQuotas<C>> {
+        let wanted = digest(key);
+        let mut found = None;
+        for quotas in &self.keys {
+            if bool::from(quotas.digest.ct_eq(&wanted)) {
+                found = Some(quotas);
+            }
+        }
+        found
     }
 
     pub fn is_open(&self) -> bool {
@@ -103,7 +122,7 @@ impl<C: Clock + Clone> Admission<C> {
             return Ok(None);
         }
         let key = api_key.ok_or(Denied::MissingKey)?;
-        let quotas = self.keys.get(key).ok_or(Denied::UnknownKey)?;
+        let quotas = self.find(key).ok_or(Denied::UnknownKey)?;
         if let Some(requests) = &quotas.requests {
             requests.check().map_err(|not_until| Denied::RequestRate {
                 retry_after: not_until.wait_time_from(self.clock.now()),
@@ -118,7 +137,7 @@ impl<C: Clock + Clone> Admission<C> {
     /// Spends `tokens` of the key's per-minute token quota, all or nothing. A key without
     /// a token quota (or any key while the API is open) spends nothing.
     pub fn spend_tokens(&self, key: &str, tokens: u32) -> Result<(), Denied> {
-        let Some((limiter, per_minute)) = self.keys.get(key).and_then(|q| q.tokens.as_ref()) else {
+        let Some((limiter, per_minute)) = self.find(key).and_then(|q| q.tokens.as_ref()) else {
             return Ok(());
         };
         let Some(n) = NonZeroU32::new(tokens) else {

@@ -110,3 +110,19 @@ impl ChatRequest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temperatures_too_small_to_divide_by_sample_greedily() {
+        let at = |temperature| SamplingParams {
+            temperature,
+            ..SamplingParams::default()
+        };
+        assert!(at(0.0).is_greedy());
+        assert!(at(1e-38).is_greedy(), "1e-38 overflows logits to NaN");
+        assert!(!at(0.01).is_greedy());
+    }
+}

@@ -399,7 +399,10 @@ fn validate_api_keys(raw_keys: Vec<RawApiKey>, found: &mut Found<'_>) -> Vec<Api
         let Some(secret) = secret else { continue };
         if secret.trim().is_empty() {
             found.add(key("key"), "must not be empty");
-        } else if api_keys.iter().any(|k: &ApiKeyConfig| k.key == secret) {
+        } else if api_keys
+            .iter()
+            .any(|k: &ApiKeyConfig| k.key == secret.trim())
+        {
             found.add(key("key"), "the same key is listed twice");
         }
         for (field, value) in [
@@ -615,6 +618,16 @@ threads = 0
         let config = parse(&text).expect("valid");
         assert_eq!(config.api_keys[0].key, "sk-a");
         assert_eq!(config.api_keys[0].tenant.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn keys_that_differ_only_by_surrounding_whitespace_are_duplicates() {
+        let text =
+            format!("{MINIMAL}\n[[api_key]]\nkey = \"sk-a\"\n\n[[api_key]]\nkey = \" sk-a \"\n");
+        let problems = parse(&text).expect_err("duplicate").0;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "api_key[1].key");
+        assert_eq!(problems[0].message, "the same key is listed twice");
     }
 
     #[test]

@@ -213,7 +213,8 @@ impl Gateway {
         let client = self
             .admission
             .admit(caller.api_key.as_deref())
-            .map_err(|denied| self.refuse(denied))?;
+            .map_err(|denied| self.refuse(denied))
+            .inspect_err(|err| self.count_refused(err.http_status()))?;
         caller.tenant = client.and_then(|c| c.tenant);
         Ok(Admitted(caller))
     }
@@ -226,6 +227,20 @@ impl Gateway {
             })
             .inc();
         GatewayError::Denied(denied)
+    }
+
+    /// Counts a request refused before any model was chosen for it (a bad body, no key, an
+    /// unknown model or route): `tiergate_requests_total` with empty model and tier labels.
+    pub fn count_refused(&self, status: u16) {
+        count_request(
+            &self.metrics,
+            &ModelLabels {
+                model: String::new(),
+                tier: String::new(),
+            },
+            &status.to_string(),
+            "none",
+        );
     }
 
     /// Serves one chat request up to its first token; the rest comes from [`Served::reply`].
@@ -252,6 +267,12 @@ impl Gateway {
         self.serve_in(span.clone(), caller.0, request)
             .instrument(span)
             .await
+            .inspect_err(|err| {
+                // Budget errors come after a model was chosen; `Outcome` counted them.
+                if !matches!(err, GatewayError::Budget(_)) {
+                    self.count_refused(err.http_status());
+                }
+            })
     }
 
     async fn serve_in(
@@ -606,15 +627,7 @@ impl Outcome {
 
     fn count(&mut self, status: &str, finish_reason: &str) {
         self.ended = true;
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                model: self.labels.model.clone(),
-                tier: self.labels.tier.clone(),
-                status: status.to_owned(),
-                finish_reason: finish_reason.to_owned(),
-            })
-            .inc();
+        count_request(&self.metrics, &self.labels, status, finish_reason);
     }
 
     fn finished(&mut self, ending: &Ending) {
@@ -651,6 +664,19 @@ impl Outcome {
         };
         self.count(&status, "error");
     }
+}
+
+/// `tiergate_requests_total`: the one counter every request reaches once.
+fn count_request(metrics: &Metrics, labels: &ModelLabels, status: &str, finish_reason: &str) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            model: labels.model.clone(),
+            tier: labels.tier.clone(),
+            status: status.to_owned(),
+            finish_reason: finish_reason.to_owned(),
+        })
+        .inc();
 }
 
 /// A client that leaves mid-reply drops it: the request counts as aborted, as vLLM does,

@@ -309,3 +309,29 @@ async fn total_budget_ends_the_reply_with_length_and_says_so() {
     assert!(json["usage"]["completion_tokens"].as_u64().expect("usage") < 1000);
     server.stop().await;
 }
+
+/// The shipped policy's 2 s TTFT budget on a server that has just started: a burst as
+/// large as its slots must all be served, none shed on a cold start-up measurement.
+#[tokio::test]
+async fn a_fresh_gateway_sheds_none_of_a_burst_as_large_as_its_slots() {
+    let server = TestServer::start(|config: &mut Config| {
+        common::only_fast_tier(config);
+        config.router.policies = vec![fixture("budgets.toml")];
+    })
+    .await;
+    let slots = 8;
+    let requests = (1..=slots).map(|n| {
+        let body = json!({
+            "model": "auto", "messages": user(&format!("Count from 1 to {n}.")),
+            "max_tokens": 32, "temperature": 0.7,
+        });
+        let server = &server;
+        async move { server.post_as(None, None, &body).await.status() }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request of the burst is served: {statuses:?}"
+    );
+    server.stop().await;
+}

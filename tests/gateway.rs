@@ -546,12 +546,18 @@ async fn a_prompt_that_fits_no_tier_is_a_400_not_a_503() {
     let h = harness();
     h.fast.set_context(Some(50));
     h.full.set_context(Some(100));
-    let err = serve(&h, hinted("full"), long(120)).await.err().expect("refused");
+    let err = serve(&h, hinted("full"), long(120))
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.http_status(), 400, "{err}");
     assert!(
         matches!(
             err,
-            GatewayError::Budget(BudgetError::Engine(EngineError::PromptTooLong { context: 100, .. }))
+            GatewayError::Budget(BudgetError::Engine(EngineError::PromptTooLong {
+                context: 100,
+                ..
+            }))
         ),
         "the routed tier's limit is named: {err:?}"
     );
@@ -572,7 +578,10 @@ async fn a_prompt_too_large_by_its_bytes_is_refused_before_routing() {
     assert!(matches!(err, GatewayError::TooLarge(_)), "{err:?}");
     assert_eq!(err.http_status(), 400);
     assert_eq!(
-        metric(&h, r#"tiergate_route_decisions_total{tier="fast",rule="default"}"#),
+        metric(
+            &h,
+            r#"tiergate_route_decisions_total{tier="fast",rule="default"}"#
+        ),
         0.0,
         "refused before routing"
     );
@@ -599,18 +608,30 @@ async fn degrading_never_moves_a_request_to_a_tier_it_does_not_fit() {
     h.full.set_load(busy(5.0));
     let mut request = long(90);
     request.max_tokens = Some(50);
-    let err = serve(&h, hinted("full"), request).await.err().expect("shed");
+    let err = serve(&h, hinted("full"), request)
+        .await
+        .err()
+        .expect("shed");
     assert_eq!(err.http_status(), 503);
     let message = err.to_string();
-    assert!(message.contains("fast: this model's maximum context length is 100 tokens"), "{message}");
-    assert_eq!(h.fast.submitted(), 1, "only the first request reached the fast tier");
+    assert!(
+        message.contains("fast: this model's maximum context length is 100 tokens"),
+        "{message}"
+    );
+    assert_eq!(
+        h.fast.submitted(),
+        1,
+        "only the first request reached the fast tier"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_tier_that_is_down_loading_or_full_passes_the_request_down_the_path() {
     let h = harness();
     h.full.set_down(Some("the model thread panicked: boom"));
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
     assert_eq!(served.tier, "fast");
     assert_eq!(
         served.degraded.as_ref().map(|d| d.reason),
@@ -619,7 +640,9 @@ async fn a_tier_that_is_down_loading_or_full_passes_the_request_down_the_path() 
 
     h.full.set_down(None);
     h.full.set_loading(true);
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
     assert_eq!(served.tier, "fast");
 
     h.full.set_loading(false);
@@ -627,7 +650,9 @@ async fn a_tier_that_is_down_loading_or_full_passes_the_request_down_the_path() 
         model: "big".into(),
         capacity: 1,
     }));
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
     assert_eq!(
         served.degraded.as_ref().map(|d| d.reason),
         Some(DegradeReason::QueueFull)
@@ -635,10 +660,16 @@ async fn a_tier_that_is_down_loading_or_full_passes_the_request_down_the_path() 
 
     // With nothing left on the path, the 503 says why each tier was passed over.
     h.fast.set_down(Some("gone"));
-    let err = serve(&h, hinted("full"), greedy("hi")).await.err().expect("shed");
+    let err = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .err()
+        .expect("shed");
     assert_eq!(err.http_status(), 503);
     let message = err.to_string();
-    assert!(message.contains("full: the request queue of model `big` is full"), "{message}");
+    assert!(
+        message.contains("full: the request queue of model `big` is full"),
+        "{message}"
+    );
     assert!(message.contains("fast: down: gone"), "{message}");
 }
 
@@ -654,7 +685,9 @@ async fn predictions_are_scaled_by_how_the_tier_has_answered() {
         Duration::ZERO,
     ));
     for _ in 0..3 {
-        let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+        let served = serve(&h, hinted("full"), greedy("hi"))
+            .await
+            .expect("served");
         assert_eq!(served.tier, "full");
         read_all(served).await;
     }
@@ -668,13 +701,18 @@ async fn predictions_are_scaled_by_how_the_tier_has_answered() {
     // 0.9 s raw fits a 2 s budget; scaled by 2.5 it does not.
     h.full.set_load(busy(0.9));
     let started = Instant::now();
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
     assert_eq!(served.tier, "fast");
     assert_eq!(
         served.degraded.as_ref().map(|d| d.reason),
         Some(DegradeReason::PredictedTtft)
     );
-    assert!(started.elapsed() < Duration::from_millis(100), "no time spent on the full tier");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "no time spent on the full tier"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -682,7 +720,9 @@ async fn a_tier_with_a_free_slot_and_fast_answers_is_not_shed_on_a_prediction() 
     let h = harness();
     // Three quick answers: observed TTFTs well inside the 2 s budget.
     for _ in 0..3 {
-        let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+        let served = serve(&h, hinted("full"), greedy("hi"))
+            .await
+            .expect("served");
         read_all(served).await;
     }
     // A pessimistic prediction (5 s of prompts still prefilling), but a free slot and no
@@ -695,8 +735,13 @@ async fn a_tier_with_a_free_slot_and_fast_answers_is_not_shed_on_a_prediction() 
         step_s: 0.01,
         ..LoadSnapshot::default()
     });
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
-    assert_eq!((served.tier.as_str(), served.degraded.clone()), ("full", None));
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
+    assert_eq!(
+        (served.tier.as_str(), served.degraded.clone()),
+        ("full", None)
+    );
     read_all(served).await;
     // With requests queued ahead, the prediction stands.
     h.full.set_load(LoadSnapshot {
@@ -709,7 +754,9 @@ async fn a_tier_with_a_free_slot_and_fast_answers_is_not_shed_on_a_prediction() 
         steps_to_release: Arc::from([300, 300, 300, 300]),
         ..LoadSnapshot::default()
     });
-    let served = serve(&h, hinted("full"), greedy("hi")).await.expect("served");
+    let served = serve(&h, hinted("full"), greedy("hi"))
+        .await
+        .expect("served");
     assert_eq!(served.tier, "fast");
 }
 
@@ -742,15 +789,26 @@ async fn ready_is_503_naming_a_tier_that_went_down() {
     let h = harness();
     let (base, _stop) = http(&h).await;
     let client = reqwest::Client::new();
-    let ready = client.get(format!("{base}/ready")).send().await.expect("ready");
+    let ready = client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .expect("ready");
     assert_eq!(ready.status(), 200);
     h.full.set_down(Some("the model thread panicked: boom"));
-    let ready = client.get(format!("{base}/ready")).send().await.expect("ready");
+    let ready = client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .expect("ready");
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.expect("json");
     assert_eq!(body["status"], "down");
     assert_eq!(body["down"]["big"]["tier"], "full");
-    assert_eq!(body["down"]["big"]["reason"], "the model thread panicked: boom");
+    assert_eq!(
+        body["down"]["big"]["reason"],
+        "the model thread panicked: boom"
+    );
     assert_eq!(body["models"]["small"], true);
 }
 
@@ -821,3 +879,48 @@ async fn a_bad_key_is_refused_before_the_body_is_read() {
     assert_eq!(response.status(), 401);
 }
 
+#[tokio::test]
+async fn refused_requests_answer_in_the_openai_shape_and_are_counted_by_status() {
+    let h = harness();
+    let (base, _stop) = http(&h).await;
+    let client = reqwest::Client::new();
+    let not_found = client
+        .get(format!("{base}/v1/nope"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(not_found.status(), 404);
+    let body: serde_json::Value = not_found.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "unknown_url");
+    let wrong_method = client
+        .get(format!("{base}/v1/chat/completions"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(wrong_method.status(), 405);
+    let body: serde_json::Value = wrong_method.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let bad_json = client
+        .post(format!("{base}/v1/chat/completions"))
+        .body("{")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad_json.status(), 400);
+    let unknown_model = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(
+            &serde_json::json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(unknown_model.status(), 404);
+    for (status, count) in [("404", 2.0), ("405", 1.0), ("400", 1.0)] {
+        let sample = format!(
+            r#"tiergate_requests_total{{model="",tier="",status="{status}",finish_reason="none"}}"#
+        );
+        assert_eq!(metric(&h, &sample), count, "{sample}");
+    }
+}

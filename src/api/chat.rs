@@ -20,8 +20,8 @@ use futures::stream;
 
 use super::error::ApiError;
 use super::types::{
-    parse_chat_request, AssistantMessage, ChunkBody, ChunkChoice, ChunkNote, CompletionBody,
-    CompletionChoice, Delta, UsageBody,
+    AssistantMessage, ChunkBody, ChunkChoice, ChunkNote, CompletionBody, CompletionChoice, Delta,
+    UsageBody,
 };
 use super::{AppState, Authorized};
 use crate::budget::CacheUse;
@@ -45,8 +45,7 @@ pub async fn chat_completions(
     Authorized(caller): Authorized,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
-    let request = parse_chat_request(&body)?;
+    let request = state.parse(body)?;
     let stream = request.stream;
     let served = state.gateway().serve(caller, request).await?;
     let headers = route_headers(&served);
@@ -80,8 +79,7 @@ pub async fn explain_route(
     Authorized(caller): Authorized,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError::from_body_rejection(r, state.body_limit()))?;
-    let request = parse_chat_request(&body)?;
+    let request = state.parse(body)?;
     let explained = state.gateway().explain(caller, &request)?;
     Ok(Json(explained).into_response())
 }

@@ -99,6 +99,15 @@ impl ApiError {
         .with_code("unknown_url")
     }
 
+    pub fn method_not_allowed(method: &axum::http::Method, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{method} is not allowed on {path}"),
+        )
+        .with_code("method_not_allowed")
+    }
+
     /// 401 for a missing or unknown API key (OpenAI's shape and code).
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)

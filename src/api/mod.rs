@@ -6,16 +6,19 @@ pub mod types;
 
 use std::sync::Arc;
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use serde_json::json;
 
 use tokio::sync::watch;
 
+use crate::chat::ChatRequest;
 use crate::engine::Health;
 use crate::gateway::{Admitted, Gateway};
 use crate::router::Caller;
@@ -50,6 +53,13 @@ impl AppState {
 
     pub fn body_limit(&self) -> usize {
         self.inner.body_limit
+    }
+
+    /// The checked chat request in a body; a refusal (400, 413) is counted.
+    pub fn parse(&self, body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, ApiError> {
+        body.map_err(|r| ApiError::from_body_rejection(r, self.body_limit()))
+            .and_then(|body| types::parse_chat_request(&body))
+            .inspect_err(|err| self.gateway().count_refused(err.status.as_u16()))
     }
 
     /// Who is calling: the bearer token (or `x-api-key`) and the routing hint header.
@@ -99,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -178,6 +189,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> ApiError {
+async fn not_found(State(state): State<AppState>, uri: Uri) -> ApiError {
+    state.gateway().count_refused(404);
     ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed(State(state): State<AppState>, method: Method, uri: Uri) -> ApiError {
+    state.gateway().count_refused(405);
+    ApiError::method_not_allowed(&method, uri.path())
 }
