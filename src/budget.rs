@@ -442,29 +442,36 @@ impl Planner<'_> {
                 continue;
             }
 
-            let joined = key.as_ref().and_then(|k| self.cache.join(k));
             let submitted_at = Instant::now();
-            let (mut source, cache_use) = match joined {
-                Some(follower) => (Source::Shared(follower), Some(CacheUse::Shared)),
-                None => match engine.submit(generation.clone()) {
-                    Ok(stream) => match key {
-                        Some(key) => (
-                            Source::Shared(self.cache.lead(key, stream, freshness)),
-                            Some(CacheUse::Miss),
-                        ),
-                        None => (Source::Engine(stream), None),
-                    },
-                    Err(err) if is_load_refusal(&err) => {
-                        left_because = Some(match err {
-                            EngineError::QueueFull { .. } => DegradeReason::QueueFull,
-                            _ => DegradeReason::Unavailable,
-                        });
-                        shortest_overrun.get_or_insert(predicted.max(Duration::from_secs(1)));
-                        pass(err.to_string());
-                        continue;
-                    }
-                    Err(err) => return Err(err.into()),
-                },
+            let submit = || engine.submit(generation.clone());
+            // An identical generation already running is followed instead of started.
+            let started = match key {
+                Some(key) => {
+                    self.cache
+                        .join_or_lead(key, freshness, submit)
+                        .map(|(follower, led)| {
+                            let cache_use = if led {
+                                CacheUse::Miss
+                            } else {
+                                CacheUse::Shared
+                            };
+                            (Source::Shared(follower), Some(cache_use))
+                        })
+                }
+                None => submit().map(|stream| (Source::Engine(stream), None)),
+            };
+            let (mut source, cache_use) = match started {
+                Ok(started) => started,
+                Err(err) if is_load_refusal(&err) => {
+                    left_because = Some(match err {
+                        EngineError::QueueFull { .. } => DegradeReason::QueueFull,
+                        _ => DegradeReason::Unavailable,
+                    });
+                    shortest_overrun.get_or_insert(predicted.max(Duration::from_secs(1)));
+                    pass(err.to_string());
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
             };
             // Only a generation started here shows how the tier answers.
             let generated_here = cache_use.is_none_or(CacheUse::generated);

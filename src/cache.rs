@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
@@ -26,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::chat::{ChatMessage, Role, SamplingParams};
 use crate::engine::{
-    FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
+    EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
 };
 
 /// Everything that shapes a reply. Built by destructuring the request without `..`, so
@@ -268,25 +269,54 @@ impl ReplyCache {
         self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows the generation of `key` if one is running.
-    pub fn join(&self, key: &ReplyKey) -> Option<Follower> {
-        self.in_flight.get(key).and_then(|g| g.value().follow())
-    }
-
-    /// Runs `tokens` as the shared generation of `key`: a task pumps its events into a
-    /// log that the returned follower (and any that join later) read. On a successful
-    /// finish the reply is stored with `freshness`.
-    pub fn lead(
+    /// Follows the generation of `key` if one is running, else starts it with `submit` and
+    /// leads it; one atomic step, so identical concurrent requests start one generation.
+    /// Returns the follower and whether this call started the generation.
+    ///
+    /// `submit` runs while `key`'s map shard is locked (it templates and tokenizes: well
+    /// under a millisecond for a typical prompt), so a joiner never sees a gap between
+    /// "nobody is generating this" and "somebody is".
+    pub fn join_or_lead(
         self: &Arc<Self>,
         key: ReplyKey,
+        freshness: Freshness,
+        submit: impl FnOnce() -> Result<TokenStream, EngineError>,
+    ) -> Result<(Follower, bool), EngineError> {
+        let shared = match self.in_flight.entry(key.clone()) {
+            Entry::Occupied(running) => {
+                if let Some(follower) = running.get().follow() {
+                    return Ok((follower, false));
+                }
+                // Abandoned: its pump is cancelling it; a new generation replaces it.
+                let tokens = submit()?;
+                let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
+                running.replace_entry(shared.clone());
+                (shared, tokens)
+            }
+            Entry::Vacant(vacant) => {
+                let tokens = submit()?;
+                let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
+                vacant.insert(shared.clone());
+                (shared, tokens)
+            }
+        };
+        let (shared, tokens) = shared;
+        Ok((self.lead(key, shared, tokens, freshness), true))
+    }
+
+    /// Runs `tokens` as the shared generation `shared` of `key`: a task pumps its events
+    /// into a log that the returned follower (and any that join later) read. On a
+    /// successful finish the reply is stored with `freshness`.
+    fn lead(
+        self: &Arc<Self>,
+        key: ReplyKey,
+        shared: Arc<SharedGeneration>,
         tokens: TokenStream,
         freshness: Freshness,
     ) -> Follower {
-        let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
         let follower = shared
             .follow()
             .unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
-        self.in_flight.insert(key.clone(), shared.clone());
         let cache = self.clone();
         tokio::spawn(async move {
             let outcome = shared.pump(tokens).await;
@@ -621,13 +651,19 @@ mod tests {
         let cache = Arc::new(cache(10, 1 << 20));
         let key = ReplyKey::new(&request("a"), "fast", None);
         let (tx, tokens) = engine_stream();
-        let mut leader = cache.lead(key.clone(), tokens, FOREVER);
+        let (mut leader, led) = cache
+            .join_or_lead(key.clone(), FOREVER, || Ok(tokens))
+            .expect("started");
+        assert!(led);
         tx.send(TokenEvent::Text("Hel".into())).expect("open");
         assert_eq!(
             leader.next_event().await,
             Some(TokenEvent::Text("Hel".into()))
         );
-        let mut late = cache.join(&key).expect("generation is running");
+        let (mut late, led) = cache
+            .join_or_lead(key.clone(), FOREVER, || panic!("must join, not submit"))
+            .expect("joined");
+        assert!(!led, "the generation is running");
         let finished = TokenEvent::Finished {
             finish_reason: FinishReason::Stop,
             usage: Usage {
@@ -647,7 +683,7 @@ mod tests {
         for _ in 0..100 {
             if let Lookup::Fresh(reply) = cache.lookup(&key) {
                 assert_eq!(reply.pieces, ["Hel", "lo"]);
-                assert!(cache.join(&key).is_none());
+                assert!(!cache.in_flight.contains_key(&key));
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -660,8 +696,13 @@ mod tests {
         let cache = Arc::new(cache(10, 1 << 20));
         let key = ReplyKey::new(&request("a"), "fast", None);
         let (tx, tokens) = engine_stream();
-        let leader = cache.lead(key.clone(), tokens, FOREVER);
-        let second = cache.join(&key).expect("running");
+        let (leader, _) = cache
+            .join_or_lead(key.clone(), FOREVER, || Ok(tokens))
+            .expect("started");
+        let (second, led) = cache
+            .join_or_lead(key.clone(), FOREVER, || panic!("must join, not submit"))
+            .expect("joined");
+        assert!(!led);
         drop(leader);
         assert!(!tx.is_closed(), "one follower remains");
         drop(second);
@@ -669,7 +710,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), tx.closed())
             .await
             .expect("the engine stream must be dropped");
-        assert!(cache.join(&key).is_none());
         assert!(matches!(cache.lookup(&key), Lookup::Miss));
     }
 }

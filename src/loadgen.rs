@@ -316,7 +316,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         .context("cannot build the HTTP client")?;
     let shared = Arc::new(Shared {
         client,
-        endpoint: format!("{}/v1/chat/completions", options.url.trim_end_matches('/')),
+        endpoint: chat_endpoint(&options.url),
         options,
     });
     let mut models = Vec::new();
@@ -775,9 +775,37 @@ pub fn table(report: &BenchReport) -> Table {
     table
 }
 
+/// The chat endpoint under a base URL given with or without `/v1` (OpenAI SDKs take
+/// `http://host:port/v1`, many tools `http://host:port`).
+fn chat_endpoint(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let base = base.strip_suffix("/v1").unwrap_or(base);
+    format!("{base}/v1/chat/completions")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_base_url_may_end_in_v1_or_a_slash() {
+        for base in [
+            "http://h:1",
+            "http://h:1/",
+            "http://h:1/v1",
+            "http://h:1/v1/",
+        ] {
+            assert_eq!(
+                chat_endpoint(base),
+                "http://h:1/v1/chat/completions",
+                "{base}"
+            );
+        }
+        assert_eq!(
+            chat_endpoint("http://h:1/proxy/v1"),
+            "http://h:1/proxy/v1/chat/completions"
+        );
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

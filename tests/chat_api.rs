@@ -553,3 +553,56 @@ async fn a_model_that_fails_to_load_stops_startup_with_its_reason() {
         );
     }
 }
+
+/// `queue_capacity` bounds the requests waiting for a slot, wherever they wait: the step
+/// loop used to drain its channel into an unbounded list, so the bound never held.
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_capacity_bounds_the_requests_waiting_for_a_slot() {
+    let server = TestServer::start(|config| {
+        common::only_fast_tier(config);
+        let fast = &mut config.models[0];
+        fast.slots = 1;
+        fast.n_ctx = 2048;
+        fast.queue_capacity = 1;
+    })
+    .await;
+    let long = json!({
+        "messages": user("Count from 1 to 2000."), "temperature": 0,
+        "max_tokens": 400, "stream": true, "ignore_eos": true
+    });
+    // One request holds the only slot...
+    let first = server.post_chat(&long).await;
+    assert_eq!(first.status(), 200);
+    let mut first = first.bytes_stream();
+    read_at_least(&mut first, 200).await;
+    // ...one waits in the queue (its headers come with its first token, so it is sent
+    // from a task and left waiting)...
+    let waiting = {
+        let server_client = server.client.clone();
+        let url = server.url("/v1/chat/completions");
+        let body = greedy("auto", "Say yes.", 4);
+        tokio::spawn(async move { server_client.post(url).json(&body).send().await })
+    };
+    server
+        .wait_for_metric(
+            r#"tiergate_waiting_requests{model="smollm2-135m-instruct",tier="fast"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    // ...and the next finds the queue full: 503 with Retry-After, at once.
+    let refused = server.post_chat(&greedy("auto", "Say no.", 4)).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: Value = refused.json().await.expect("json");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is full")),
+        "{error}"
+    );
+    drop(first);
+    let waited = waiting.await.expect("task").expect("response");
+    assert_eq!(waited.status(), 200);
+    server.stop().await;
+}

@@ -924,3 +924,41 @@ async fn refused_requests_answer_in_the_openai_shape_and_are_counted_by_status()
         assert_eq!(metric(&h, &sample), count, "{sample}");
     }
 }
+
+/// Joining a running generation and leading a new one are one atomic step: identical
+/// requests racing on several threads start exactly one generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_requests_racing_on_threads_start_one_generation() {
+    let h = harness();
+    h.fast.set_script(Script::tokens(
+        4,
+        Duration::from_millis(50),
+        Duration::from_millis(10),
+    ));
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let gateway = h.gateway.clone();
+    let racers = (0..16).map(|_| {
+        let (gateway, barrier) = (gateway.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let admitted = gateway.admit(hinted("cached")).expect("admitted");
+            barrier.wait().await;
+            let served = gateway
+                .serve(admitted, greedy("the same question"))
+                .await
+                .expect("served");
+            let cache = served.cache;
+            let (text, _) = read_all(served).await;
+            (cache, text)
+        })
+    });
+    let results = futures::future::join_all(racers).await;
+    assert_eq!(h.fast.submitted(), 1, "one generation for all 16");
+    let led = results
+        .iter()
+        .filter(|r| r.as_ref().expect("task").0 == Some(CacheUse::Miss))
+        .count();
+    assert_eq!(led, 1);
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().expect("task").1 == "t0 t1 t2 t3 "));
+}

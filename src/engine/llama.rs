@@ -13,7 +13,7 @@
 
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -28,11 +28,12 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
 use super::load::{LoadMeter, LoadSnapshot};
 use super::prompt::{backend, Prompter};
-use super::schedule::{Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
+use super::schedule::{KvShrink, Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
     Engine, EngineError, FinishReason, GenerationRequest, Health, ModelInfo, PromptLimits,
@@ -85,6 +86,39 @@ impl Requester {
 /// What the queue carries from `submit` to the model thread.
 type Queued = Waiting<Requester>;
 
+/// Places in a model's queue: `submit` takes one, the model thread gives it back when it
+/// admits the request or drops it. This, not the channel, bounds how many requests wait:
+/// the step loop moves the channel's contents into the scheduler every iteration.
+struct QueuePlaces {
+    taken: AtomicUsize,
+    capacity: usize,
+    /// `tiergate_waiting_requests`, kept equal to `taken`.
+    gauge: Gauge,
+}
+
+impl QueuePlaces {
+    /// False when the queue is full.
+    fn take(&self) -> bool {
+        let taken = self
+            .taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            self.gauge.inc();
+        }
+        taken
+    }
+
+    fn give_back(&self, places: usize) {
+        if places > 0 {
+            self.taken.fetch_sub(places, Ordering::AcqRel);
+            self.gauge.dec_by(places as i64);
+        }
+    }
+}
+
 pub struct LlamaEngine {
     info: ModelInfo,
     max_tokens_default: u32,
@@ -93,9 +127,10 @@ pub struct LlamaEngine {
     loaded: Arc<OnceLock<Loaded>>,
     /// Set by the model thread if it fails to load or stops.
     stopped: Arc<OnceLock<String>>,
-    /// Bounded so a burst cannot grow memory without limit; the model thread owns the
-    /// receiving end and drains it between steps.
+    /// Bounded like `places` (which is what refuses a full queue); the model thread owns
+    /// the receiving end and drains it between steps.
     queue: SyncSender<Queued>,
+    places: Arc<QueuePlaces>,
     metrics: EngineMetrics,
     /// Written by the model thread, read by the budget planner.
     load: Arc<LoadMeter>,
@@ -145,6 +180,11 @@ impl LlamaEngine {
         let load = Arc::new(LoadMeter::new(config.slots));
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let places = Arc::new(QueuePlaces {
+            taken: AtomicUsize::new(0),
+            capacity: config.queue_capacity,
+            gauge: metrics.waiting_requests.clone(),
+        });
         let engine = Arc::new(Self {
             info: ModelInfo {
                 id: config.id.clone(),
@@ -155,6 +195,7 @@ impl LlamaEngine {
             loaded: loaded.clone(),
             stopped: stopped.clone(),
             queue: queue_tx,
+            places: places.clone(),
             metrics: metrics.clone(),
             load: load.clone(),
         });
@@ -165,6 +206,7 @@ impl LlamaEngine {
                 let id = config.id.clone();
                 let channels = ThreadChannels {
                     queue: queue_rx,
+                    places,
                     ready: ready_tx,
                     stop: stop_flag,
                 };
@@ -310,19 +352,24 @@ impl Engine for LlamaEngine {
                 stage_span: queue_span,
             },
         };
-        // Count before sending: the model thread decrements on admission, which may come
-        // before try_send returns.
-        self.metrics.waiting_requests.inc();
-        self.load.queued(prompt_tokens);
+        let full = || EngineError::QueueFull {
+            model: self.info.id.clone(),
+            capacity: self.queue_capacity,
+        };
+        // Taken before sending: the model thread gives the place back on admission,
+        // which may come before try_send returns.
+        if !self.places.take() {
+            return Err(full());
+        }
         match self.queue.try_send(queued) {
-            Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
+            Ok(()) => {
+                self.load.queued(prompt_tokens);
+                Ok(TokenStream::new(prompt_tokens, events_rx))
+            }
             Err(err) => {
-                self.metrics.waiting_requests.dec();
+                self.places.give_back(1);
                 Err(match err {
-                    TrySendError::Full(_) => EngineError::QueueFull {
-                        model: self.info.id.clone(),
-                        capacity: self.queue_capacity,
-                    },
+                    TrySendError::Full(_) => full(),
                     TrySendError::Disconnected(_) => EngineError::Unavailable {
                         model: self.info.id.clone(),
                         reason: "the model thread stopped".into(),
@@ -336,6 +383,7 @@ impl Engine for LlamaEngine {
 /// What the model thread receives from its owner.
 struct ThreadChannels {
     queue: Receiver<Queued>,
+    places: Arc<QueuePlaces>,
     ready: oneshot::Sender<Result<(), String>>,
     stop: Arc<AtomicBool>,
 }
@@ -348,7 +396,12 @@ fn model_thread(
     metrics: EngineMetrics,
     load: Arc<LoadMeter>,
 ) -> Result<(), String> {
-    let ThreadChannels { queue, ready, stop } = channels;
+    let ThreadChannels {
+        queue,
+        places,
+        ready,
+        stop,
+    } = channels;
     let setup = load_model(&config);
     let (prompter, context_params, context_per_sequence) = match setup {
         Ok(parts) => parts,
@@ -410,6 +463,7 @@ fn model_thread(
             prefix_cache,
         }),
         samplers: (0..config.slots).map(|_| None).collect(),
+        places,
         metrics,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
@@ -465,6 +519,8 @@ struct StepLoop<'m> {
     /// Per seq id: the live sequence's sampler (llama.cpp samplers are not `Send`, so they
     /// are built here at admission rather than carried through the queue).
     samplers: Vec<Option<LlamaSampler>>,
+    /// Given back as requests leave the queue: see [`QueuePlaces`].
+    places: Arc<QueuePlaces>,
     metrics: EngineMetrics,
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
@@ -622,9 +678,8 @@ impl StepLoop<'_> {
     /// Sequences that are over, or whose client went away (it dropped the stream), leave:
     /// their slot frees and their cells are cleared or kept as a prefix.
     fn retire(&mut self) {
-        for _ in 0..self.scheduler.drop_waiting(Requester::is_gone) {
-            self.metrics.waiting_requests.dec();
-        }
+        self.places
+            .give_back(self.scheduler.drop_waiting(Requester::is_gone));
         for seq in self.scheduler.take_leaving(Requester::is_gone) {
             if !seq.is_over() {
                 tracing::debug!(model = %self.model_id, seq_id = seq.seq_id, "client gone, sequence dropped");
@@ -649,7 +704,7 @@ impl StepLoop<'_> {
     fn admit(&mut self) {
         for admitted in self.scheduler.admit() {
             let seq_id = admitted.seq_id;
-            self.metrics.waiting_requests.dec();
+            self.places.give_back(1);
             self.metrics.active_sequences.inc();
             if let Some(from) = admitted.clear_from {
                 let from = (from > 0).then_some(from);
@@ -721,13 +776,21 @@ impl StepLoop<'_> {
                     // Reservations make this rare (cells can still run short, e.g. when
                     // llama.cpp pads). Retry smaller.
                     match self.scheduler.shrink_for_kv(&mut work) {
-                        None => {
+                        Some(KvShrink::PromptsDeferred) => {
                             tracing::warn!(model = %self.model_id, "KV cache full: deferring prompt chunks");
                         }
-                        Some(newest) => {
+                        Some(KvShrink::EndNewest(newest)) => {
                             tracing::warn!(model = %self.model_id, "KV cache full: ending the newest sequence");
                             self.finish(newest, FinishReason::Length);
                         }
+                        Some(KvShrink::FailNewest(newest)) => {
+                            tracing::warn!(model = %self.model_id, "KV cache full with nothing generating: failing the newest prompt");
+                            let error = EngineError::Decode(
+                                "the KV cache has no room for this prompt now".into(),
+                            );
+                            self.fail(&[Work::Decode { seq: newest }], error);
+                        }
+                        None => return,
                     }
                 }
                 Err(err) => {

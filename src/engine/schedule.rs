@@ -157,6 +157,17 @@ pub struct Admitted {
     pub clear_from: Option<u32>,
 }
 
+/// How a step that found the KV cache full was shrunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvShrink {
+    /// Prompt chunks wait for a later step.
+    PromptsDeferred,
+    /// This generating sequence ends with `length`.
+    EndNewest(usize),
+    /// This prefilling sequence fails: nothing in the step would free cells for it.
+    FailNewest(usize),
+}
+
 /// What to do with a leaving sequence's cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -427,18 +438,26 @@ impl<P> Scheduler<P> {
         }
     }
 
-    /// The KV cache was full for `work`: shrink it for a retry. Prompt chunks are dropped
-    /// first; with only decodes left, the newest sequence is ended (its cells free). Returns
-    /// the sequence ended that way, which the runner must tell its client about.
-    pub fn shrink_for_kv(&mut self, work: &mut Vec<Work>) -> Option<usize> {
-        if work.iter().any(|w| matches!(w, Work::Prompt { .. })) {
+    /// The KV cache was full for `work`: shrink it for a retry, and say what the runner
+    /// must tell a client. Prompt chunks wait while sequences are generating (their cells
+    /// free as they finish); then the newest generating sequence is ended. With only
+    /// prompts in the step nothing will free cells, so waiting would retry the same chunk
+    /// forever: the newest prefilling sequence fails instead.
+    pub fn shrink_for_kv(&mut self, work: &mut Vec<Work>) -> Option<KvShrink> {
+        let decoding = work.iter().any(|w| matches!(w, Work::Decode { .. }));
+        let prompting = work.iter().any(|w| matches!(w, Work::Prompt { .. }));
+        if decoding && prompting {
             work.retain(|w| matches!(w, Work::Decode { .. }));
-            return None;
+            return Some(KvShrink::PromptsDeferred);
         }
         // `live` is in admission order, so the largest index is the newest.
         let newest = work.iter().map(|w| w.seq()).max()?;
         work.retain(|w| w.seq() != newest);
-        Some(newest)
+        Some(if decoding {
+            KvShrink::EndNewest(newest)
+        } else {
+            KvShrink::FailNewest(newest)
+        })
     }
 
     /// Frees a leaving sequence's slot and reservation; says what to do with its cells.
@@ -854,10 +873,24 @@ mod tests {
         s.admit();
         let mut work = s.plan();
         assert_eq!(work.len(), 3);
-        assert_eq!(s.shrink_for_kv(&mut work), None);
+        assert_eq!(s.shrink_for_kv(&mut work), Some(KvShrink::PromptsDeferred));
         assert_eq!(work, [Work::Decode { seq: 0 }, Work::Decode { seq: 1 }]);
-        assert_eq!(s.shrink_for_kv(&mut work), Some(1));
+        assert_eq!(s.shrink_for_kv(&mut work), Some(KvShrink::EndNewest(1)));
         assert_eq!(work, [Work::Decode { seq: 0 }]);
+    }
+
+    #[test]
+    fn a_full_kv_cache_with_only_prompts_fails_the_newest_instead_of_retrying_forever() {
+        let mut s = Scheduler::new(limits(2, 1000, false));
+        s.enqueue(request("a", &[1; 8], 10));
+        s.enqueue(request("b", &[1; 8], 10));
+        s.admit();
+        let mut work = s.plan();
+        assert_eq!(s.shrink_for_kv(&mut work), Some(KvShrink::FailNewest(1)));
+        assert_eq!(work, [Work::Prompt { seq: 0, tokens: 8 }]);
+        assert_eq!(s.shrink_for_kv(&mut work), Some(KvShrink::FailNewest(0)));
+        assert!(work.is_empty());
+        assert_eq!(s.shrink_for_kv(&mut work), None);
     }
 
     #[test]
