@@ -13,13 +13,12 @@
 //! A shared generation is cancelled (its sequence leaves the engine) as soon as its last
 //! follower goes away, so a timed-out or disconnected client never keeps a slot busy.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use lru::LruCache;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 // tokio's clock, so that TTLs pass under a paused test clock as they do in real time.
@@ -111,7 +110,6 @@ pub struct CachedReply {
     fresh_for: Duration,
     stale_for: Duration,
     bytes: usize,
-    id: u64,
 }
 
 impl CachedReply {
@@ -152,11 +150,9 @@ pub struct CacheCounters {
 }
 
 pub struct ReplyCache {
-    entries: DashMap<ReplyKey, Arc<CachedReply>>,
-    /// Insertion order for eviction; an id that no longer matches the entry is skipped.
-    order: Mutex<VecDeque<(ReplyKey, u64)>>,
-    bytes: AtomicU64,
-    next_id: AtomicU64,
+    /// Finished replies, least recently used first out, with their bytes counted once
+    /// (the key's text and the reply's). One lock: a lookup reorders the list.
+    stored: Mutex<Stored>,
     max_entries: usize,
     max_bytes: usize,
     /// Generations running now, by key; the pump task removes its own entry when it ends.
@@ -164,13 +160,26 @@ pub struct ReplyCache {
     counters: CacheCounters,
 }
 
+struct Stored {
+    replies: LruCache<ReplyKey, Arc<CachedReply>>,
+    bytes: usize,
+}
+
+impl Stored {
+    fn remove(&mut self, key: &ReplyKey) {
+        if let Some(reply) = self.replies.pop(key) {
+            self.bytes -= reply.bytes;
+        }
+    }
+}
+
 impl ReplyCache {
     pub fn new(max_entries: usize, max_bytes: usize, counters: CacheCounters) -> Self {
         Self {
-            entries: DashMap::new(),
-            order: Mutex::new(VecDeque::new()),
-            bytes: AtomicU64::new(0),
-            next_id: AtomicU64::new(0),
+            stored: Mutex::new(Stored {
+                replies: LruCache::unbounded(),
+                bytes: 0,
+            }),
             max_entries,
             max_bytes,
             in_flight: DashMap::new(),
@@ -178,24 +187,32 @@ impl ReplyCache {
         }
     }
 
+    fn stored(&self) -> MutexGuard<'_, Stored> {
+        // Plain data, updated in whole steps: a panic elsewhere cannot leave it half-written.
+        self.stored.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.stored().replies.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
+    /// Bytes of key and reply text held: at most `max_bytes`.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.stored().bytes as u64
     }
 
     pub fn lookup(&self, key: &ReplyKey) -> Lookup {
         self.lookup_at(key, Instant::now())
     }
 
+    /// A hit or stale hit makes the entry the most recently used; an expired one is dropped.
     pub fn lookup_at(&self, key: &ReplyKey, now: Instant) -> Lookup {
-        let Some(reply) = self.entries.get(key).map(|e| e.value().clone()) else {
+        let mut stored = self.stored();
+        let Some(reply) = stored.replies.get(key).cloned() else {
             return Lookup::Miss;
         };
         let age = reply.age(now);
@@ -204,13 +221,13 @@ impl ReplyCache {
         } else if age <= reply.fresh_for + reply.stale_for {
             Lookup::Stale(reply)
         } else {
-            self.remove_if_same(key, reply.id);
+            stored.remove(key);
             Lookup::Miss
         }
     }
 
-    /// Stores a finished reply, evicting the oldest entries beyond the bounds. A reply
-    /// larger than the whole byte budget is not stored.
+    /// Stores a finished reply, evicting the least recently used entries beyond the
+    /// bounds. A reply larger than the whole byte budget is not stored.
     pub fn store(
         &self,
         key: ReplyKey,
@@ -223,7 +240,6 @@ impl ReplyCache {
         if bytes > self.max_bytes {
             return;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let reply = Arc::new(CachedReply {
             pieces,
             finish_reason,
@@ -232,41 +248,18 @@ impl ReplyCache {
             fresh_for: freshness.ttl,
             stale_for: freshness.max_stale,
             bytes,
-            id,
         });
-        let mut order = self.order();
-        if let Some(old) = self.entries.insert(key.clone(), reply) {
-            self.bytes.fetch_sub(old.bytes as u64, Ordering::Relaxed);
-        }
-        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        order.push_back((key, id));
-        while self.entries.len() > self.max_entries || self.bytes() > self.max_bytes as u64 {
-            let Some((oldest, oldest_id)) = order.pop_front() else {
+        let mut stored = self.stored();
+        stored.remove(&key);
+        stored.replies.put(key, reply);
+        stored.bytes += bytes;
+        while stored.replies.len() > self.max_entries || stored.bytes > self.max_bytes {
+            let Some((_, evicted)) = stored.replies.pop_lru() else {
                 break;
             };
-            if self.remove_if_same(&oldest, oldest_id) {
-                self.counters.evictions.inc();
-            }
+            stored.bytes -= evicted.bytes;
+            self.counters.evictions.inc();
         }
-        // Entries replaced or expired leave stale ids behind; keep the queue bounded too.
-        if order.len() > 2 * self.max_entries.max(1) {
-            order.retain(|(k, id)| self.entries.get(k).is_some_and(|e| e.id == *id));
-        }
-    }
-
-    fn remove_if_same(&self, key: &ReplyKey, id: u64) -> bool {
-        match self.entries.remove_if(key, |_, reply| reply.id == id) {
-            Some((_, reply)) => {
-                self.bytes.fetch_sub(reply.bytes as u64, Ordering::Relaxed);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn order(&self) -> MutexGuard<'_, VecDeque<(ReplyKey, u64)>> {
-        // The queue holds plain data; a panic elsewhere cannot leave it half-written.
-        self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Follows the generation of `key` if one is running, else starts it with `submit` and
@@ -606,6 +599,36 @@ mod tests {
         assert!(matches!(cache.lookup(&keys[0]), Lookup::Miss));
         assert!(matches!(cache.lookup(&keys[2]), Lookup::Fresh(_)));
         assert_eq!(cache.counters.evictions.get(), 1);
+    }
+
+    #[test]
+    fn a_reply_looked_up_recently_outlives_one_stored_later_but_unused() {
+        let cache = cache(2, 1 << 20);
+        let keys: Vec<ReplyKey> = (0..3)
+            .map(|i| ReplyKey::new(&request(&format!("q{i}")), "fast", None))
+            .collect();
+        store(&cache, &keys[0], "reply", FOREVER);
+        store(&cache, &keys[1], "reply", FOREVER);
+        // q0 is the oldest but was just used: q1 goes instead.
+        assert!(matches!(cache.lookup(&keys[0]), Lookup::Fresh(_)));
+        store(&cache, &keys[2], "reply", FOREVER);
+        assert!(matches!(cache.lookup(&keys[0]), Lookup::Fresh(_)));
+        assert!(matches!(cache.lookup(&keys[1]), Lookup::Miss));
+    }
+
+    #[test]
+    fn bytes_count_each_key_once_and_drop_to_zero_when_emptied() {
+        let cache = cache(100, 1 << 20);
+        let key = ReplyKey::new(&request("abcd"), "fast", None);
+        store(&cache, &key, "xyz", FOREVER);
+        // The key's text (4) and the reply's (3), nothing twice.
+        assert_eq!(cache.bytes(), 7);
+        for i in 0..1000 {
+            let key = ReplyKey::new(&request(&format!("{i:04}")), "fast", None);
+            store(&cache, &key, "xyz", FOREVER);
+        }
+        assert_eq!(cache.len(), 100);
+        assert_eq!(cache.bytes(), 700);
     }
 
     #[test]

@@ -476,3 +476,56 @@ fn route_explain_prints_features_rules_and_the_route() {
     assert_eq!(explanation["route"]["tier"], "fast");
     assert_eq!(explanation["features"]["requested_max_tokens"], 5);
 }
+
+/// A policy replaced without being written to: an editor's rename over the file, and a
+/// Kubernetes ConfigMap update (a new directory, then the `..data` symlink swapped to it).
+#[cfg(unix)]
+#[tokio::test]
+async fn policy_reload_sees_a_rename_and_a_configmap_symlink_swap() {
+    use std::os::unix::fs::symlink;
+    use std::sync::Arc;
+    use tiergate::router::{reload, PolicyStore};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let rule = |name: &str| {
+        format!(
+            "{BASE_POLICY}\n[[rule]]\nname = \"{name}\"\nwhen = {{ keywords = [\"{name}\"] }}\n"
+        )
+    };
+    // The ConfigMap layout: policy.toml -> ..data/policy.toml, ..data -> v1.
+    std::fs::create_dir(root.join("v1")).expect("v1");
+    std::fs::write(root.join("v1/policy.toml"), rule("first")).expect("write");
+    symlink("v1", root.join("..data")).expect("..data");
+    symlink("..data/policy.toml", root.join("policy.toml")).expect("policy.toml");
+    let store = Arc::new(
+        PolicyStore::load(vec![root.join("policy.toml")], vec!["fast".into()]).expect("policy"),
+    );
+    let _watching = reload::spawn(store.clone(), true, |_| {}).expect("watch");
+    let rule_names = |store: &PolicyStore| -> Vec<String> {
+        store
+            .current()
+            .rules
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    assert_eq!(rule_names(&store), ["first"]);
+
+    std::fs::create_dir(root.join("v2")).expect("v2");
+    std::fs::write(root.join("v2/policy.toml"), rule("second")).expect("write");
+    symlink("v2", root.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    wait_until(Duration::from_secs(10), || async {
+        rule_names(&store) == ["second"]
+    })
+    .await;
+
+    // An editor's save: a new file renamed over the link.
+    std::fs::write(root.join("policy.toml.tmp"), rule("third")).expect("write");
+    std::fs::rename(root.join("policy.toml.tmp"), root.join("policy.toml")).expect("rename");
+    wait_until(Duration::from_secs(10), || async {
+        rule_names(&store) == ["third"]
+    })
+    .await;
+}

@@ -1,5 +1,11 @@
 //! Hot reload: a change to a policy file (or SIGHUP) rebuilds the policy. A policy with
 //! problems is logged and counted and the one in force keeps serving.
+//!
+//! The directories holding the files are watched, not the files: an editor's save
+//! (write a temporary file, rename it over the old one) and Kubernetes' ConfigMap update
+//! (a new directory, then the `..data` symlink swapped to it) both replace the file
+//! without touching it. Any event in a watched directory leads to reading the policy files
+//! again; they are reloaded only when what they read changed.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -39,36 +45,29 @@ pub fn spawn(
     watch_files: bool,
     record: impl Fn(ReloadOutcome) + Send + 'static,
 ) -> notify::Result<JoinHandle<()>> {
-    let watched: HashSet<(PathBuf, std::ffi::OsString)> = store
+    let dirs: HashSet<PathBuf> = store
         .files()
         .iter()
-        .filter_map(|f| dir_and_name(f))
+        .filter_map(|f| watched_dir(f))
         .collect();
     // Unbounded is fine: the watcher thread only sends "something changed", and the task
     // drains everything pending on each reload.
     let (changed_tx, mut changed_rx) = mpsc::unbounded_channel::<()>();
-    let interesting = watched.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let relevant = matches!(
+        if matches!(
             event.kind,
             EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-        ) && event.paths.iter().any(|p| {
-            let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
-                return false;
-            };
-            interesting.contains(&(dir.to_owned(), name.to_owned()))
-        });
-        if relevant {
+        ) {
             let _ = changed_tx.send(());
         }
     })?;
     if watch_files {
-        let dirs: HashSet<&PathBuf> = watched.iter().map(|(dir, _)| dir).collect();
-        for dir in dirs {
+        for dir in &dirs {
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
         }
     }
+    let mut seen = fingerprint(store.files());
 
     Ok(tokio::spawn(async move {
         // The watcher stops when dropped; this task owns it.
@@ -82,6 +81,12 @@ pub fn spawn(
             };
             tokio::time::sleep(SETTLE).await;
             while changed_rx.try_recv().is_ok() {}
+            // Other files in the directory change too; reload only for the policy's own.
+            let now = fingerprint(store.files());
+            if reason == "file changed" && now == seen {
+                continue;
+            }
+            seen = now;
             match store.reload() {
                 Ok(()) => {
                     tracing::info!(reason, files = ?store.files(), "routing policy reloaded");
@@ -99,15 +104,22 @@ pub fn spawn(
     }))
 }
 
-/// The canonical directory and the file name: what inotify reports for the file.
-fn dir_and_name(file: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
+/// The directory a policy file is named in (not where a symlink leads: a ConfigMap swaps
+/// the link inside this directory).
+fn watched_dir(file: &Path) -> Option<PathBuf> {
     let dir = file.parent()?;
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
-    Some((dir.canonicalize().ok()?, file.file_name()?.to_owned()))
+    dir.canonicalize().ok()
+}
+
+/// What the policy files hold now, following symlinks; a file that cannot be read counts
+/// as `None`, so its disappearance and return are changes too.
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    files.iter().map(|f| std::fs::read(f).ok()).collect()
 }
 
 /// SIGHUP as a channel; on other platforms a channel that never fires.
