@@ -474,11 +474,13 @@ fn model_thread(
             vocab.tokens().filter(|&t| vocab.is_eog(t)).collect()
         },
     };
+    // Measured before the model says it is ready: a request queued during the warm-up
+    // would wait behind it, and its TTFT budget with it.
+    step_loop.warm_up();
     let _ = loaded_slot.set(Loaded {
         prompter: Arc::new(prompter),
         context_per_sequence,
     });
-    step_loop.warm_up();
     step_loop.metrics.up.set(1);
     let _ = ready.send(Ok(()));
     step_loop.run(&queue);
