@@ -57,6 +57,13 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// On SIGTERM, how long in-flight responses may take to finish before the process exits.
     pub drain_timeout_s: u64,
+    /// A client must send a request's headers within this many seconds of starting it, or
+    /// of the previous response on a kept-alive connection (which closes an idle one).
+    pub header_read_timeout_s: u64,
+    /// And its whole body within this many seconds.
+    pub body_read_timeout_s: u64,
+    /// Open connections at most; the next waits to be accepted until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +125,9 @@ struct RawServer {
     listen: String,
     body_limit_bytes: u64,
     drain_timeout_s: u64,
+    header_read_timeout_s: u64,
+    body_read_timeout_s: u64,
+    max_connections: u64,
 }
 
 impl Default for RawServer {
@@ -126,6 +136,9 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             body_limit_bytes: 1 << 20,
             drain_timeout_s: 30,
+            header_read_timeout_s: 10,
+            body_read_timeout_s: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -330,10 +343,22 @@ impl RawServer {
         if self.body_limit_bytes < 1024 {
             found.add("server.body_limit_bytes", "must be at least 1024");
         }
+        for (key, value) in [
+            ("server.header_read_timeout_s", self.header_read_timeout_s),
+            ("server.body_read_timeout_s", self.body_read_timeout_s),
+            ("server.max_connections", self.max_connections),
+        ] {
+            if value == 0 {
+                found.add(key, "must be at least 1");
+            }
+        }
         Some(ServerConfig {
             listen: listen?,
             body_limit_bytes: self.body_limit_bytes as usize,
             drain_timeout_s: self.drain_timeout_s,
+            header_read_timeout_s: self.header_read_timeout_s,
+            body_read_timeout_s: self.body_read_timeout_s,
+            max_connections: self.max_connections as usize,
         })
     }
 }

@@ -563,7 +563,8 @@ impl Reply {
                 ReplyEvent::Finished(ending)
             }
             TokenEvent::Failed(err) => {
-                tracing::warn!(%err, "generation failed after its first token");
+                // Read outside the request span (the HTTP body streams later), so name it as parent.
+                tracing::warn!(parent: &self.outcome.span, %err, "generation failed after its first token");
                 self.outcome.failed(&err);
                 ReplyEvent::Failed(err)
             }
@@ -583,7 +584,7 @@ impl Reply {
             budget_cut: true,
             timings: StageTimings::default(),
         };
-        tracing::info!("total budget spent: reply cut");
+        tracing::info!(parent: &self.outcome.span, "total budget spent: reply cut");
         self.outcome.finished(&ending);
         ReplyEvent::Finished(ending)
     }

@@ -6,8 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::admission::Admission;
 use crate::api::{self, AppState, StateParts};
@@ -77,6 +82,9 @@ pub async fn run(
         hint_header: config.router.hint_header.clone(),
         body_limit: config.server.body_limit_bytes,
         drain_timeout: Duration::from_secs(config.server.drain_timeout_s),
+        header_read_timeout: Duration::from_secs(config.server.header_read_timeout_s),
+        body_read_timeout: Duration::from_secs(config.server.body_read_timeout_s),
+        max_connections: config.server.max_connections,
     };
     let loading = async move {
         for (id, ready) in ready_signals {
@@ -109,6 +117,27 @@ pub struct HttpOptions {
     pub body_limit: usize,
     /// On shutdown, how long open replies may take to finish.
     pub drain_timeout: Duration,
+    /// Headers must arrive within this of a request's start (or of the previous response
+    /// on a kept-alive connection, so idle connections close too).
+    pub header_read_timeout: Duration,
+    /// The whole body must arrive within this.
+    pub body_read_timeout: Duration,
+    /// Connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl HttpOptions {
+    /// Sensible limits for tests and embedders: the config file's defaults.
+    pub fn new(hint_header: &str) -> Self {
+        Self {
+            hint_header: hint_header.to_owned(),
+            body_limit: 1 << 20,
+            drain_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// Serves `gateway` over HTTP until `shutdown` resolves and open replies drain (or the
@@ -121,42 +150,87 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     failure: impl Future<Output = anyhow::Error>,
 ) -> anyhow::Result<()> {
-    // Flipped when shutdown begins; `/ready` reads it, the drain timer waits on it.
+    // Flipped when shutdown begins; `/ready` reads it.
     let (draining_tx, draining) = watch::channel(false);
     let state = AppState::new(StateParts {
         gateway,
-        hint_header: options.hint_header,
+        hint_header: options.hint_header.clone(),
         body_limit: options.body_limit,
-        draining: draining.clone(),
+        draining,
     });
-    let app = api::router(state);
+    let app = api::router(state).layer(RequestBodyTimeoutLayer::new(options.body_read_timeout));
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
 
-    let drain_timeout = options.drain_timeout;
-    let begin_drain = async move {
-        shutdown.await;
-        tracing::info!(
-            ?drain_timeout,
-            "draining: no new connections, in-flight replies may finish"
-        );
-        let _ = draining_tx.send(true);
-    };
-    // Stops accepting at once, then waits for every open response to finish.
-    let serving = axum::serve(listener, app).with_graceful_shutdown(begin_drain);
-    let drain_deadline = async move {
-        let mut draining = draining;
-        let _ = draining.wait_for(|d| *d).await;
-        tokio::time::sleep(drain_timeout).await;
+    // axum::serve runs hyper without a timer, so no header timeout can be set there; this
+    // is the same loop with one, a connection cap, and hyper-util's graceful shutdown.
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(options.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    // One permit per open connection; the accept loop waits for a free one.
+    let permits = Arc::new(Semaphore::new(options.max_connections));
+    let accepting = async {
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit,
+                () = &mut shutdown => return,
+            };
+            let Ok(permit) = permit else { return };
+            let (stream, _peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => return,
+            };
+            let service = TowerToHyperService::new(app.clone());
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+                drop(permit);
+            });
+        }
     };
     tokio::select! {
-        served = serving => served.context("the HTTP server failed"),
-        failure = failure => Err(failure),
-        () = drain_deadline => {
-            tracing::warn!(?drain_timeout, "drain timeout: ending the replies still open");
-            Ok(())
-        }
+        () = accepting => {}
+        failure = failure => return Err(failure),
     }
+    // Stop accepting at once, then let every open response finish.
+    drop(listener);
+    let drain_timeout = options.drain_timeout;
+    tracing::info!(
+        ?drain_timeout,
+        "draining: no new connections, in-flight replies may finish"
+    );
+    let _ = draining_tx.send(true);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_timeout,
+            "drain timeout: ending the replies still open"
+        );
+    }
+    Ok(())
 }
 
 /// Long enough for a step in flight to end and the model to be freed.

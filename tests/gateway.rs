@@ -484,9 +484,8 @@ async fn shutdown_lets_open_streams_finish_and_accepts_nothing_new() {
     let base = format!("http://{}", listener.local_addr().expect("address"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let options = HttpOptions {
-        hint_header: "x-tiergate-route-hint".into(),
-        body_limit: 1 << 20,
         drain_timeout: Duration::from_secs(10),
+        ..HttpOptions::new("x-tiergate-route-hint")
     };
     let server = tokio::spawn(server::serve(
         listener,
@@ -768,9 +767,11 @@ async fn http(h: &Harness) -> (String, tokio::sync::oneshot::Sender<()>) {
     let base = format!("http://{}", listener.local_addr().expect("address"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let options = HttpOptions {
-        hint_header: "x-tiergate-route-hint".into(),
-        body_limit: 1 << 20,
         drain_timeout: Duration::from_secs(1),
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        max_connections: 4,
+        ..HttpOptions::new("x-tiergate-route-hint")
     };
     tokio::spawn(server::serve(
         listener,
@@ -961,4 +962,90 @@ async fn identical_requests_racing_on_threads_start_one_generation() {
     assert!(results
         .iter()
         .all(|r| r.as_ref().expect("task").1 == "t0 t1 t2 t3 "));
+}
+
+/// Slow or silent clients cannot hold connections: headers and bodies have deadlines, an
+/// idle kept-alive connection closes, and connections beyond the cap wait to be accepted.
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness();
+    let (base, _stop) = http(&h).await;
+    let address = base.trim_start_matches("http://").to_owned();
+    let closed_within = |mut stream: tokio::net::TcpStream, within: Duration| async move {
+        let mut buffer = Vec::new();
+        tokio::time::timeout(within, stream.read_to_end(&mut buffer))
+            .await
+            .is_ok()
+    };
+
+    // Headers never finished: closed after the 300 ms header timeout.
+    let mut silent = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    silent
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(silent, Duration::from_secs(3)).await,
+        "a slow header is cut off"
+    );
+
+    // A body that never arrives: the request ends at the 300 ms body timeout.
+    let mut stalled = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .expect("write");
+    let mut reply = vec![0; 256];
+    let read = tokio::time::timeout(Duration::from_secs(3), stalled.read(&mut reply))
+        .await
+        .expect("an answer before the test gives up")
+        .expect("read");
+    let status_line = String::from_utf8_lossy(&reply[..read]);
+    assert!(status_line.starts_with("HTTP/1.1 4"), "{status_line}");
+
+    // A kept-alive connection left idle after a response is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let read = idle.read(&mut reply).await.expect("read");
+    assert!(String::from_utf8_lossy(&reply[..read]).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_within(idle, Duration::from_secs(3)).await,
+        "an idle connection is closed"
+    );
+
+    // Four connections at most: a fifth is not served while four are open.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        // Each sends a partial header, so it stays open until its header timeout.
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        held.push(stream);
+    }
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let health = client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("served");
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "served only once the held connections timed out: {:?}",
+        started.elapsed()
+    );
 }
