@@ -67,8 +67,12 @@ async fn metrics_parse_and_every_request_adds_one_ttft_observation() {
         .copied()
         .unwrap_or(0.0);
 
-    let body =
-        json!({"model": "auto", "messages": user("Hi"), "max_tokens": 4, "ignore_eos": true});
+    // Greedy: a sampled reply may draw tokens that are parts of one character, which
+    // arrive as one piece and leave fewer gaps to observe.
+    let body = json!({
+        "model": "auto", "messages": user("Hi"), "max_tokens": 4, "ignore_eos": true,
+        "temperature": 0
+    });
     let response = server.post_chat(&body).await;
     assert_eq!(response.status(), 200);
     // Non-streaming replies say where their time went.
