@@ -262,7 +262,10 @@ impl Calibration {
             }
         };
         let first = record.samples == 0;
-        record.ratio = fold(record.ratio, ratio, first);
+        // Bounded before averaging: one cold or overhead-bound request (a 1 ms prediction
+        // that took 2 s) must not pin the factor at its bound for dozens of requests.
+        let (low, high) = CALIBRATION_BOUNDS;
+        record.ratio = fold(record.ratio, ratio.clamp(low, high), first);
         record.observed_s = fold(record.observed_s, observed.as_secs_f64(), first);
         record.samples = record.samples.saturating_add(1);
         ratio
@@ -348,7 +351,6 @@ impl Planner<'_> {
         } else {
             self.tiers.degrade_path(&route.tier)
         };
-        let budget = Duration::from_millis(route.ttft_ms);
 
         let first_token_by = deadlines.first_token;
         let mut left_because: Option<DegradeReason> = None;
@@ -375,16 +377,11 @@ impl Planner<'_> {
                 continue;
             };
             let model = engine.info().id.clone();
-            // Count first: a prompt that fits no tier is the client's error, not load.
-            let prompt_tokens = match tokens.prompt_tokens(tier) {
-                Ok(count) => count,
-                // The backend is still loading or down; it is passed over just below.
-                Err(_) if !engine.is_ready() => 0,
-                Err(error) => {
-                    pass(format!("cannot count the prompt: {error}"));
-                    continue;
-                }
-            };
+            // Count first: a prompt that fits no tier is the client's error, not load. A
+            // count that fails (a backend loading or down, or a prompt its template
+            // refuses) is left to the health check or to `submit`, whose error is the
+            // client's answer.
+            let prompt_tokens = tokens.prompt_tokens(tier).unwrap_or(0);
             if let Some(error) = misfit(prompt_tokens, generation.max_tokens, engine.limits()) {
                 pass(error.to_string());
                 misfits.get_or_insert(error);
@@ -392,6 +389,18 @@ impl Planner<'_> {
                 left_because.get_or_insert(DegradeReason::ContextLength);
                 continue;
             }
+            // A fresh reply needs no engine, so the cache is asked before the tier's health.
+            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
+            if let Some(key) = &key {
+                match self.cache.lookup(key) {
+                    Lookup::Fresh(reply) => {
+                        return Ok(self.replay(&reply, tier, model, degraded, CacheUse::Hit))
+                    }
+                    Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
+                    Lookup::Miss => {}
+                }
+            }
+
             match engine.health() {
                 Health::Ready => {}
                 Health::Loading => {
@@ -406,17 +415,6 @@ impl Planner<'_> {
                     continue;
                 }
             }
-            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
-            if let Some(key) = &key {
-                match self.cache.lookup(key) {
-                    Lookup::Fresh(reply) => {
-                        return Ok(self.replay(&reply, tier, model, degraded, CacheUse::Hit))
-                    }
-                    Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
-                    Lookup::Miss => {}
-                }
-            }
-
             let left = first_token_by.saturating_duration_since(Instant::now());
             let load = engine.load();
             let raw = load.predict_ttft(prompt_tokens);
@@ -429,7 +427,8 @@ impl Planner<'_> {
                 && load.waiting == 0
                 && load.step_running_s < left.as_secs_f64()
                 && record.samples >= CALIBRATION_MIN_SAMPLES
-                && record.observed_s <= budget.as_secs_f64() / 2.0;
+                && record.observed_s <= left.as_secs_f64() / 2.0
+                && raw <= left * 2;
             if predicted > left && !proven {
                 let overrun = predicted - left;
                 shortest_overrun = Some(shortest_overrun.map_or(overrun, |s| s.min(overrun)));
@@ -505,7 +504,9 @@ impl Planner<'_> {
                 }
                 Err(_elapsed) => {
                     let waited = submitted_at.elapsed();
-                    if generated_here {
+                    // Cancelled before its prediction came due, the request says nothing
+                    // about the prediction; only a wait past it is evidence (a lower bound).
+                    if generated_here && waited >= raw {
                         self.observe(tier, raw, waited);
                     }
                     tracing::warn!(%tier, budget_ms = route.ttft_ms, waited_ms = waited.as_millis() as u64,

@@ -275,41 +275,36 @@ impl ReplyCache {
         freshness: Freshness,
         submit: impl FnOnce() -> Result<TokenStream, EngineError>,
     ) -> Result<(Follower, bool), EngineError> {
-        let shared = match self.in_flight.entry(key.clone()) {
+        let (shared, follower, tokens) = match self.in_flight.entry(key.clone()) {
             Entry::Occupied(running) => {
                 if let Some(follower) = running.get().follow() {
                     return Ok((follower, false));
                 }
                 // Abandoned: its pump is cancelling it; a new generation replaces it.
-                let tokens = submit()?;
-                let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
-                running.replace_entry(shared.clone());
-                (shared, tokens)
+                let started = start_generation(submit)?;
+                running.replace_entry(started.0.clone());
+                started
             }
             Entry::Vacant(vacant) => {
-                let tokens = submit()?;
-                let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
-                vacant.insert(shared.clone());
-                (shared, tokens)
+                let started = start_generation(submit)?;
+                vacant.insert(started.0.clone());
+                started
             }
         };
-        let (shared, tokens) = shared;
-        Ok((self.lead(key, shared, tokens, freshness), true))
+        self.pump(key, shared, tokens, freshness);
+        Ok((follower, true))
     }
 
     /// Runs `tokens` as the shared generation `shared` of `key`: a task pumps its events
-    /// into a log that the returned follower (and any that join later) read. On a
-    /// successful finish the reply is stored with `freshness`.
-    fn lead(
+    /// into the log its followers read. On a successful finish the reply is stored with
+    /// `freshness`.
+    fn pump(
         self: &Arc<Self>,
         key: ReplyKey,
         shared: Arc<SharedGeneration>,
         tokens: TokenStream,
         freshness: Freshness,
-    ) -> Follower {
-        let follower = shared
-            .follow()
-            .unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
+    ) {
         let cache = self.clone();
         tokio::spawn(async move {
             let outcome = shared.pump(tokens).await;
@@ -320,8 +315,20 @@ impl ReplyCache {
                 cache.store(key, pieces, finish_reason, usage, freshness);
             }
         });
-        follower
     }
+}
+
+/// Submits a generation and makes its leader's follower before the entry is published: a
+/// joiner that comes and goes at once must not leave it without followers (abandoned).
+fn start_generation(
+    submit: impl FnOnce() -> Result<TokenStream, EngineError>,
+) -> Result<(Arc<SharedGeneration>, Follower, TokenStream), EngineError> {
+    let tokens = submit()?;
+    let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
+    let follower = shared
+        .follow()
+        .unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
+    Ok((shared, follower, tokens))
 }
 
 /// The event log of one generation that several responses read.

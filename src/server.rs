@@ -120,7 +120,8 @@ pub struct HttpOptions {
     /// Headers must arrive within this of a request's start (or of the previous response
     /// on a kept-alive connection, so idle connections close too).
     pub header_read_timeout: Duration,
-    /// The whole body must arrive within this.
+    /// Each piece of the body must arrive within this of the one before (a body trickled
+    /// faster than that is bounded by `body_limit` instead).
     pub body_read_timeout: Duration,
     /// Connections open at once; further ones wait in the listen backlog.
     pub max_connections: usize,
@@ -196,14 +197,24 @@ pub async fn serve(
                 },
                 () = &mut shutdown => return,
             };
+            let header_read_timeout = options.header_read_timeout;
             let service = TowerToHyperService::new(app.clone());
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::debug!(%err, "connection ended with an error");
+                // hyper's header timer starts only once it knows the protocol, which takes
+                // a first byte: a client that connects and says nothing is dropped here.
+                // (`peek`, not `readable`: readiness may be reported before any data.)
+                let mut first = [0u8; 1];
+                let spoke =
+                    tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await;
+                if matches!(spoke, Ok(Ok(1..))) {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(connection).await {
+                        tracing::debug!(%err, "connection ended with an error");
+                    }
                 }
                 drop(permit);
             });

@@ -724,12 +724,12 @@ async fn a_tier_with_a_free_slot_and_fast_answers_is_not_shed_on_a_prediction() 
             .expect("served");
         read_all(served).await;
     }
-    // A pessimistic prediction (5 s of prompts still prefilling), but a free slot and no
-    // queue: the evidence wins and the request is tried.
+    // A pessimistic prediction (3 s of prompts still prefilling, more once calibrated),
+    // but a free slot and no queue: the evidence wins and the request is tried.
     h.full.set_load(LoadSnapshot {
         slots: 4,
         live: 1,
-        pending_prompt_tokens: 5000,
+        pending_prompt_tokens: 3000,
         prefill_s_per_token: 0.001,
         step_s: 0.01,
         ..LoadSnapshot::default()
@@ -978,6 +978,15 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
             .await
             .is_ok()
     };
+
+    // Nothing sent at all: closed after the header timeout as well.
+    let mute = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(mute, Duration::from_secs(3)).await,
+        "a mute client is cut off"
+    );
 
     // Headers never finished: closed after the 300 ms header timeout.
     let mut silent = tokio::net::TcpStream::connect(&address)

@@ -361,11 +361,10 @@ impl Engine for LlamaEngine {
         if !self.places.take() {
             return Err(full());
         }
+        // Before sending: the model thread's next published load must include it.
+        self.load.queued(prompt_tokens);
         match self.queue.try_send(queued) {
-            Ok(()) => {
-                self.load.queued(prompt_tokens);
-                Ok(TokenStream::new(prompt_tokens, events_rx))
-            }
+            Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
             Err(err) => {
                 self.places.give_back(1);
                 Err(match err {
@@ -791,6 +790,9 @@ impl StepLoop<'_> {
                                 "the KV cache has no room for this prompt now".into(),
                             );
                             self.fail(&[Work::Decode { seq: newest }], error);
+                            // Its cells free only when it retires after this step; a
+                            // retry now would find no room and fail the next prompt too.
+                            return;
                         }
                         None => return,
                     }

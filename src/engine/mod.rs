@@ -148,7 +148,7 @@ pub enum EngineError {
     #[error(
         "this model's maximum context length is {context} tokens, but {requested} tokens were requested \
          ({prompt_tokens} in the messages, {max_tokens} in the completion)",
-        requested = prompt_tokens + max_tokens
+        requested = u64::from(*prompt_tokens) + u64::from(*max_tokens)
     )]
     ContextLengthExceeded {
         prompt_tokens: u32,
