@@ -205,6 +205,18 @@ fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
     }
 }
 
+/// Runs CPU-bound request work (templating, tokenizing) without stalling the other tasks
+/// of this runtime worker: on a multi-threaded runtime the worker hands them to another
+/// while it runs. A current-thread runtime (the paused-clock tests) runs it in place.
+pub fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Below this many observations a tier's predictions are used as they are.
 const CALIBRATION_MIN_SAMPLES: u32 = 3;
 /// A calibration factor is kept within these bounds: one odd request must not make a tier
@@ -381,7 +393,7 @@ impl Planner<'_> {
             // count that fails (a backend loading or down, or a prompt its template
             // refuses) is left to the health check or to `submit`, whose error is the
             // client's answer.
-            let prompt_tokens = tokens.prompt_tokens(tier).unwrap_or(0);
+            let prompt_tokens = cpu_bound(|| tokens.prompt_tokens(tier)).unwrap_or(0);
             if let Some(error) = misfit(prompt_tokens, generation.max_tokens, engine.limits()) {
                 pass(error.to_string());
                 misfits.get_or_insert(error);
@@ -442,7 +454,8 @@ impl Planner<'_> {
             }
 
             let submitted_at = Instant::now();
-            let submit = || engine.submit(generation.clone());
+            // Templating and tokenizing the prompt for the engine: CPU work.
+            let submit = || cpu_bound(|| engine.submit(generation.clone()));
             // An identical generation already running is followed instead of started.
             let started = match key {
                 Some(key) => {
@@ -587,7 +600,7 @@ impl Planner<'_> {
         let Some(engine) = next_tier.and_then(|tier| self.tiers.backend(tier, None)) else {
             return Duration::ZERO;
         };
-        let prompt_tokens = tokens.prompt_tokens(&engine.info().tier).unwrap_or(0);
+        let prompt_tokens = cpu_bound(|| tokens.prompt_tokens(&engine.info().tier)).unwrap_or(0);
         let predicted = engine.load().predict_ttft(prompt_tokens);
         (predicted * 2 + Duration::from_millis(50)).min(left / 2)
     }

@@ -24,7 +24,8 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation, Planner, Source,
+    cpu_bound, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
+    Planner, Source,
 };
 use crate::cache::ReplyCache;
 use crate::chat::ChatRequest;
@@ -311,11 +312,14 @@ impl Gateway {
         // A pin the policy ignores must not choose the tokenizer either.
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
-        let route = tracing::debug_span!("route").in_scope(|| {
+        // Features and exact token counts are CPU work; see `cpu_bound`.
+        let route = cpu_bound(|| {
+            tracing::debug_span!("route").in_scope(|| {
             let features = Features::extract(&generation.messages, max_tokens, caller);
             let route = policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
             tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
             route
+        })
         });
         let route_time = accepted_at.elapsed();
         span.record("rule", route.rule.as_str());
@@ -339,7 +343,7 @@ impl Gateway {
         // The most this request can use: its prompt plus the completion it may generate
         // (a request without max_tokens or a policy cap is charged its prompt only).
         if let Some(key) = api_key.as_deref() {
-            let prompt = tokens.prompt_tokens(&route.tier).unwrap_or(0);
+            let prompt = cpu_bound(|| tokens.prompt_tokens(&route.tier)).unwrap_or(0);
             let completion = generation.max_tokens.or(route.max_tokens).unwrap_or(0);
             self.admission
                 .spend_tokens(key, prompt.saturating_add(completion))
