@@ -40,3 +40,7 @@ bench *ARGS: models build
 # Open-loop overload at 3x the full tier's capacity, degradation on and off; prints a table.
 bench-overload seconds="30": models build
     benches/overload.sh {{config}} {{seconds}}
+
+# Mixed traffic for MINUTES; reports memory, file descriptors, KV cells left, errors by kind.
+soak minutes="10": models build
+    benches/soak.sh {{config}} {{minutes}}
