@@ -393,7 +393,11 @@ impl Planner<'_> {
             // count that fails (a backend loading or down, or a prompt its template
             // refuses) is left to the health check or to `submit`, whose error is the
             // client's answer.
-            let prompt_tokens = cpu_bound(|| tokens.prompt_tokens(tier)).unwrap_or(0);
+            let counted = cpu_bound(|| tokens.prompt_tokens(tier));
+            // A ready tier that cannot count the prompt cannot template it: `submit` gives
+            // the client's 400 for that, which no prediction must turn into a 503.
+            let uncountable = counted.is_err() && engine.is_ready();
+            let prompt_tokens = counted.unwrap_or(0);
             if let Some(error) = misfit(prompt_tokens, generation.max_tokens, engine.limits()) {
                 pass(error.to_string());
                 misfits.get_or_insert(error);
@@ -441,7 +445,7 @@ impl Planner<'_> {
                 && record.samples >= CALIBRATION_MIN_SAMPLES
                 && record.observed_s <= left.as_secs_f64() / 2.0
                 && raw <= left * 2;
-            if predicted > left && !proven {
+            if predicted > left && !proven && !uncountable {
                 let overrun = predicted - left;
                 shortest_overrun = Some(shortest_overrun.map_or(overrun, |s| s.min(overrun)));
                 left_because = Some(DegradeReason::PredictedTtft);

@@ -1058,3 +1058,20 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         started.elapsed()
     );
 }
+
+/// Found by `just soak`: under load, a prompt the template refuses was shed with a 503
+/// before `submit` could say it is the client's error.
+#[tokio::test(start_paused = true)]
+async fn a_prompt_no_template_accepts_is_a_400_even_on_an_overloaded_tier() {
+    let h = harness();
+    h.fast.set_load(busy(10.0));
+    h.fast.refuse_with(Some(EngineError::Template(
+        "a message contains a NUL byte".into(),
+    )));
+    h.fast.fail_counting(true);
+    let err = serve(&h, Caller::default(), greedy("nul"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.http_status(), 400, "{err}");
+}

@@ -487,6 +487,22 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_string_longer_than_the_cap_is_a_400_naming_stop() {
+        let long = "s".repeat(MAX_STOP_BYTES + 1);
+        let err = parse(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"stop":["ok","{long}"]}}"#
+        ))
+        .expect_err("too long");
+        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(err.param.as_deref(), Some("stop"));
+        let at_cap = "s".repeat(MAX_STOP_BYTES);
+        assert!(parse(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"stop":"{at_cap}"}}"#
+        ))
+        .is_ok());
+    }
+
+    #[test]
     fn developer_role_is_a_system_message() {
         let req = parse(r#"{"messages":[{"role":"developer","content":"be brief"},{"role":"user","content":"x"}]}"#).expect("valid");
         assert_eq!(req.messages[0].role, Role::System);

@@ -69,6 +69,8 @@ struct Settings {
     loading: bool,
     /// Set: the backend is down for this reason (its thread died).
     down: Option<String>,
+    /// Counting fails, as it does for a prompt the chat template refuses.
+    counting_fails: bool,
     /// Positions one sequence may use; prompts beyond it are refused as llama.cpp's are.
     context: Option<u32>,
 }
@@ -126,6 +128,11 @@ impl ScriptedEngine {
 
     pub fn set_context(&self, context: Option<u32>) {
         self.settings().context = context;
+    }
+
+    /// Makes counting fail, as for a prompt the chat template refuses.
+    pub fn fail_counting(&self, fails: bool) {
+        self.settings().counting_fails = fails;
     }
 
     /// Marks the backend down (as a model thread that panicked is) or up again.
@@ -265,6 +272,11 @@ impl Engine for ScriptedEngine {
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        if self.settings().counting_fails {
+            return Err(EngineError::Template(
+                "the template refuses this prompt".into(),
+            ));
+        }
         if self.settings().loading {
             return Err(EngineError::Loading {
                 model: self.info.id.clone(),
