@@ -14,18 +14,11 @@ source benches/lib.sh
 url=${1:-http://127.0.0.1:8080}
 config=${2:-config/tiergate.toml}
 bin=target/release/tiergate
-server_pid=
-
-cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi; }
-trap cleanup EXIT
-
-if ! curl -sf "$url/health" >/dev/null 2>&1; then
-  port=$(free_port)
-  url="http://127.0.0.1:$port"
-  echo "bench: starting a gateway on $url" >&2
-  "$bin" serve --config "$config" --listen "127.0.0.1:$port" --policy benches/throughput-policy.toml 2>/tmp/tiergate-bench-server.log &
-  server_pid=$!
+if curl -sf "$url/health" >/dev/null 2>&1; then
+  wait_ready "$url/ready" || exit 1
+else
+  echo "bench: starting a gateway" >&2
+  start_gateway /tmp/tiergate-bench-server.log --config "$config" --policy benches/throughput-policy.toml || exit 1
 fi
-wait_ready "$url/ready" || exit 1
 
 "$bin" bench --url "$url" --model fast --model full --concurrency 1,4,16 --max-tokens 64 "${@:3}"

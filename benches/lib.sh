@@ -13,3 +13,27 @@ wait_ready() {
   echo "not ready: $url" >&2
   return 1
 }
+
+# Starts `target/release/tiergate serve` on a free port with the given extra arguments,
+# logging to LOG, and waits until it is ready. Sets `server_pid` and `url`, and stops the
+# server when the calling script exits.
+#
+#   start_gateway LOG [SERVE ARGS...]
+start_gateway() {
+  local log=$1
+  shift
+  local port
+  port=$(free_port)
+  url="http://127.0.0.1:$port"
+  target/release/tiergate serve --listen "127.0.0.1:$port" "$@" 2>"$log" &
+  server_pid=$!
+  trap stop_gateway EXIT
+  wait_ready "$url/ready"
+}
+
+stop_gateway() {
+  if [ -n "${server_pid:-}" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+}

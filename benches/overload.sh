@@ -22,18 +22,8 @@ seconds=${2:-30}
 bin=target/release/tiergate
 out=target/bench-overload
 mkdir -p "$out"
-server_pid=
-
-cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi; }
-trap cleanup EXIT
-
-port=$(free_port)
-url="http://127.0.0.1:$port"
-echo "overload: starting a gateway on $url" >&2
-"$bin" serve --config "$config" --listen "127.0.0.1:$port" --policy benches/overload-policy.toml \
-  2>"$out/server.log" &
-server_pid=$!
-wait_ready "$url/ready" || exit 1
+echo "overload: starting a gateway" >&2
+start_gateway "$out/server.log" --config "$config" --policy benches/overload-policy.toml || exit 1
 
 load() { "$bin" bench --url "$url" --model auto --max-tokens 64 --ttft-budget-ms 2000 --json "$@"; }
 

@@ -9,16 +9,7 @@ cd "$(dirname "$0")/.."
 source benches/lib.sh
 config=${1:-config/tiergate.toml}
 minutes=${2:-10}
-bin=target/release/tiergate
-server_pid=
-
-cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi; }
-trap cleanup EXIT
-
-port=$(free_port)
-url="http://127.0.0.1:$port"
-echo "soak: starting a gateway on $url for $minutes min" >&2
-"$bin" serve --config "$config" --listen "127.0.0.1:$port" 2>/tmp/tiergate-soak-server.log &
-server_pid=$!
-wait_ready "$url/ready" || exit 1
+echo "soak: starting a gateway for $minutes min" >&2
+start_gateway /tmp/tiergate-soak-server.log --config "$config" || exit 1
+echo "soak: $url" >&2
 python3 benches/soak.py "$url" "$server_pid" "$minutes"
