@@ -44,3 +44,15 @@ bench-overload seconds="30": models build
 # Mixed traffic for MINUTES; reports memory, file descriptors, KV cells left, errors by kind.
 soak minutes="10": models build
     benches/soak.sh {{config}} {{minutes}}
+
+# Embedding latency (alone and 16 concurrent) and semantic-index lookups at 10k and 100k entries.
+bench-embedding: models
+    cargo bench --locked --bench embedding
+
+# Routing agreement on the held-out labelled prompts, with and without the example rules.
+eval-routing *ARGS: models build
+    target/release/tiergate eval-routing {{ARGS}}
+
+# Semantic cache hit and false-hit rates on the labelled pairs, with and without the guards.
+eval-semantic *ARGS: models build
+    target/release/tiergate eval-semantic {{ARGS}}

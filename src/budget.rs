@@ -24,11 +24,15 @@ use tokio::time::Instant;
 use crate::cache::{self, Follower, Freshness, Lookup, ReplyCache, ReplyKey};
 use dashmap::DashMap;
 
+use crate::embed::Embedding;
 use crate::engine::{
     EngineError, GenerationRequest, Health, PromptLimits, StageTimings, TokenEvent, TokenStream,
 };
-use crate::metrics::{CacheLabels, DegradeLabels, Metrics, TierLabels};
+use crate::metrics::{
+    CacheLabels, DegradeLabels, GuardLabels, Metrics, SemanticLabels, TierLabels,
+};
 use crate::router::{CacheMode, Route, TokenCounter};
+use crate::semantic::SemanticLookup;
 use crate::tiers::Tiers;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +90,8 @@ pub enum CacheUse {
     /// Followed an identical generation that was already running.
     Shared,
     Hit,
+    /// A cached reply to a question that means the same (`cache = "semantic"`).
+    Semantic,
     /// Past its TTL, served because no tier could answer in time.
     Stale,
 }
@@ -96,6 +102,7 @@ impl CacheUse {
             CacheUse::Miss => "miss",
             CacheUse::Shared => "shared",
             CacheUse::Hit => "hit",
+            CacheUse::Semantic => "semantic",
             CacheUse::Stale => "stale",
         }
     }
@@ -107,7 +114,7 @@ impl CacheUse {
 
     /// Whether the reply is a replay of stored text rather than a generation.
     pub fn replayed(self) -> bool {
-        matches!(self, CacheUse::Hit | CacheUse::Stale)
+        matches!(self, CacheUse::Hit | CacheUse::Semantic | CacheUse::Stale)
     }
 }
 
@@ -178,6 +185,8 @@ pub struct Acquired {
     pub degraded: Option<Degradation>,
     /// `None` when the request is not cacheable.
     pub cache: Option<CacheUse>,
+    /// For a semantic hit: how close the cached question was.
+    pub similarity: Option<f32>,
 }
 
 /// One request's budget, fixed when it was accepted.
@@ -201,7 +210,7 @@ fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
     match route.cache {
         CacheMode::Off => false,
         CacheMode::Deterministic => cache::is_reproducible(&generation.sampling),
-        CacheMode::Always => true,
+        CacheMode::Always | CacheMode::Semantic => true,
     }
 }
 
@@ -303,6 +312,8 @@ pub struct Attempt<'a> {
     /// The API key, which scopes cached replies unless the route shares them.
     pub api_key: Option<&'a str>,
     pub deadlines: Deadlines,
+    /// The embedding of the last user message, for a `cache = "semantic"` route.
+    pub meaning: Option<Embedding>,
 }
 
 /// The context error a request gets on a tier its prompt (and `max_tokens`) cannot fit.
@@ -349,8 +360,13 @@ impl Planner<'_> {
             tokens,
             api_key,
             deadlines,
+            meaning,
         } = attempt;
         let use_cache = cacheable(route, generation);
+        // Only a semantic route indexes its replies by meaning.
+        let semantic_meaning = meaning
+            .clone()
+            .filter(|_| route.cache == CacheMode::Semantic);
         let scope = (!route.cache_shared).then(|| api_key.unwrap_or(""));
         let freshness = Freshness {
             ttl: Duration::from_secs(route.cache_ttl_s),
@@ -415,6 +431,19 @@ impl Planner<'_> {
                     Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
                     Lookup::Miss => {}
                 }
+                if let Some(vector) = meaning
+                    .as_ref()
+                    .filter(|_| route.cache == CacheMode::Semantic)
+                {
+                    if let Some((reply, similarity)) =
+                        self.semantic_lookup(key, vector, route, tier)
+                    {
+                        let mut acquired =
+                            self.replay(&reply, tier, model, degraded, CacheUse::Semantic);
+                        acquired.similarity = Some(similarity);
+                        return Ok(acquired);
+                    }
+                }
             }
 
             match engine.health() {
@@ -462,18 +491,17 @@ impl Planner<'_> {
             let submit = || cpu_bound(|| engine.submit(generation.clone()));
             // An identical generation already running is followed instead of started.
             let started = match key {
-                Some(key) => {
-                    self.cache
-                        .join_or_lead(key, freshness, submit)
-                        .map(|(follower, led)| {
-                            let cache_use = if led {
-                                CacheUse::Miss
-                            } else {
-                                CacheUse::Shared
-                            };
-                            (Source::Shared(follower), Some(cache_use))
-                        })
-                }
+                Some(key) => self
+                    .cache
+                    .join_or_lead(key, freshness, semantic_meaning.clone(), submit)
+                    .map(|(follower, led)| {
+                        let cache_use = if led {
+                            CacheUse::Miss
+                        } else {
+                            CacheUse::Shared
+                        };
+                        (Source::Shared(follower), Some(cache_use))
+                    }),
                 None => submit().map(|stream| (Source::Engine(stream), None)),
             };
             let (mut source, cache_use) = match started {
@@ -517,6 +545,7 @@ impl Planner<'_> {
                         prompt_tokens,
                         degraded,
                         cache: cache_use,
+                        similarity: None,
                     });
                 }
                 Err(_elapsed) => {
@@ -609,6 +638,83 @@ impl Planner<'_> {
         (predicted * 2 + Duration::from_millis(50)).min(left / 2)
     }
 
+    /// A fresh reply to a question of the same context that means the same as this
+    /// one's last user message and passes the look-alike guards, with its similarity.
+    fn semantic_lookup(
+        &self,
+        key: &ReplyKey,
+        vector: &[f32],
+        route: &Route,
+        tier: &str,
+    ) -> Option<(Arc<cache::CachedReply>, f32)> {
+        let context = key.context()?;
+        let text = key.last_user()?;
+        let found = self
+            .cache
+            .semantic
+            .lookup(&context, text, vector, route.semantic_threshold);
+        let labels = |outcome: &str| SemanticLabels {
+            tier: tier.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        match found {
+            SemanticLookup::Hit {
+                key: cached,
+                cached_text,
+                similarity,
+            } => {
+                self.metrics
+                    .semantic_similarity
+                    .observe(f64::from(similarity));
+                if let Lookup::Fresh(reply) = self.cache.lookup(&cached) {
+                    self.metrics
+                        .semantic_lookups
+                        .get_or_create(&labels("hit"))
+                        .inc();
+                    tracing::info!(similarity, cached = %cached_text, "semantic cache hit");
+                    return Some((reply, similarity));
+                }
+                // The reply expired or was evicted: the entry is useless now.
+                self.cache.semantic.forget(&context, &cached_text);
+                self.metrics
+                    .semantic_lookups
+                    .get_or_create(&labels("miss"))
+                    .inc();
+            }
+            SemanticLookup::Refused {
+                cached_text,
+                similarity,
+                refusal,
+            } => {
+                self.metrics
+                    .semantic_similarity
+                    .observe(f64::from(similarity));
+                self.metrics
+                    .semantic_lookups
+                    .get_or_create(&labels("refused"))
+                    .inc();
+                self.metrics
+                    .semantic_refusals
+                    .get_or_create(&GuardLabels {
+                        guard: refusal.guard().to_owned(),
+                    })
+                    .inc();
+                tracing::info!(similarity, cached = %cached_text, guard = refusal.guard(), %refusal,
+                    "semantic cache: a look-alike was refused");
+            }
+            SemanticLookup::Miss { best } => {
+                if let Some(best) = best {
+                    self.metrics.semantic_similarity.observe(f64::from(best));
+                }
+                self.metrics
+                    .semantic_lookups
+                    .get_or_create(&labels("miss"))
+                    .inc();
+            }
+        }
+        None
+    }
+
     fn replay(
         &self,
         reply: &cache::CachedReply,
@@ -633,6 +739,7 @@ impl Planner<'_> {
             prompt_tokens: reply.usage.prompt_tokens,
             degraded,
             cache: Some(cache_use),
+            similarity: None,
         }
     }
 

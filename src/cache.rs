@@ -25,9 +25,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::chat::{ChatMessage, Role, SamplingParams};
+use crate::embed::Embedding;
 use crate::engine::{
     EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
 };
+use crate::semantic::SemanticIndex;
 
 /// Everything that shapes a reply. Built by destructuring the request without `..`, so
 /// a new request field does not compile until someone decides whether it belongs here.
@@ -87,6 +89,30 @@ impl ReplyKey {
             stop: stop.clone(),
             ignore_eos: *ignore_eos,
         }
+    }
+
+    /// The last message, when a user sent it: what a semantic lookup compares by meaning.
+    pub fn last_user(&self) -> Option<&str> {
+        match self.messages.last() {
+            Some((Role::User, text)) => Some(text),
+            _ => None,
+        }
+    }
+
+    /// This key with the last user message left blank: everything a semantic hit must
+    /// match exactly (scope, tier, sampling, the earlier conversation).
+    pub fn context(&self) -> Option<ReplyKey> {
+        self.last_user()?;
+        Some(self.with_last_user(""))
+    }
+
+    /// This key with `text` as the last user message.
+    pub fn with_last_user(&self, text: &str) -> ReplyKey {
+        let mut key = self.clone();
+        if let Some((Role::User, last)) = key.messages.last_mut() {
+            text.clone_into(last);
+        }
+        key
     }
 
     fn bytes(&self) -> usize {
@@ -158,6 +184,9 @@ pub struct ReplyCache {
     /// Generations running now, by key; the pump task removes its own entry when it ends.
     in_flight: DashMap<ReplyKey, Arc<SharedGeneration>>,
     counters: CacheCounters,
+    /// Stored replies of `cache = "semantic"` routes, by the meaning of their last user
+    /// message.
+    pub semantic: SemanticIndex,
 }
 
 struct Stored {
@@ -184,7 +213,15 @@ impl ReplyCache {
             max_bytes,
             in_flight: DashMap::new(),
             counters,
+            semantic: SemanticIndex::new(0, 0),
         }
+    }
+
+    /// Gives the semantic index room for `max_entries` entries and `max_bytes` bytes
+    /// (without it, nothing is indexed by meaning).
+    pub fn with_semantic(mut self, max_entries: usize, max_bytes: usize) -> Self {
+        self.semantic = SemanticIndex::new(max_entries, max_bytes);
+        self
     }
 
     fn stored(&self) -> MutexGuard<'_, Stored> {
@@ -273,6 +310,7 @@ impl ReplyCache {
         self: &Arc<Self>,
         key: ReplyKey,
         freshness: Freshness,
+        meaning: Option<Embedding>,
         submit: impl FnOnce() -> Result<TokenStream, EngineError>,
     ) -> Result<(Follower, bool), EngineError> {
         let (shared, follower, tokens) = match self.in_flight.entry(key.clone()) {
@@ -291,19 +329,21 @@ impl ReplyCache {
                 started
             }
         };
-        self.pump(key, shared, tokens, freshness);
+        self.pump(key, shared, tokens, freshness, meaning);
         Ok((follower, true))
     }
 
     /// Runs `tokens` as the shared generation `shared` of `key`: a task pumps its events
     /// into the log its followers read. On a successful finish the reply is stored with
-    /// `freshness`.
+    /// `freshness`, and indexed by `meaning` (the embedding of its last user message) when
+    /// given.
     fn pump(
         self: &Arc<Self>,
         key: ReplyKey,
         shared: Arc<SharedGeneration>,
         tokens: TokenStream,
         freshness: Freshness,
+        meaning: Option<Embedding>,
     ) {
         let cache = self.clone();
         tokio::spawn(async move {
@@ -312,6 +352,11 @@ impl ReplyCache {
                 .in_flight
                 .remove_if(&key, |_, running| Arc::ptr_eq(running, &shared));
             if let Some((pieces, finish_reason, usage)) = outcome {
+                let indexed = meaning.and_then(|vector| Some((key.context()?, vector)));
+                if let Some((context, vector)) = indexed {
+                    let text = key.last_user().unwrap_or_default();
+                    cache.semantic.insert(context, text, &vector, freshness.ttl);
+                }
                 cache.store(key, pieces, finish_reason, usage, freshness);
             }
         });
@@ -682,7 +727,7 @@ mod tests {
         let key = ReplyKey::new(&request("a"), "fast", None);
         let (tx, tokens) = engine_stream();
         let (mut leader, led) = cache
-            .join_or_lead(key.clone(), FOREVER, || Ok(tokens))
+            .join_or_lead(key.clone(), FOREVER, None, || Ok(tokens))
             .expect("started");
         assert!(led);
         tx.send(TokenEvent::Text("Hel".into())).expect("open");
@@ -691,7 +736,9 @@ mod tests {
             Some(TokenEvent::Text("Hel".into()))
         );
         let (mut late, led) = cache
-            .join_or_lead(key.clone(), FOREVER, || panic!("must join, not submit"))
+            .join_or_lead(key.clone(), FOREVER, None, || {
+                panic!("must join, not submit")
+            })
             .expect("joined");
         assert!(!led, "the generation is running");
         let finished = TokenEvent::Finished {
@@ -727,10 +774,12 @@ mod tests {
         let key = ReplyKey::new(&request("a"), "fast", None);
         let (tx, tokens) = engine_stream();
         let (leader, _) = cache
-            .join_or_lead(key.clone(), FOREVER, || Ok(tokens))
+            .join_or_lead(key.clone(), FOREVER, None, || Ok(tokens))
             .expect("started");
         let (second, led) = cache
-            .join_or_lead(key.clone(), FOREVER, || panic!("must join, not submit"))
+            .join_or_lead(key.clone(), FOREVER, None, || {
+                panic!("must join, not submit")
+            })
             .expect("joined");
         assert!(!led);
         drop(leader);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::api::types::parse_chat_request;
-use crate::chat::{ChatMessage, ChatRequest};
+use crate::chat::{ChatMessage, ChatRequest, Role};
 use crate::config::{Config, ModelConfig};
 use crate::engine::load::LoadSnapshot;
 use crate::engine::prompt::Prompter;
@@ -170,8 +170,16 @@ pub fn explain(options: &RouteOptions) -> anyhow::Result<Explained> {
     } else {
         options.policies.clone()
     };
-    let policy =
+    let mut policy =
         Policy::load(&files, &config.tiers()).map_err(|p| anyhow::anyhow!("{}", Problems(p)))?;
+    // The embedding model loads only for a policy that asks `similar_to`.
+    let embedder = match policy.needs_meaning() {
+        true => Some(crate::evaluate::load_embedder(&config)?),
+        false => None,
+    };
+    if let (Some(examples), Some(embedder)) = (policy.examples.as_mut(), &embedder) {
+        examples.embed(embedder)?;
+    }
     let request = match (&options.request, &options.prompt) {
         (Some(path), _) => {
             let body =
@@ -182,9 +190,22 @@ pub fn explain(options: &RouteOptions) -> anyhow::Result<Explained> {
         (None, Some(prompt)) => ChatRequest::user(prompt.clone()),
         (None, None) => anyhow::bail!("give a prompt or --request FILE"),
     };
+    let meaning = match (
+        &embedder,
+        request.messages.iter().rev().find(|m| m.role == Role::User),
+    ) {
+        (Some(embedder), Some(last_user)) => Some(embedder.embed_blocking(&last_user.content)?),
+        _ => None,
+    };
     let tiers = vocab_tiers(&vocab_models(&config)?);
-    gateway::explain(&tiers, &policy, options.caller.clone(), &request)
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    gateway::explain(
+        &tiers,
+        &policy,
+        options.caller.clone(),
+        &request,
+        meaning.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The explanation as text for a terminal.
@@ -229,6 +250,19 @@ pub fn render(explained: &Explained) -> String {
         or_dash(f.tenant.as_deref()),
         or_dash(f.hint.as_deref())
     );
+    if let Some(similar) = &f.similar {
+        let _ = writeln!(
+            out,
+            "  nearest examples vote {}:",
+            similar
+                .class
+                .as_deref()
+                .unwrap_or("nothing (none similar enough)")
+        );
+        for n in &similar.nearest {
+            let _ = writeln!(out, "    {:.3} {:<10} {}", n.similarity, n.class, n.example);
+        }
+    }
     for (tier, tokens) in &e.prompt_tokens {
         let _ = writeln!(out, "  prompt tokens on {tier}: {tokens}");
     }
@@ -257,7 +291,7 @@ pub fn render(explained: &Explained) -> String {
     let r = &e.route;
     let _ = writeln!(
         out,
-        "route: tier {} (model {}) by rule `{}`{}; ttft budget {} ms, total budget {} ms, max_tokens cap {}, cache {} (ttl {} s)",
+        "route: tier {} (model {}) by rule `{}`{}; ttft budget {} ms, total budget {} ms, max_tokens cap {}, cache {} (ttl {} s, semantic threshold {})",
         r.tier,
         explained.model,
         r.rule,
@@ -266,7 +300,8 @@ pub fn render(explained: &Explained) -> String {
         r.total_ms,
         r.max_tokens.map_or_else(|| "-".to_owned(), |n| n.to_string()),
         r.cache.as_str(),
-        r.cache_ttl_s
+        r.cache_ttl_s,
+        r.semantic_threshold
     );
     out
 }

@@ -19,13 +19,27 @@ pub struct Config {
     /// Empty: the API is open. Otherwise every request needs one of these keys.
     pub api_keys: Vec<ApiKeyConfig>,
     pub models: Vec<ModelConfig>,
+    /// The sentence-embedding model for `similar_to` rules and `cache = "semantic"`;
+    /// `None`: neither is available.
+    pub embedding: Option<EmbeddingConfig>,
 }
 
-/// Bounds of the reply cache; when either is reached the oldest entries go first.
+/// Bounds of the reply cache; when either is reached the least recently used go first.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub max_entries: usize,
     pub max_bytes: usize,
+    /// Bounds of the semantic index (questions of `cache = "semantic"` routes).
+    pub semantic_max_entries: usize,
+    pub semantic_max_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EmbeddingConfig {
+    /// A sentence-transformers export: config.json, tokenizer.json, model.safetensors.
+    pub model_dir: PathBuf,
+    /// Texts embedded together in one forward pass at most.
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +117,9 @@ pub struct ModelConfig {
     /// (not the start-up measurement), to drill degradation: a tier that stalls after
     /// start-up. 0 in production.
     pub fault_step_delay_ms: u64,
+    /// Fault injection: the model thread panics on this decode step that serves requests
+    /// (counting from 1), to drill a tier going down under traffic. 0 (off) in production.
+    pub fault_panic_after_steps: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +134,18 @@ struct RawConfig {
     api_keys: Vec<RawApiKey>,
     #[serde(default, rename = "model")]
     models: Vec<RawModel>,
+    embedding: Option<RawEmbedding>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawEmbedding {
+    model_dir: PathBuf,
+    #[serde(default = "default_embed_batch")]
+    max_batch: u64,
+}
+
+fn default_embed_batch() -> u64 {
+    32
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,6 +177,8 @@ impl Default for RawServer {
 struct RawCache {
     max_entries: u64,
     max_bytes: u64,
+    semantic_max_entries: u64,
+    semantic_max_bytes: u64,
 }
 
 impl Default for RawCache {
@@ -155,6 +186,8 @@ impl Default for RawCache {
         Self {
             max_entries: 10_000,
             max_bytes: 64 << 20,
+            semantic_max_entries: 10_000,
+            semantic_max_bytes: 32 << 20,
         }
     }
 }
@@ -215,6 +248,8 @@ struct RawModel {
     kv_unified: bool,
     #[serde(default)]
     fault_step_delay_ms: u64,
+    #[serde(default)]
+    fault_panic_after_steps: u64,
 }
 
 mod defaults {
@@ -312,6 +347,15 @@ impl RawConfig {
         let cache = self.cache.validate(&mut found);
         let api_keys = validate_api_keys(self.api_keys, &mut found);
         let models = validate_models(self.models, base_dir, &mut found);
+        let embedding = self.embedding.map(|raw| {
+            if raw.max_batch == 0 {
+                found.add("embedding.max_batch", "must be at least 1");
+            }
+            EmbeddingConfig {
+                model_dir: resolve(base_dir, raw.model_dir),
+                max_batch: raw.max_batch as usize,
+            }
+        });
         match server {
             Some(server) if found.problems.is_empty() => Ok(Config {
                 server,
@@ -319,6 +363,7 @@ impl RawConfig {
                 api_keys,
                 router,
                 models,
+                embedding,
             }),
             _ => Err(found.problems),
         }
@@ -399,6 +444,8 @@ impl RawCache {
         CacheConfig {
             max_entries: self.max_entries as usize,
             max_bytes: self.max_bytes as usize,
+            semantic_max_entries: self.semantic_max_entries as usize,
+            semantic_max_bytes: self.semantic_max_bytes as usize,
         }
     }
 }
@@ -532,6 +579,7 @@ fn validate_models(
             queue_capacity: raw.queue_capacity as usize,
             kv_unified: raw.kv_unified,
             fault_step_delay_ms: raw.fault_step_delay_ms,
+            fault_panic_after_steps: raw.fault_panic_after_steps,
         });
     }
     models

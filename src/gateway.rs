@@ -28,12 +28,15 @@ use crate::budget::{
     Planner, Source,
 };
 use crate::cache::ReplyCache;
-use crate::chat::ChatRequest;
+use crate::chat::{ChatMessage, ChatRequest, Role};
+use crate::embed::Embedding;
 use crate::engine::{
     EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,
 };
 use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
-use crate::router::{Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter};
+use crate::router::{
+    CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
+};
 use crate::tiers::{Pin, Tiers, TooLarge, UnknownModel};
 
 /// Everything a request may be refused or failed with before its reply starts.
@@ -121,18 +124,21 @@ pub struct Explained {
 }
 
 /// How `request` would be routed for `caller`, with every rule tried: the same resolution,
-/// features and token counts as [`Gateway::serve`] uses.
+/// features and token counts as [`Gateway::serve`] uses. `meaning` is the embedding of the
+/// last user message, when the policy has `similar_to` rules.
 pub fn explain(
     tiers: &Tiers,
     policy: &Policy,
     caller: Caller,
     request: &ChatRequest,
+    meaning: Option<&[f32]>,
 ) -> Result<Explained, GatewayError> {
     let pin = tiers.resolve(&request.model)?;
     // A pin the policy ignores must not choose the tokenizer either.
     let pin = pin.filter(|_| policy.allow_pinning);
     let tokens = tiers.counter(&request.messages, pin.as_ref());
-    let features = Features::extract(&request.messages, request.max_tokens, caller);
+    let mut features = Features::extract(&request.messages, request.max_tokens, caller);
+    features.similar = meaning.and_then(|vector| policy.similar(vector));
     let explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
     let model = backend_id(tiers, &explanation.route, pin.as_ref())?;
     Ok(Explained { explanation, model })
@@ -188,12 +194,17 @@ impl Gateway {
     }
 
     /// See [`explain`]; for clients, so policy files are named without their directories.
-    pub fn explain(
+    pub async fn explain(
         &self,
         caller: Admitted,
         request: &ChatRequest,
     ) -> Result<Explained, GatewayError> {
-        let mut explained = explain(&self.tiers, &self.policy(), caller.0, request)?;
+        let policy = self.policy();
+        let meaning = match policy.needs_meaning() {
+            true => self.meaning(&request.messages).await,
+            false => None,
+        };
+        let mut explained = explain(&self.tiers, &policy, caller.0, request, meaning.as_deref())?;
         let file_name = |path: &mut std::path::PathBuf| {
             if let Some(name) = path.file_name() {
                 *path = name.into();
@@ -206,6 +217,20 @@ impl Gateway {
             .iter_mut()
             .for_each(|rule| file_name(&mut rule.file));
         Ok(explained)
+    }
+
+    /// The embedding of the last user message, when an embedding model is loaded. A failure
+    /// is logged and routes as if none were loaded (`similar_to` rules do not match).
+    async fn meaning(&self, messages: &[ChatMessage]) -> Option<Embedding> {
+        let embedder = self.policies.embedder()?;
+        let last_user = messages.iter().rev().find(|m| m.role == Role::User)?;
+        let embedded = embedder
+            .embed(&last_user.content)
+            .instrument(tracing::debug_span!("embed"))
+            .await;
+        embedded
+            .inspect_err(|err| tracing::warn!(%err, "could not embed the request"))
+            .ok()
     }
 
     /// Checks the caller's key and spends one request of its quota; refusals are counted.
@@ -312,10 +337,16 @@ impl Gateway {
         // A pin the policy ignores must not choose the tokenizer either.
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
+        // One embedding per request, shared by `similar_to` rules and the semantic cache.
+        let mut meaning = match policy.needs_meaning() {
+            true => self.meaning(&generation.messages).await,
+            false => None,
+        };
         // Features and exact token counts are CPU work; see `cpu_bound`.
         let route = cpu_bound(|| {
             tracing::debug_span!("route").in_scope(|| {
-            let features = Features::extract(&generation.messages, max_tokens, caller);
+            let mut features = Features::extract(&generation.messages, max_tokens, caller);
+            features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
             let route = policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
             tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
             route
@@ -359,6 +390,9 @@ impl Gateway {
             ended: false,
         };
 
+        if route.cache == CacheMode::Semantic && meaning.is_none() {
+            meaning = self.meaning(&generation.messages).await;
+        }
         let deadlines = Deadlines::new(accepted_at, &route);
         let planner = Planner {
             tiers: &self.tiers,
@@ -373,6 +407,7 @@ impl Gateway {
             tokens: &tokens,
             api_key: api_key.as_deref(),
             deadlines,
+            meaning,
         };
         let acquired = match planner.acquire(attempt).await {
             Ok(acquired) => acquired,
@@ -451,6 +486,7 @@ impl Gateway {
             prompt_tokens: acquired.prompt_tokens,
             degraded: acquired.degraded,
             cache: acquired.cache,
+            similarity: acquired.similarity,
             route,
             route_time,
             include_usage,
@@ -481,6 +517,8 @@ pub struct Served {
     pub degraded: Option<Degradation>,
     /// `None` when the route does not cache this request.
     pub cache: Option<CacheUse>,
+    /// For a semantic cache hit: the cosine similarity of the cached question.
+    pub similarity: Option<f32>,
     pub route: Route,
     /// Time spent routing (features, token counts, policy).
     pub route_time: Duration,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tiergate::check::RouteOptions;
 use tiergate::config::{Config, DEFAULT_CONFIG_PATH};
+use tiergate::evaluate::RoutingEval;
 use tiergate::loadgen::{self, BenchOptions, Load};
 use tiergate::router::Caller;
 use tiergate::telemetry::{self, LogFormat};
@@ -52,6 +53,29 @@ enum Command {
     },
     /// Show how a prompt (or a chat request file) would be routed, without a server.
     Route(RouteArgs),
+    /// Route labelled prompts (`[[prompt]]` with text, tier, class) and report how often
+    /// the routed tier agrees, with and without the `similar_to` rules
+    EvalRouting {
+        /// The labelled prompts (TOML)
+        #[arg(default_value = "benches/routing-heldout.toml")]
+        prompts: PathBuf,
+        /// Also sweep k and min_similarity of the example vote
+        #[arg(long)]
+        sweep: bool,
+        #[arg(long = "policy")]
+        policies: Vec<PathBuf>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Score labelled message pairs (`[[pair]]` with a, b, should_hit, kind) and report the
+    /// semantic cache's hit and false-hit rates per threshold, with and without the guards
+    EvalSemantic {
+        /// The labelled pairs (TOML)
+        #[arg(default_value = "benches/semantic-pairs.toml")]
+        pairs: PathBuf,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -185,7 +209,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match cli.command {
         Command::Serve { .. } | Command::Bench(_) => telemetry::SERVER_FILTER,
-        Command::Check { .. } | Command::Route(_) => telemetry::TOOL_FILTER,
+        Command::Check { .. }
+        | Command::Route(_)
+        | Command::EvalRouting { .. }
+        | Command::EvalSemantic { .. } => telemetry::TOOL_FILTER,
     };
     telemetry::init(cli.log_format, filter);
     match cli.command {
@@ -197,6 +224,34 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Check { config } => check(&config),
         Command::Route(args) => route(args),
+        Command::EvalRouting {
+            prompts,
+            sweep,
+            policies,
+            config,
+        } => report(tiergate::evaluate::routing(&RoutingEval {
+            config,
+            policies,
+            prompts,
+            sweep,
+        })),
+        Command::EvalSemantic { pairs, config } => {
+            report(tiergate::evaluate::semantic(&config, &pairs))
+        }
+    }
+}
+
+/// Prints a tool's report, or its error.
+fn report(outcome: anyhow::Result<String>) -> ExitCode {
+    match outcome {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

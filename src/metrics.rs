@@ -60,6 +60,20 @@ pub struct CacheLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SemanticLabels {
+    pub tier: String,
+    /// `hit`, `refused` (the closest question over the threshold failed a look-alike
+    /// guard) or `miss`.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    /// `numbers`, `negation`, `opposites` or `names`.
+    pub guard: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -96,6 +110,19 @@ const PREFILL_BUCKETS: [f64; 13] = [
 /// Sequences in one decode call, up to the 256-slot maximum.
 const BATCH_SIZE_BUCKETS: [f64; 11] = [
     1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0, 128.0, 256.0,
+];
+
+/// Cosine similarity of the closest cached question (semantic lookups).
+const SIMILARITY_BUCKETS: [f64; 12] = [
+    0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.93, 0.96, 0.99,
+];
+
+/// Texts in one embedding forward pass.
+const EMBED_BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// One embedding forward pass on CPU: a few ms alone, tens of ms for a batch.
+const EMBED_SECONDS_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.004, 0.008, 0.012, 0.02, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// Observed over predicted TTFT: how far off a prediction was, either way.
@@ -148,6 +175,11 @@ pub struct Metrics {
     pub budget_cuts: Family<TierLabels, Counter>,
     /// Observed over predicted time to first token, per tier.
     pub ttft_prediction_ratio: Family<TierLabels, Histogram, HistogramMaker>,
+    pub semantic_lookups: Family<SemanticLabels, Counter>,
+    pub semantic_refusals: Family<GuardLabels, Counter>,
+    pub semantic_similarity: Histogram,
+    pub embedding_batch_size: Histogram,
+    pub embedding_seconds: Histogram,
 }
 
 /// The gauges one model's step loop owns, already bound to its labels.
@@ -329,6 +361,31 @@ impl Metrics {
                 "ttft_prediction_ratio",
                 "Observed over predicted time to first token per tier (1 is exact; a watchdog cancel counts the time waited)",
                 Family::new_with_constructor(HistogramMaker(&RATIO_BUCKETS)),
+            ),
+            semantic_lookups: r.add(
+                "semantic_cache_lookups",
+                "Semantic reply cache lookups (after an exact miss) by outcome: hit, refused by a look-alike guard, miss",
+                Family::default(),
+            ),
+            semantic_refusals: r.add(
+                "semantic_cache_guard_refusals",
+                "Semantic hits refused because the questions differ in numbers, negation, opposite words or names",
+                Family::default(),
+            ),
+            semantic_similarity: r.add(
+                "semantic_cache_similarity",
+                "Cosine similarity of the closest cached question, per semantic lookup that had one",
+                Histogram::new(SIMILARITY_BUCKETS.iter().copied()),
+            ),
+            embedding_batch_size: r.add(
+                "embedding_batch_size",
+                "Texts embedded together in one forward pass",
+                Histogram::new(EMBED_BATCH_BUCKETS.iter().copied()),
+            ),
+            embedding_seconds: r.seconds(
+                "embedding_forward",
+                "Time of one embedding forward pass (a whole batch)",
+                Histogram::new(EMBED_SECONDS_BUCKETS.iter().copied()),
             ),
             registry: r.0,
         }

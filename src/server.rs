@@ -17,13 +17,40 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use crate::admission::Admission;
 use crate::api::{self, AppState, StateParts};
 use crate::cache::{CacheCounters, ReplyCache};
-use crate::config::Config;
+use crate::config::{Config, EmbeddingConfig};
+use crate::embed::{EmbedMetrics, Embedder, EmbeddingModel};
 use crate::engine::llama::LlamaEngine;
 use crate::engine::Engine;
 use crate::gateway::{Gateway, GatewayParts};
 use crate::metrics::{Metrics, ModelLabels, OutcomeLabels};
 use crate::router::{reload, PolicyStore};
 use crate::tiers::Tiers;
+
+/// Loads the embedding model (on a blocking thread: it reads 90 MB) and starts its thread.
+async fn start_embedder(
+    config: &EmbeddingConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<Embedder>> {
+    let dir = config.model_dir.clone();
+    let model = tokio::task::spawn_blocking(move || EmbeddingModel::load(&dir))
+        .await
+        .context("loading the embedding model panicked")?
+        .with_context(|| {
+            format!(
+                "cannot load the embedding model from {}",
+                config.model_dir.display()
+            )
+        })?;
+    tracing::info!(dir = %config.model_dir.display(), dimensions = model.dimensions(), "embedding model loaded");
+    Ok(Embedder::start(
+        model,
+        config.max_batch,
+        EmbedMetrics {
+            batch_size: Some(metrics.embedding_batch_size.clone()),
+            seconds: Some(metrics.embedding_seconds.clone()),
+        },
+    ))
+}
 
 /// Serves until `shutdown` resolves. Returns an error if any model fails to load, so that
 /// a broken model stops the process instead of leaving it half-ready.
@@ -33,9 +60,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    // A policy with problems stops start-up with all of them listed.
+    let embedder = match &config.embedding {
+        Some(embedding) => Some(start_embedder(embedding, &metrics).await?),
+        None => None,
+    };
+    // A policy with problems stops start-up with all of them listed. Its examples are
+    // embedded here, on a blocking thread.
+    let (files, tiers) = (config.router.policies.clone(), config.tiers());
     let policies = Arc::new(
-        PolicyStore::load(config.router.policies.clone(), config.tiers())
+        tokio::task::spawn_blocking(move || PolicyStore::load_with(files, tiers, embedder))
+            .await
+            .context("loading the routing policy panicked")?
             .map_err(|problems| anyhow::anyhow!("invalid routing policy:\n{problems}"))?,
     );
     let reload_counter = metrics.policy_reloads.clone();
@@ -64,13 +99,19 @@ pub async fn run(
         ready_signals.push((model.id.clone(), ready));
     }
 
-    let cache = Arc::new(ReplyCache::new(
-        config.cache.max_entries,
-        config.cache.max_bytes,
-        CacheCounters {
-            evictions: metrics.cache_evictions.clone(),
-        },
-    ));
+    let cache = Arc::new(
+        ReplyCache::new(
+            config.cache.max_entries,
+            config.cache.max_bytes,
+            CacheCounters {
+                evictions: metrics.cache_evictions.clone(),
+            },
+        )
+        .with_semantic(
+            config.cache.semantic_max_entries,
+            config.cache.semantic_max_bytes,
+        ),
+    );
     let gateway = Arc::new(Gateway::new(GatewayParts {
         tiers: Tiers::new(backends),
         policies,

@@ -335,3 +335,63 @@ async fn a_fresh_gateway_sheds_none_of_a_burst_as_large_as_its_slots() {
     );
     server.stop().await;
 }
+
+/// The real Gemma thread panics mid-generation (`fault_panic_after_steps`): its stream
+/// ends with an error event instead of hanging, the tier is marked down (`/ready` 503
+/// naming it, `tiergate_model_up` 0), and the next request routed to it follows the
+/// degrade path to the fast tier.
+#[tokio::test]
+async fn a_panicking_model_thread_marks_its_tier_down_and_requests_degrade() {
+    let server = TestServer::start(|config: &mut Config| {
+        config.router.policies = vec![fixture("stalled-full.toml")];
+        let full = config
+            .models
+            .iter_mut()
+            .find(|m| m.id == FULL)
+            .expect("full model");
+        full.fault_panic_after_steps = 3;
+    })
+    .await;
+    let body = json!({
+        "model": "auto", "messages": user("Count from one to twenty."), "max_tokens": 16,
+        "temperature": 0.7, "stream": true,
+    });
+    let response = server.post_as(None, Some("full"), &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("full"));
+    // The stream ends with an SSE error event (OpenAI's error shape) instead of hanging.
+    let raw = response.text().await.expect("the stream ends");
+    let (_, error) = raw
+        .split_once("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("the stream reports the failure: {raw}"));
+    let error: Value = serde_json::from_str(error.trim()).expect("error json");
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
+
+    let up = format!(r#"tiergate_model_up{{model="{FULL}",tier="full"}}"#);
+    server
+        .wait_for_metric(&up, 0.0, Duration::from_secs(5))
+        .await;
+    let ready = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 503);
+    let ready_body = ready.text().await.expect("body");
+    assert!(
+        ready_body.contains(FULL) && ready_body.contains("panicked"),
+        "{ready_body}"
+    );
+
+    let response = server.post_as(None, Some("full"), &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=unavailable")
+    );
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    server.stop().await;
+}

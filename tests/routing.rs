@@ -278,6 +278,33 @@ async fn v1_route_explains_a_request_without_generating() {
         "{generated}"
     );
 
+    // A request that needs the full model without the rules' keywords: the nearest
+    // labelled examples decide, and the explanation lists them with their similarities.
+    let resp = server
+        .client
+        .post(server.url("/v1/route"))
+        .json(&json!({"messages": user("my nightly job dies with a KeyError when the settings file lacks a section, how do I make it tolerate that")}))
+        .send()
+        .await
+        .expect("sent");
+    let explanation: Value = resp.json().await.expect("json");
+    assert_eq!(
+        explanation["route"]["rule"], "similar-to-complex",
+        "{explanation}"
+    );
+    let similar = &explanation["features"]["similar"];
+    let full_classes = ["code", "maths", "reasoning", "writing"];
+    assert!(
+        full_classes.contains(&similar["class"].as_str().unwrap_or("")),
+        "{explanation}"
+    );
+    let nearest = similar["nearest"].as_array().expect("nearest examples");
+    assert_eq!(nearest.len(), 7);
+    assert!(nearest[0]["similarity"].as_f64().is_some_and(|s| s > 0.2));
+    assert!(nearest[0]["example"]
+        .as_str()
+        .is_some_and(|e| !e.is_empty()));
+
     // Bad input is an OpenAI error, as on the chat endpoint.
     let resp = server
         .client

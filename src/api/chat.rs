@@ -36,6 +36,9 @@ pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-pinned
 pub const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-degraded");
 /// `miss`, `shared`, `hit` or `stale` for cacheable requests.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-cache");
+/// On a semantic cache hit: the cosine similarity of the cached question (0 to 1).
+pub const CACHE_SIMILARITY_HEADER: HeaderName =
+    HeaderName::from_static("x-tiergate-cache-similarity");
 /// `total` on a non-streaming reply cut short by its total budget.
 pub const BUDGET_CUT_HEADER: HeaderName = HeaderName::from_static("x-tiergate-budget-cut");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
@@ -80,7 +83,7 @@ pub async fn explain_route(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = state.parse(body)?;
-    let explained = state.gateway().explain(caller, &request)?;
+    let explained = state.gateway().explain(caller, &request).await?;
     Ok(Json(explained).into_response())
 }
 
@@ -107,6 +110,7 @@ fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>
 /// and whether it was degraded or came from the cache.
 fn route_headers(served: &Served) -> HeaderMap {
     let degraded = served.degraded.as_ref().map(ToString::to_string);
+    let similarity = served.similarity.map(|s| format!("{s:.4}"));
     let pairs = [
         (TIER_HEADER, Some(served.tier.as_str())),
         (MODEL_HEADER, Some(served.model.as_str())),
@@ -114,6 +118,7 @@ fn route_headers(served: &Served) -> HeaderMap {
         (PINNED_HEADER, served.route.pinned.then_some("true")),
         (DEGRADED_HEADER, degraded.as_deref()),
         (CACHE_HEADER, served.cache.map(CacheUse::as_str)),
+        (CACHE_SIMILARITY_HEADER, similarity.as_deref()),
     ];
     pairs
         .into_iter()

@@ -466,6 +466,8 @@ fn model_thread(
         metrics,
         load,
         step_delay: Duration::from_millis(config.fault_step_delay_ms),
+        panic_in_steps: (config.fault_panic_after_steps > 0)
+            .then_some(config.fault_panic_after_steps),
         stop,
         model_id: config.id.clone(),
         eog_tokens: {
@@ -526,6 +528,9 @@ struct StepLoop<'m> {
     load: Arc<LoadMeter>,
     /// Fault injection (`fault_step_delay_ms`): a stalled tier for tests and drills.
     step_delay: Duration,
+    /// Fault injection (`fault_panic_after_steps`): decode steps left before this thread
+    /// panics, to drill a tier going down under traffic.
+    panic_in_steps: Option<u64>,
     /// Set by [`ModelThread::stop`].
     stop: Arc<AtomicBool>,
     model_id: String,
@@ -571,6 +576,13 @@ impl StepLoop<'_> {
     /// One decode call for requests, after the injected stall if any: a stalled tier
     /// looks slow to the load meter, as a real one would.
     fn timed_decode(&mut self) -> Result<(), DecodeError> {
+        if let Some(left) = self.panic_in_steps.as_mut() {
+            *left -= 1;
+            assert!(
+                *left > 0,
+                "fault injection: fault_panic_after_steps reached"
+            );
+        }
         self.load.step_running(true);
         // In short naps, so a stop request is not held up by a long injected stall.
         let stall_until = Instant::now() + self.step_delay;

@@ -13,6 +13,7 @@ use regex::Regex;
 use serde::Serialize;
 use unicode_script::{Script, UnicodeScript};
 
+use super::examples::Similar;
 use crate::chat::{ChatMessage, Role};
 
 /// Who is asking, from the request's headers.
@@ -55,6 +56,9 @@ pub struct Features {
     /// The last user message as sent, for regex rules.
     #[serde(skip)]
     pub last_user: String,
+    /// How the policy's labelled examples voted (when a rule asks `similar_to`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similar: Option<Similar>,
 }
 
 /// `"<redacted>"` in place of a secret.
@@ -114,6 +118,7 @@ impl Features {
             tenant,
             hint,
             last_user: last_user.to_owned(),
+            similar: None,
         }
     }
 }

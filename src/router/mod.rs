@@ -11,6 +11,7 @@
 //! swaps it in, so a request keeps the `Arc<Policy>` it started with and an invalid file
 //! never replaces a working one.
 
+pub mod examples;
 pub mod features;
 pub mod policy;
 pub mod reload;
@@ -20,27 +21,46 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use examples::Similar;
 pub use features::{Caller, Features};
 pub use policy::{CacheMode, Explanation, Policy, Route, TokenCounter};
 
-use crate::tomlfile::Problems;
+use crate::embed::Embedder;
+use crate::tomlfile::{Problem, Problems};
 
 /// The policy now in force, and how to build the next one.
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
     files: Vec<PathBuf>,
     tiers: Vec<String>,
+    embedder: Option<Arc<Embedder>>,
 }
 
 impl PolicyStore {
     /// Loads `files` for the configured `tiers`; every problem in every file comes back.
     pub fn load(files: Vec<PathBuf>, tiers: Vec<String>) -> Result<Self, Problems> {
-        let policy = Policy::load(&files, &tiers).map_err(Problems)?;
+        Self::load_with(files, tiers, None)
+    }
+
+    /// Like [`PolicyStore::load`], embedding the policy's labelled examples with
+    /// `embedder`. Blocks on the embedding thread: call it from a blocking thread.
+    pub fn load_with(
+        files: Vec<PathBuf>,
+        tiers: Vec<String>,
+        embedder: Option<Arc<Embedder>>,
+    ) -> Result<Self, Problems> {
+        let policy = build(&files, &tiers, embedder.as_deref())?;
         Ok(Self {
             current: ArcSwap::from_pointee(policy),
             files,
             tiers,
+            embedder,
         })
+    }
+
+    /// The embedding model requests are embedded with, when one is loaded.
+    pub fn embedder(&self) -> Option<&Arc<Embedder>> {
+        self.embedder.as_ref()
     }
 
     /// The policy to use for one whole request.
@@ -52,10 +72,42 @@ impl PolicyStore {
         &self.files
     }
 
-    /// Re-reads the files. On any problem the policy in force stays.
+    /// Re-reads the files. On any problem the policy in force stays. Blocks on the
+    /// embedding thread for new examples: call it from a blocking thread.
     pub fn reload(&self) -> Result<(), Problems> {
-        let policy = Policy::load(&self.files, &self.tiers).map_err(Problems)?;
+        let policy = build(&self.files, &self.tiers, self.embedder.as_deref())?;
         self.current.store(Arc::new(policy));
         Ok(())
     }
+}
+
+/// Loads the policy and embeds its examples.
+fn build(
+    files: &[PathBuf],
+    tiers: &[String],
+    embedder: Option<&Embedder>,
+) -> Result<Policy, Problems> {
+    let mut policy = Policy::load(files, tiers).map_err(Problems)?;
+    let needs_meaning = policy.needs_meaning();
+    let problem = |message: String| {
+        Problems(vec![Problem {
+            file: files.last().cloned().unwrap_or_default(),
+            line: None,
+            key: "similarity".into(),
+            message,
+        }])
+    };
+    match (policy.examples.as_mut(), embedder) {
+        (Some(examples), Some(embedder)) => examples
+            .embed(embedder)
+            .map_err(|err| problem(format!("embedding the examples failed: {err}")))?,
+        (_, None) if needs_meaning => {
+            return Err(problem(
+                "`similar_to` rules need the embedding model: configure [embedding] in the config"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    Ok(policy)
 }

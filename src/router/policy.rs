@@ -10,6 +10,7 @@ use aho_corasick::AhoCorasick;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use super::examples::{ExampleSet, RawSimilarity, Similar};
 use super::features::{phrase_matcher, whole_word_matches, Features, SCRIPT_NAMES};
 use crate::tomlfile::{Problem, TomlFile};
 
@@ -23,6 +24,9 @@ pub enum CacheMode {
     Deterministic,
     /// Every request; sampling parameters are still part of the key.
     Always,
+    /// Like `always`, and on an exact miss a reply to a question that means the same
+    /// (same scope, tier, sampling and earlier conversation; look-alikes refused).
+    Semantic,
 }
 
 impl CacheMode {
@@ -31,6 +35,7 @@ impl CacheMode {
             CacheMode::Off => "off",
             CacheMode::Deterministic => "deterministic",
             CacheMode::Always => "always",
+            CacheMode::Semantic => "semantic",
         }
     }
 }
@@ -54,7 +59,13 @@ pub struct Route {
     pub max_stale_s: u64,
     /// Share cached replies across API keys (otherwise each key has its own).
     pub cache_shared: bool,
+    /// `cache = "semantic"`: the least cosine similarity of a cached question to serve
+    /// its reply.
+    pub semantic_threshold: f32,
 }
+
+/// The default `semantic_threshold`: measured on `benches/semantic-pairs.toml` (README).
+pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.875;
 
 /// Prompt token counts per tier, computed only when a rule asks (tokenizing is the
 /// costliest feature) and remembered for the rest of the evaluation.
@@ -73,6 +84,7 @@ struct RawPolicyFile {
     complexity: RawWeights,
     #[serde(default)]
     rule: Vec<RawRule>,
+    similarity: Option<RawSimilarity>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -85,6 +97,7 @@ struct RawOutcome {
     cache_ttl_s: Option<u64>,
     max_stale_s: Option<u64>,
     cache_shared: Option<bool>,
+    semantic_threshold: Option<f32>,
     /// Only meaningful in `[defaults]`.
     allow_pinning: Option<bool>,
 }
@@ -113,6 +126,24 @@ struct RawRule {
     cache_ttl_s: Option<u64>,
     max_stale_s: Option<u64>,
     cache_shared: Option<bool>,
+    semantic_threshold: Option<f32>,
+}
+
+/// One name or a list of them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -134,6 +165,7 @@ struct RawWhen {
     complexity_min: Option<f64>,
     prompt_tokens_min: Option<u32>,
     prompt_tokens_max: Option<u32>,
+    similar_to: Option<OneOrMany>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -171,6 +203,7 @@ struct Conditions {
     complexity_min: Option<f64>,
     prompt_tokens_min: Option<u32>,
     prompt_tokens_max: Option<u32>,
+    similar_to: Option<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -191,6 +224,8 @@ pub struct Policy {
     pub default: Route,
     pub allow_pinning: bool,
     pub weights: Weights,
+    /// Labelled examples for `similar_to` rules (`[similarity]`).
+    pub examples: Option<ExampleSet>,
 }
 
 /// Why a rule did not match: the first condition that failed.
@@ -218,6 +253,8 @@ pub enum Mismatch {
     KeyNotListed,
     NoKeyword,
     NoRegexMatch,
+    /// No example was similar enough to vote.
+    NoSimilarExample,
     Unknown {
         what: &'static str,
         error: String,
@@ -242,6 +279,9 @@ impl fmt::Display for Mismatch {
             Mismatch::KeyNotListed => write!(f, "api key not listed"),
             Mismatch::NoKeyword => write!(f, "no keyword in the last user message"),
             Mismatch::NoRegexMatch => write!(f, "regex does not match the last user message"),
+            Mismatch::NoSimilarExample => {
+                write!(f, "no example is similar enough to the last user message")
+            }
             Mismatch::Unknown { what, error } => write!(f, "{what} unknown: {error}"),
         }
     }
@@ -356,6 +396,20 @@ impl Policy {
         }
     }
 
+    /// Whether a rule asks `similar_to`: then the request's last user message must be
+    /// embedded before routing.
+    pub fn needs_meaning(&self) -> bool {
+        self.rules.iter().any(|rule| rule.when.similar_to.is_some())
+    }
+
+    /// How the labelled examples vote on `vector` (the last user message's embedding).
+    pub fn similar(&self, vector: &[f32]) -> Option<Similar> {
+        self.examples
+            .as_ref()
+            .filter(|set| set.is_embedded())
+            .map(|set| set.vote(vector))
+    }
+
     fn pinned(&self, route: &Route, pin: Option<&str>) -> Route {
         match pin {
             Some(tier) if self.allow_pinning => Route {
@@ -412,6 +466,20 @@ impl Policy {
         if let Some(regex) = &when.regex {
             if !regex.is_match(&f.last_user) {
                 return Err(Mismatch::NoRegexMatch);
+            }
+        }
+        if let Some(classes) = &when.similar_to {
+            let Some(similar) = &f.similar else {
+                return Err(Mismatch::Unknown {
+                    what: "similar_to",
+                    error: "the request was not embedded (no embedding model loaded)".into(),
+                });
+            };
+            match &similar.class {
+                None => return Err(Mismatch::NoSimilarExample),
+                Some(class) => listed("nearest examples' class", Some(class), |c| {
+                    classes.iter().any(|x| x == c)
+                })?,
             }
         }
         let tier = rule.route.tier.as_str();
@@ -558,6 +626,12 @@ fn build(files: Vec<(RawPolicyFile, TomlFile)>, tiers: &[String]) -> Result<Poli
         return Err(problems);
     };
     let default = resolve_defaults(&defaults, tiers, defaults_file, &mut problems);
+    // The last file with a `[similarity]` table provides the examples.
+    let examples = files.iter().rev().find_map(|(raw, file)| {
+        let raw = raw.similarity.as_ref()?;
+        Some(ExampleSet::load(raw, file, &mut problems))
+    });
+    let examples = examples.flatten();
 
     let mut rules = Vec::new();
     let mut names: Vec<(String, PathBuf, Option<usize>)> = Vec::new();
@@ -606,6 +680,25 @@ fn build(files: Vec<(RawPolicyFile, TomlFile)>, tiers: &[String]) -> Result<Poli
                 ));
             }
             let when = conditions(&raw_rule.when, file, &key, &mut problems);
+            if let Some(classes) = &when.similar_to {
+                match &examples {
+                    None => problems.push(file.problem(
+                        key("when.similar_to"),
+                        "needs labelled examples: add a [similarity] table with `examples` files or `classes`",
+                    )),
+                    Some(set) => {
+                        for class in classes.iter().filter(|c| !set.classes.contains(c)) {
+                            problems.push(file.problem(
+                                key("when.similar_to"),
+                                format!(
+                                    "no examples of class `{class}` (classes: {})",
+                                    set.classes.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
             let tier = raw_rule
                 .tier
                 .clone()
@@ -627,6 +720,9 @@ fn build(files: Vec<(RawPolicyFile, TomlFile)>, tiers: &[String]) -> Result<Poli
                 cache_ttl_s: raw_rule.cache_ttl_s.unwrap_or(default.cache_ttl_s),
                 max_stale_s: raw_rule.max_stale_s.unwrap_or(default.max_stale_s),
                 cache_shared: raw_rule.cache_shared.unwrap_or(default.cache_shared),
+                semantic_threshold: raw_rule
+                    .semantic_threshold
+                    .unwrap_or(default.semantic_threshold),
             };
             check_budgets(&route, file, &key, &mut problems);
             // Judged on what was written, so a rule whose regex failed to compile is not
@@ -661,6 +757,7 @@ fn build(files: Vec<(RawPolicyFile, TomlFile)>, tiers: &[String]) -> Result<Poli
             prompt_tokens_per_1k: weights.prompt_tokens_per_1k.unwrap_or(0.0),
             max_tokens_per_1k: weights.max_tokens_per_1k.unwrap_or(0.0),
         },
+        examples,
     })
 }
 
@@ -674,6 +771,7 @@ fn overlay(base: &RawOutcome, top: &RawOutcome) -> RawOutcome {
         cache_ttl_s: top.cache_ttl_s.or(base.cache_ttl_s),
         max_stale_s: top.max_stale_s.or(base.max_stale_s),
         cache_shared: top.cache_shared.or(base.cache_shared),
+        semantic_threshold: top.semantic_threshold.or(base.semantic_threshold),
         allow_pinning: top.allow_pinning.or(base.allow_pinning),
     }
 }
@@ -718,6 +816,7 @@ fn resolve_defaults(
         cache_ttl_s: raw.cache_ttl_s.unwrap_or(300),
         max_stale_s: raw.max_stale_s.unwrap_or(0),
         cache_shared: raw.cache_shared.unwrap_or(false),
+        semantic_threshold: raw.semantic_threshold.unwrap_or(DEFAULT_SEMANTIC_THRESHOLD),
     };
     if raw.tier.is_some() && !tiers.contains(&route.tier) {
         problems.push(file.problem(
@@ -762,6 +861,12 @@ fn check_budgets(
     if route.max_tokens == Some(0) {
         problems.push(file.problem(key("max_tokens"), "must be at least 1"));
     }
+    if !(0.0..=1.0).contains(&route.semantic_threshold) {
+        problems.push(file.problem(
+            key("semantic_threshold"),
+            "a cosine similarity between 0 and 1",
+        ));
+    }
 }
 
 fn conditions(
@@ -801,6 +906,8 @@ fn conditions(
     non_empty("tenants", &raw.tenants);
     non_empty("script", &raw.script);
     non_empty("keywords", &raw.keywords);
+    let similar_to = raw.similar_to.clone().map(OneOrMany::into_vec);
+    non_empty("similar_to", &similar_to);
 
     if let Some(scripts) = &raw.script {
         for script in scripts {
@@ -850,6 +957,7 @@ fn conditions(
         complexity_min: raw.complexity_min,
         prompt_tokens_min: raw.prompt_tokens_min,
         prompt_tokens_max: raw.prompt_tokens_max,
+        similar_to,
     }
 }
 

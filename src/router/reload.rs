@@ -87,7 +87,18 @@ pub fn spawn(
                 continue;
             }
             seen = now;
-            match store.reload() {
+            // Embedding new examples waits on the embedding thread: not on a worker.
+            let reloading = store.clone();
+            let reloaded = tokio::task::spawn_blocking(move || reloading.reload()).await;
+            let Ok(reloaded) = reloaded else {
+                tracing::error!(
+                    reason,
+                    "routing policy reload panicked; the previous one keeps serving"
+                );
+                record(ReloadOutcome::Rejected);
+                continue;
+            };
+            match reloaded {
                 Ok(()) => {
                     tracing::info!(reason, files = ?store.files(), "routing policy reloaded");
                     record(ReloadOutcome::Applied);

@@ -1,0 +1,382 @@
+//! The semantic side of the reply cache: finished replies indexed by the embedding of
+//! their last user message, found again by a question that means the same.
+//!
+//! ```text
+//! exact lookup (cache.rs) ─ miss ─► SemanticIndex::lookup(context, text, vector)
+//!                                     │ entries of the same context (scope, tier, sampling,
+//!                                     │ earlier conversation: compared exactly)
+//!                                     ▼
+//!                   best similarity >= threshold ─► guards (numbers, negation, opposites,
+//!                                                   names) ─► the cached reply's exact key
+//! ```
+//!
+//! Entries live in buckets keyed by their context, so a lookup scans only replies that
+//! could answer it. Within a bucket the scan is a brute-force dot product over contiguous
+//! unit vectors (`benches/semantic.rs` measures it at 10k and 100k entries). The index is
+//! bounded by entries and bytes, evicts the least recently used, and drops entries past
+//! their time to live; an entry whose reply left the exact cache is dropped when found.
+
+pub mod guards;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use lru::LruCache;
+use tokio::time::Instant;
+
+use crate::cache::ReplyKey;
+use crate::embed::similarity;
+pub use guards::{Refusal, Signature};
+
+/// What a semantic lookup found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SemanticLookup {
+    /// A cached question close enough that passed every guard: its reply answers this one.
+    Hit {
+        key: ReplyKey,
+        cached_text: Arc<str>,
+        similarity: f32,
+    },
+    /// The closest question over the threshold was refused by a guard (and no other
+    /// candidate passed).
+    Refused {
+        cached_text: Arc<str>,
+        similarity: f32,
+        refusal: Refusal,
+    },
+    /// Nothing over the threshold; `best` is the closest similarity seen, if any.
+    Miss { best: Option<f32> },
+}
+
+pub struct SemanticIndex {
+    inner: Mutex<Inner>,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+struct Inner {
+    buckets: HashMap<Arc<ReplyKey>, Bucket>,
+    /// Entry ids, least recently used first, each with its bucket.
+    order: LruCache<u64, Arc<ReplyKey>>,
+    next_id: u64,
+    bytes: usize,
+}
+
+/// The entries of one context, in parallel arrays; `vectors` holds `dims` floats each.
+#[derive(Default)]
+struct Bucket {
+    ids: Vec<u64>,
+    texts: Vec<Arc<str>>,
+    signatures: Vec<Signature>,
+    expires: Vec<Instant>,
+    vectors: Vec<f32>,
+}
+
+impl Bucket {
+    fn position(&self, id: u64) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+
+    /// Removes entry `at` by moving the last one into its place.
+    fn swap_remove(&mut self, at: usize, dims: usize) -> (u64, Arc<str>) {
+        let last = self.ids.len() - 1;
+        if at != last {
+            let (head, tail) = self.vectors.split_at_mut(last * dims);
+            head[at * dims..(at + 1) * dims].copy_from_slice(&tail[..dims]);
+        }
+        self.vectors.truncate(last * dims);
+        self.signatures.swap_remove(at);
+        self.expires.swap_remove(at);
+        (self.ids.swap_remove(at), self.texts.swap_remove(at))
+    }
+}
+
+/// Bytes an entry is charged: its text (counted twice: the signature holds its words),
+/// its vector, and bookkeeping.
+fn entry_bytes(text: &str, dims: usize) -> usize {
+    2 * text.len() + 4 * dims + 160
+}
+
+impl SemanticIndex {
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                buckets: HashMap::new(),
+                order: LruCache::unbounded(),
+                next_id: 0,
+                bytes: 0,
+            }),
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Updated in whole steps under the lock: a panic elsewhere leaves it consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner().order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.inner().bytes
+    }
+
+    /// Indexes the reply of `context` + `text` under `vector` for `ttl`, replacing an
+    /// entry with the same text, and evicts the least recently used beyond the bounds.
+    pub fn insert(&self, context: ReplyKey, text: &str, vector: &[f32], ttl: Duration) {
+        let dims = vector.len();
+        let bytes = entry_bytes(text, dims);
+        if bytes > self.max_bytes || self.max_entries == 0 {
+            return;
+        }
+        let mut inner = self.inner();
+        let context = match inner.buckets.get_key_value(&context) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::new(context),
+        };
+        if let Some(bucket) = inner.buckets.get(&context) {
+            if let Some(at) = bucket.texts.iter().position(|t| &**t == text) {
+                let id = bucket.ids[at];
+                inner.remove(&context, id, dims);
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let bucket = inner.buckets.entry(context.clone()).or_default();
+        bucket.ids.push(id);
+        bucket.texts.push(text.into());
+        bucket.signatures.push(Signature::of(text));
+        bucket.expires.push(Instant::now() + ttl);
+        bucket.vectors.extend_from_slice(vector);
+        inner.order.put(id, context);
+        inner.bytes += bytes;
+        while inner.order.len() > self.max_entries || inner.bytes > self.max_bytes {
+            let Some((id, context)) = inner.order.peek_lru().map(|(i, c)| (*i, c.clone())) else {
+                break;
+            };
+            inner.remove(&context, id, dims);
+        }
+    }
+
+    /// The best cached question of `context` that means the same as `text` (similarity
+    /// of at least `threshold`) and passes the guards.
+    pub fn lookup(
+        &self,
+        context: &ReplyKey,
+        text: &str,
+        vector: &[f32],
+        threshold: f32,
+    ) -> SemanticLookup {
+        let dims = vector.len();
+        let now = Instant::now();
+        let mut inner = self.inner();
+        let Some(bucket) = inner.buckets.get(context) else {
+            return SemanticLookup::Miss { best: None };
+        };
+        let mut best = None::<f32>;
+        let mut expired = Vec::new();
+        let mut candidates = Vec::new();
+        for (at, row) in bucket.vectors.chunks_exact(dims).enumerate() {
+            if bucket.expires[at] <= now {
+                expired.push(bucket.ids[at]);
+                continue;
+            }
+            let score = similarity(row, vector);
+            best = Some(best.map_or(score, |b| b.max(score)));
+            if score >= threshold {
+                candidates.push((score, at));
+            }
+        }
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let asked = Signature::of(text);
+        let mut outcome = SemanticLookup::Miss { best };
+        for (score, at) in candidates {
+            match bucket.signatures[at].refuses(&asked) {
+                None => {
+                    outcome = SemanticLookup::Hit {
+                        key: context.with_last_user(&bucket.texts[at]),
+                        cached_text: bucket.texts[at].clone(),
+                        similarity: score,
+                    };
+                    break;
+                }
+                Some(refusal) if matches!(outcome, SemanticLookup::Miss { .. }) => {
+                    outcome = SemanticLookup::Refused {
+                        cached_text: bucket.texts[at].clone(),
+                        similarity: score,
+                        refusal,
+                    };
+                }
+                Some(_) => {}
+            }
+        }
+        if let SemanticLookup::Hit { cached_text, .. } = &outcome {
+            if let Some(at) = bucket.texts.iter().position(|t| t == cached_text) {
+                let id = bucket.ids[at];
+                inner.order.promote(&id);
+            }
+        }
+        let context = inner.buckets.get_key_value(context).map(|(k, _)| k.clone());
+        if let Some(context) = context {
+            for id in expired {
+                inner.remove(&context, id, dims);
+            }
+        }
+        outcome
+    }
+
+    /// Drops the entry for `context` + `text` (its reply left the exact cache).
+    pub fn forget(&self, context: &ReplyKey, text: &str) {
+        let mut inner = self.inner();
+        let Some((context, bucket)) = inner.buckets.get_key_value(context) else {
+            return;
+        };
+        let Some(at) = bucket.texts.iter().position(|t| &**t == text) else {
+            return;
+        };
+        let (context, id) = (context.clone(), bucket.ids[at]);
+        let dims = bucket.vectors.len() / bucket.ids.len().max(1);
+        inner.remove(&context, id, dims);
+    }
+}
+
+impl Inner {
+    fn remove(&mut self, context: &Arc<ReplyKey>, id: u64, dims: usize) {
+        self.order.pop(&id);
+        let Some(bucket) = self.buckets.get_mut(context) else {
+            return;
+        };
+        let Some(at) = bucket.position(id) else {
+            return;
+        };
+        let (_, text) = bucket.swap_remove(at, dims);
+        self.bytes -= entry_bytes(&text, dims);
+        if bucket.ids.is_empty() {
+            self.buckets.remove(context);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{ChatMessage, Role, SamplingParams};
+    use crate::engine::GenerationRequest;
+
+    fn context(scope: &str) -> ReplyKey {
+        let request = GenerationRequest {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: String::new(),
+            }],
+            sampling: SamplingParams::default(),
+            max_tokens: Some(16),
+            max_tokens_cap: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+            span: tracing::Span::none(),
+        };
+        ReplyKey::new(&request, "fast", Some(scope))
+    }
+
+    fn unit(values: &[f32]) -> Vec<f32> {
+        let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+        values.iter().map(|v| v / norm).collect()
+    }
+
+    #[tokio::test]
+    async fn a_close_question_hits_and_a_guarded_look_alike_is_refused() {
+        let index = SemanticIndex::new(100, 1 << 20);
+        let ttl = Duration::from_secs(60);
+        index.insert(
+            context("a"),
+            "How do I turn on dark mode?",
+            &unit(&[1.0, 0.0, 0.0]),
+            ttl,
+        );
+        let near = unit(&[1.0, 0.1, 0.0]);
+        match index.lookup(&context("a"), "how can I enable dark mode", &near, 0.9) {
+            SemanticLookup::Hit {
+                key, similarity, ..
+            } => {
+                assert!(similarity > 0.99);
+                assert_eq!(
+                    key,
+                    context("a").with_last_user("How do I turn on dark mode?")
+                );
+            }
+            other => panic!("expected a hit, got {other:?}"),
+        }
+        let refused = index.lookup(&context("a"), "How do I turn off dark mode?", &near, 0.9);
+        assert!(
+            matches!(&refused, SemanticLookup::Refused { refusal, .. } if refusal.guard() == "opposites"),
+            "{refused:?}"
+        );
+        // Another scope never sees the entry; a far vector misses.
+        assert_eq!(
+            index.lookup(&context("b"), "how can I enable dark mode", &near, 0.9),
+            SemanticLookup::Miss { best: None }
+        );
+        assert!(matches!(
+            index.lookup(&context("a"), "x", &unit(&[0.0, 1.0, 0.0]), 0.9),
+            SemanticLookup::Miss { best: Some(b) } if b.abs() < 1e-6
+        ));
+    }
+
+    #[tokio::test]
+    async fn bounds_evict_the_least_recently_used_and_bytes_return_to_zero() {
+        let dims = 3;
+        let index = SemanticIndex::new(2, 1 << 20);
+        let ttl = Duration::from_secs(60);
+        index.insert(context("a"), "first", &unit(&[1.0, 0.0, 0.0]), ttl);
+        index.insert(context("a"), "second", &unit(&[0.0, 1.0, 0.0]), ttl);
+        // Touch "first", so "second" is the least recently used when "third" comes.
+        let hit = index.lookup(&context("a"), "first", &unit(&[1.0, 0.0, 0.0]), 0.9);
+        assert!(matches!(hit, SemanticLookup::Hit { .. }));
+        index.insert(context("a"), "third", &unit(&[0.0, 0.0, 1.0]), ttl);
+        assert_eq!(index.len(), 2);
+        assert!(matches!(
+            index.lookup(&context("a"), "second", &unit(&[0.0, 1.0, 0.0]), 0.9),
+            SemanticLookup::Miss { .. }
+        ));
+        assert_eq!(
+            index.bytes(),
+            entry_bytes("first", dims) + entry_bytes("third", dims)
+        );
+        index.forget(&context("a"), "first");
+        index.forget(&context("a"), "third");
+        assert_eq!((index.len(), index.bytes()), (0, 0));
+
+        let small = SemanticIndex::new(100, 2 * entry_bytes("abc", dims));
+        for text in ["abc", "def", "ghi"] {
+            small.insert(context("a"), text, &unit(&[1.0, 1.0, 0.0]), ttl);
+        }
+        assert_eq!(small.len(), 2);
+        assert!(small.bytes() <= 2 * entry_bytes("abc", dims));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_miss_and_are_dropped() {
+        let index = SemanticIndex::new(100, 1 << 20);
+        index.insert(
+            context("a"),
+            "q",
+            &unit(&[1.0, 0.0]),
+            Duration::from_secs(10),
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(
+            index.lookup(&context("a"), "q", &unit(&[1.0, 0.0]), 0.5),
+            SemanticLookup::Miss { best: None }
+        );
+        assert_eq!((index.len(), index.bytes()), (0, 0));
+    }
+}
