@@ -36,9 +36,24 @@ pub const MAX_TOKENS: usize = 256;
 /// A unit-length sentence embedding: the dot product of two is their cosine similarity.
 pub type Embedding = Arc<[f32]>;
 
-/// Cosine similarity of two unit vectors.
+/// Cosine similarity of two unit vectors. Eight independent partial sums: a single
+/// running sum is one long dependency chain the compiler may not reorder (float addition
+/// is not associative), so it cannot use SIMD lanes; this form vectorises.
 pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut lanes = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..8 {
+            lanes[lane] += x[lane] * y[lane];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -320,15 +320,21 @@ pub fn embedding_latency(config: &Path, rounds: usize) -> anyhow::Result<String>
                 latency budgets; when the full model would miss the budget it degrades to \
                 the small model or a cached reply, and it measures time to first token for \
                 every request it serves.";
+    // A typical chat question: about 16 word pieces.
+    let short = "How do I turn on dark mode in Firefox on my laptop?";
     let mut out = String::new();
     for _ in 0..5 {
         embedder.embed_blocking(text)?;
     }
     let mut alone = Vec::new();
+    let mut alone_short = Vec::new();
     for _ in 0..rounds {
         let started = Instant::now();
         embedder.embed_blocking(text)?;
         alone.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        embedder.embed_blocking(short)?;
+        alone_short.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -363,6 +369,11 @@ pub fn embedding_latency(config: &Path, rounds: usize) -> anyhow::Result<String>
     let _ = writeln!(
         out,
         "embedding a 64-token text alone:        p50 {p50:.2} ms, p99 {p99:.2} ms ({n} calls)"
+    );
+    let (p50, p99, n) = quantiles(alone_short);
+    let _ = writeln!(
+        out,
+        "embedding a 16-token question alone:    p50 {p50:.2} ms, p99 {p99:.2} ms ({n} calls)"
     );
     let (p50, p99, n) = quantiles(concurrent);
     let _ = writeln!(

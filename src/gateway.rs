@@ -337,8 +337,15 @@ impl Gateway {
         // A pin the policy ignores must not choose the tokenizer either.
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
-        // One embedding per request, shared by `similar_to` rules and the semantic cache.
-        let mut meaning = match policy.needs_meaning() {
+        // One embedding per request, shared by `similar_to` rules and the semantic cache,
+        // made only when the route depends on it (or the route caches by meaning).
+        let reaches_similar_to = policy.needs_meaning()
+            && cpu_bound(|| {
+                let features =
+                    Features::extract(&generation.messages, max_tokens, caller.clone());
+                policy.reaches_similar_to(&features, &tokens)
+            });
+        let mut meaning = match reaches_similar_to {
             true => self.meaning(&generation.messages).await,
             false => None,
         };

@@ -255,6 +255,8 @@ pub enum Mismatch {
     NoRegexMatch,
     /// No example was similar enough to vote.
     NoSimilarExample,
+    /// A `similar_to` rule, and the request was not embedded.
+    NotEmbedded,
     Unknown {
         what: &'static str,
         error: String,
@@ -279,6 +281,9 @@ impl fmt::Display for Mismatch {
             Mismatch::KeyNotListed => write!(f, "api key not listed"),
             Mismatch::NoKeyword => write!(f, "no keyword in the last user message"),
             Mismatch::NoRegexMatch => write!(f, "regex does not match the last user message"),
+            Mismatch::NotEmbedded => {
+                write!(f, "similar_to unknown: the request was not embedded")
+            }
             Mismatch::NoSimilarExample => {
                 write!(f, "no example is similar enough to the last user message")
             }
@@ -402,6 +407,22 @@ impl Policy {
         self.rules.iter().any(|rule| rule.when.similar_to.is_some())
     }
 
+    /// Whether routing `features` (not yet embedded) reaches a `similar_to` rule whose
+    /// other conditions hold before any rule matches: only then does the route depend on
+    /// the embedding. A request the keyword rules already decide is never embedded for
+    /// routing.
+    pub fn reaches_similar_to(&self, features: &Features, tokens: &dyn TokenCounter) -> bool {
+        let mut memo = Memo::new(tokens);
+        for rule in &self.rules {
+            match self.check(rule, features, &mut memo) {
+                Ok(()) => return false,
+                Err(Mismatch::NotEmbedded) => return true,
+                Err(_) => {}
+            }
+        }
+        false
+    }
+
     /// How the labelled examples vote on `vector` (the last user message's embedding).
     pub fn similar(&self, vector: &[f32]) -> Option<Similar> {
         self.examples
@@ -470,10 +491,7 @@ impl Policy {
         }
         if let Some(classes) = &when.similar_to {
             let Some(similar) = &f.similar else {
-                return Err(Mismatch::Unknown {
-                    what: "similar_to",
-                    error: "the request was not embedded (no embedding model loaded)".into(),
-                });
+                return Err(Mismatch::NotEmbedded);
             };
             match &similar.class {
                 None => return Err(Mismatch::NoSimilarExample),
@@ -1024,6 +1042,59 @@ mod tests {
             content: text.to_owned(),
         }];
         Features::extract(&messages, None, Caller::default())
+    }
+
+    const SIMILAR: &str = r#"
+[[rule]]
+name = "code"
+when = { code = true }
+tier = "full"
+
+[[rule]]
+name = "by-meaning"
+when = { similar_to = "code" }
+tier = "full"
+
+[similarity]
+classes = { code = ["fix my script"], chat = ["hello there"] }
+"#;
+
+    #[test]
+    fn only_requests_that_reach_a_similar_to_rule_need_embedding() {
+        let (policy, _dir) = load(&format!("{HEADER}{SIMILAR}"));
+        let policy = policy.expect("valid");
+        assert!(policy.needs_meaning());
+        let tokens = ByteTokens(10);
+        // The keyword rule decides first: no embedding needed.
+        let code = features("```rust\nfn main() {}\n```");
+        assert!(!policy.reaches_similar_to(&code, &tokens));
+        // Chit-chat reaches the similar_to rule, which cannot be decided without one.
+        assert!(policy.reaches_similar_to(&features("hello, how are you"), &tokens));
+        let explained = policy.explain(&features("hello"), &tokens, None);
+        assert_eq!(explained.route.rule, "default");
+        assert_eq!(
+            explained.rules[1].reason.as_deref(),
+            Some("similar_to unknown: the request was not embedded")
+        );
+    }
+
+    #[test]
+    fn similar_to_needs_examples_of_each_class_it_names() {
+        let found = problems(&format!(
+            "{HEADER}[[rule]]\nname = \"x\"\nwhen = {{ similar_to = \"maths\" }}\n[similarity]\nclasses = {{ code = [\"a\"] }}\n"
+        ));
+        assert!(
+            found.iter().any(|(_, key, message)| key == "rule[0].when.similar_to"
+                && message.contains("no examples of class `maths`")),
+            "{found:?}"
+        );
+        let found = problems(&format!(
+            "{HEADER}[[rule]]\nname = \"x\"\nwhen = {{ similar_to = \"code\" }}\n"
+        ));
+        assert!(
+            found.iter().any(|(_, _, message)| message.contains("needs labelled examples")),
+            "{found:?}"
+        );
     }
 
     #[test]
