@@ -115,7 +115,8 @@ impl ReplyKey {
         key
     }
 
-    fn bytes(&self) -> usize {
+    /// Bytes of text the key holds (its messages and stop strings).
+    pub fn bytes(&self) -> usize {
         self.messages.iter().map(|(_, m)| m.len()).sum::<usize>()
             + self.stop.iter().map(String::len).sum::<usize>()
     }
@@ -352,12 +353,15 @@ impl ReplyCache {
                 .in_flight
                 .remove_if(&key, |_, running| Arc::ptr_eq(running, &shared));
             if let Some((pieces, finish_reason, usage)) = outcome {
+                // Stored before indexed: a lookup that finds the entry finds its reply.
                 let indexed = meaning.and_then(|vector| Some((key.context()?, vector)));
-                if let Some((context, vector)) = indexed {
-                    let text = key.last_user().unwrap_or_default();
-                    cache.semantic.insert(context, text, &vector, freshness.ttl);
-                }
+                let text = key.last_user().unwrap_or_default().to_owned();
                 cache.store(key, pieces, finish_reason, usage, freshness);
+                if let Some((context, vector)) = indexed {
+                    cache
+                        .semantic
+                        .insert(context, &text, &vector, freshness.ttl);
+                }
             }
         });
     }

@@ -38,7 +38,25 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
             });
         }
     }
+    if let Some(embedding) = &config.embedding {
+        for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+            if !embedding.model_dir.join(file).is_file() {
+                problems.push(Problem {
+                    file: config_path.to_owned(),
+                    line: None,
+                    key: "embedding.model_dir".into(),
+                    message: format!(
+                        "{} has no {file} (run `just models` for the default)",
+                        embedding.model_dir.display()
+                    ),
+                });
+            }
+        }
+    }
     let policy = Policy::load(&config.router.policies, &config.tiers());
+    if let (Ok(policy), None) = (&policy, &config.embedding) {
+        problems.extend(crate::router::meaning_without_embedder(policy));
+    }
     match policy {
         Ok(policy) if problems.is_empty() => {
             let mut summary = format!(

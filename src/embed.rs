@@ -62,7 +62,13 @@ pub enum EmbedError {
     Model(String),
     #[error("the embedding thread has stopped")]
     Stopped,
+    #[error("the embedding queue is full")]
+    Busy,
 }
+
+/// Texts waiting for the embedding thread at most; beyond it a request is not embedded
+/// (it routes by its other features) rather than waiting behind a backlog.
+const QUEUE_CAPACITY: usize = 256;
 
 /// The BERT encoder and its tokenizer, loaded from a sentence-transformers export
 /// (`config.json`, `tokenizer.json`, `model.safetensors`).
@@ -160,7 +166,7 @@ struct Job {
 
 /// The shared handle: send texts, get vectors; concurrent callers are batched.
 pub struct Embedder {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::Sender<Job>,
     dimensions: usize,
     /// Vectors of policy examples by text, so a policy reload embeds only what changed.
     examples: Mutex<HashMap<String, Embedding>>,
@@ -176,7 +182,7 @@ pub struct EmbedMetrics {
 impl Embedder {
     /// Starts the embedding thread. `max_batch` bounds the texts in one forward pass.
     pub fn start(model: EmbeddingModel, max_batch: usize, metrics: EmbedMetrics) -> Arc<Self> {
-        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_CAPACITY);
         let dimensions = model.dimensions();
         let spawned = thread::Builder::new()
             .name("embedding".into())
@@ -211,11 +217,14 @@ impl Embedder {
     pub async fn embed(&self, text: &str) -> Result<Embedding, EmbedError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .try_send(Job {
                 text: text.to_owned(),
                 reply,
             })
-            .map_err(|_| EmbedError::Stopped)?;
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => EmbedError::Busy,
+                mpsc::error::TrySendError::Closed(_) => EmbedError::Stopped,
+            })?;
         answer.await.map_err(|_| EmbedError::Stopped)?
     }
 
@@ -224,7 +233,7 @@ impl Embedder {
     pub fn embed_blocking(&self, text: &str) -> Result<Embedding, EmbedError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .blocking_send(Job {
                 text: text.to_owned(),
                 reply,
             })
@@ -241,7 +250,7 @@ impl Embedder {
             if !known.contains_key(text) {
                 let (reply, answer) = oneshot::channel();
                 self.jobs
-                    .send(Job {
+                    .blocking_send(Job {
                         text: text.clone(),
                         reply,
                     })
@@ -253,6 +262,9 @@ impl Embedder {
             let vector = answer.blocking_recv().map_err(|_| EmbedError::Stopped)??;
             known.insert(text.clone(), vector);
         }
+        // Only the current examples are worth remembering: edits must not grow the memo.
+        let current: std::collections::HashSet<&String> = texts.iter().collect();
+        known.retain(|text, _| current.contains(text));
         Ok(texts
             .iter()
             .filter_map(|text| known.get(text).cloned())
@@ -260,10 +272,18 @@ impl Embedder {
     }
 }
 
-fn run_batch(model: &EmbeddingModel, batch: Vec<Job>, metrics: &EmbedMetrics) {
+fn run_batch(model: &EmbeddingModel, mut batch: Vec<Job>, metrics: &EmbedMetrics) {
+    // A caller that gave up (its request ended or timed out) needs no vector.
+    batch.retain(|job| !job.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     let started = std::time::Instant::now();
     let texts: Vec<&str> = batch.iter().map(|job| job.text.as_str()).collect();
-    let outcome = model.embed_batch(&texts);
+    // A panic inside candle fails this batch, not the thread: later requests still embed.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.embed_batch(&texts)))
+            .unwrap_or_else(|_| Err(anyhow!("the embedding forward pass panicked")));
     if let Some(histogram) = &metrics.batch_size {
         histogram.observe(batch.len() as f64);
     }

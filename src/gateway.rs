@@ -91,6 +91,9 @@ pub fn engine_status(err: &EngineError) -> u16 {
     }
 }
 
+/// How long a request waits for its embedding before it goes on without one.
+const EMBED_WAIT: Duration = Duration::from_millis(1000);
+
 /// A caller whose key and request quota were checked ([`Gateway::admit`]), with its tenant.
 #[derive(Debug, Clone)]
 pub struct Admitted(Caller);
@@ -224,13 +227,25 @@ impl Gateway {
     async fn meaning(&self, messages: &[ChatMessage]) -> Option<Embedding> {
         let embedder = self.policies.embedder()?;
         let last_user = messages.iter().rev().find(|m| m.role == Role::User)?;
-        let embedded = embedder
+        let embedding = embedder
             .embed(&last_user.content)
-            .instrument(tracing::debug_span!("embed"))
-            .await;
-        embedded
-            .inspect_err(|err| tracing::warn!(%err, "could not embed the request"))
-            .ok()
+            .instrument(tracing::debug_span!("embed"));
+        // A backlog must not hold the request past any budget: without the vector it
+        // routes by its other features and skips the semantic lookup.
+        match tokio::time::timeout(EMBED_WAIT, embedding).await {
+            Ok(Ok(vector)) => Some(vector),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "could not embed the request");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    waited_ms = EMBED_WAIT.as_millis() as u64,
+                    "embedding took too long; routing without it"
+                );
+                None
+            }
+        }
     }
 
     /// Checks the caller's key and spends one request of its quota; refusals are counted.
@@ -341,8 +356,7 @@ impl Gateway {
         // made only when the route depends on it (or the route caches by meaning).
         let reaches_similar_to = policy.needs_meaning()
             && cpu_bound(|| {
-                let features =
-                    Features::extract(&generation.messages, max_tokens, caller.clone());
+                let features = Features::extract(&generation.messages, max_tokens, caller.clone());
                 policy.reaches_similar_to(&features, &tokens)
             });
         let mut meaning = match reaches_similar_to {
@@ -397,7 +411,11 @@ impl Gateway {
             ended: false,
         };
 
-        if route.cache == CacheMode::Semantic && meaning.is_none() {
+        let ends_with_user = generation
+            .messages
+            .last()
+            .is_some_and(|m| m.role == Role::User);
+        if route.cache == CacheMode::Semantic && meaning.is_none() && ends_with_user {
             meaning = self.meaning(&generation.messages).await;
         }
         let deadlines = Deadlines::new(accepted_at, &route);

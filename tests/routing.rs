@@ -368,6 +368,40 @@ async fn editing_a_policy_reloads_it_and_an_invalid_edit_keeps_the_old_one() {
     server.stop().await;
 }
 
+/// An edit to a policy's example file (not the policy itself) reloads the policy, and the
+/// real embedding model re-embeds the changed examples.
+#[tokio::test(flavor = "multi_thread")]
+async fn editing_an_example_file_reloads_the_examples() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_path = dir.path().join("policy.toml");
+    let examples_path = dir.path().join("examples.toml");
+    let examples = |greet: &str, other: &str| {
+        format!("[greet]\nexamples = [\"{greet}\"]\n[other]\nexamples = [\"{other}\"]\n")
+    };
+    let greeting = "hello there, my friend";
+    let integral = "compute the integral of x squared";
+    std::fs::write(&examples_path, examples(greeting, integral)).expect("write");
+    std::fs::write(
+        &policy_path,
+        format!("{BASE_POLICY}\n[[rule]]\nname = \"greeting\"\nwhen = {{ similar_to = \"greet\" }}\n\n[similarity]\nexamples = [\"examples.toml\"]\nmin_similarity = 0.3\n"),
+    )
+    .expect("write");
+    let path = policy_path.clone();
+    let server = TestServer::start(move |config| {
+        config.models.retain(|m| m.id == FAST);
+        config.router.policies = vec![path];
+    })
+    .await;
+    assert_eq!(route_rule(&server, "hello there").await, "greeting");
+
+    std::fs::write(&examples_path, examples(integral, greeting)).expect("write");
+    wait_until(Duration::from_secs(10), || async {
+        route_rule(&server, "hello there").await == "default"
+    })
+    .await;
+    server.stop().await;
+}
+
 fn tiergate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tiergate"))
 }

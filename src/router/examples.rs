@@ -44,6 +44,8 @@ struct RawClass {
 #[derive(Debug)]
 pub struct ExampleSet {
     pub classes: Vec<String>,
+    /// The example files read, for the reloader to watch.
+    pub files: Vec<PathBuf>,
     texts: Vec<String>,
     labels: Vec<usize>,
     vectors: Vec<Embedding>,
@@ -80,8 +82,10 @@ impl ExampleSet {
     ) -> Option<ExampleSet> {
         let mut by_class: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let base = policy.path.parent().unwrap_or(Path::new("."));
+        let mut files = Vec::new();
         for file in raw.examples.iter().flatten() {
             let path = base.join(file);
+            files.push(path.clone());
             match TomlFile::load::<BTreeMap<String, RawClass>>(&path) {
                 Ok((classes, _)) => {
                     for (class, RawClass { examples }) in classes {
@@ -110,6 +114,7 @@ impl ExampleSet {
         }
         let mut set = ExampleSet {
             classes: Vec::new(),
+            files,
             texts: Vec::new(),
             labels: Vec::new(),
             vectors: Vec::new(),
@@ -217,6 +222,7 @@ mod tests {
     fn set(vectors: Vec<Vec<f32>>, labels: Vec<usize>, k: usize, min: f32) -> ExampleSet {
         ExampleSet {
             classes: vec!["code".into(), "chitchat".into()],
+            files: Vec::new(),
             texts: (0..vectors.len()).map(|i| format!("example {i}")).collect(),
             labels,
             vectors: vectors.into_iter().map(Embedding::from).collect(),

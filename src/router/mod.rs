@@ -72,6 +72,16 @@ impl PolicyStore {
         &self.files
     }
 
+    /// The policy files and the example files the current policy reads: a change to any
+    /// of them reloads.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = self.files.clone();
+        if let Some(examples) = &self.current().examples {
+            files.extend(examples.files.iter().cloned());
+        }
+        files
+    }
+
     /// Re-reads the files. On any problem the policy in force stays. Blocks on the
     /// embedding thread for new examples: call it from a blocking thread.
     pub fn reload(&self) -> Result<(), Problems> {
@@ -88,26 +98,66 @@ fn build(
     embedder: Option<&Embedder>,
 ) -> Result<Policy, Problems> {
     let mut policy = Policy::load(files, tiers).map_err(Problems)?;
-    let needs_meaning = policy.needs_meaning();
-    let problem = |message: String| {
-        Problems(vec![Problem {
-            file: files.last().cloned().unwrap_or_default(),
-            line: None,
-            key: "similarity".into(),
-            message,
-        }])
-    };
     match (policy.examples.as_mut(), embedder) {
-        (Some(examples), Some(embedder)) => examples
-            .embed(embedder)
-            .map_err(|err| problem(format!("embedding the examples failed: {err}")))?,
-        (_, None) if needs_meaning => {
-            return Err(problem(
-                "`similar_to` rules need the embedding model: configure [embedding] in the config"
-                    .into(),
-            ))
+        (Some(examples), Some(embedder)) => examples.embed(embedder).map_err(|err| {
+            Problems(vec![Problem {
+                file: files.last().cloned().unwrap_or_default(),
+                line: None,
+                key: "similarity".into(),
+                message: format!("embedding the examples failed: {err}"),
+            }])
+        })?,
+        (_, None) => {
+            let problems = meaning_without_embedder(&policy);
+            if !problems.is_empty() {
+                return Err(Problems(problems));
+            }
         }
         _ => {}
     }
     Ok(policy)
+}
+
+/// What a policy asks of an embedding model that is not configured: `similar_to` rules
+/// and `cache = "semantic"` routes, each a problem naming its rule.
+pub fn meaning_without_embedder(policy: &Policy) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut add = |file: &PathBuf, line, key: String, what: &str| {
+        problems.push(Problem {
+            file: file.clone(),
+            line,
+            key,
+            message: format!(
+                "{what} needs the embedding model: configure [embedding] in the config"
+            ),
+        })
+    };
+    let default_file = policy.files.last().cloned().unwrap_or_default();
+    if policy.default.cache == CacheMode::Semantic {
+        add(
+            &default_file,
+            None,
+            "defaults.cache".into(),
+            "cache = \"semantic\"",
+        );
+    }
+    for rule in &policy.rules {
+        if rule.route.cache == CacheMode::Semantic && policy.default.cache != CacheMode::Semantic {
+            add(
+                &rule.file,
+                rule.line,
+                format!("rule `{}`.cache", rule.name),
+                "cache = \"semantic\"",
+            );
+        }
+        if rule.uses_similarity() {
+            add(
+                &rule.file,
+                rule.line,
+                format!("rule `{}`.when.similar_to", rule.name),
+                "`similar_to`",
+            );
+        }
+    }
+    problems
 }

@@ -212,7 +212,14 @@ pub struct Rule {
     pub file: PathBuf,
     pub line: Option<usize>,
     when: Conditions,
-    route: Route,
+    pub route: Route,
+}
+
+impl Rule {
+    /// Whether the rule asks `similar_to`.
+    pub fn uses_similarity(&self) -> bool {
+        self.when.similar_to.is_some()
+    }
 }
 
 /// A validated set of rules from one or more files, immutable once built: a reload builds
@@ -404,7 +411,7 @@ impl Policy {
     /// Whether a rule asks `similar_to`: then the request's last user message must be
     /// embedded before routing.
     pub fn needs_meaning(&self) -> bool {
-        self.rules.iter().any(|rule| rule.when.similar_to.is_some())
+        self.rules.iter().any(Rule::uses_similarity)
     }
 
     /// Whether routing `features` (not yet embedded) reaches a `similar_to` rule whose
@@ -1070,6 +1077,14 @@ classes = { code = ["fix my script"], chat = ["hello there"] }
         assert!(!policy.reaches_similar_to(&code, &tokens));
         // Chit-chat reaches the similar_to rule, which cannot be decided without one.
         assert!(policy.reaches_similar_to(&features("hello, how are you"), &tokens));
+        // Without an embedding model, the rule is a problem at load, named.
+        let missing = crate::router::meaning_without_embedder(&policy);
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].key, "rule `by-meaning`.when.similar_to");
+        let (semantic, _dir) = load(&format!("{HEADER}cache = \"semantic\"\n"));
+        let missing = crate::router::meaning_without_embedder(&semantic.expect("valid"));
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].key, "defaults.cache");
         let explained = policy.explain(&features("hello"), &tokens, None);
         assert_eq!(explained.route.rule, "default");
         assert_eq!(
@@ -1084,15 +1099,19 @@ classes = { code = ["fix my script"], chat = ["hello there"] }
             "{HEADER}[[rule]]\nname = \"x\"\nwhen = {{ similar_to = \"maths\" }}\n[similarity]\nclasses = {{ code = [\"a\"] }}\n"
         ));
         assert!(
-            found.iter().any(|(_, key, message)| key == "rule[0].when.similar_to"
-                && message.contains("no examples of class `maths`")),
+            found
+                .iter()
+                .any(|(_, key, message)| key == "rule[0].when.similar_to"
+                    && message.contains("no examples of class `maths`")),
             "{found:?}"
         );
         let found = problems(&format!(
             "{HEADER}[[rule]]\nname = \"x\"\nwhen = {{ similar_to = \"code\" }}\n"
         ));
         assert!(
-            found.iter().any(|(_, _, message)| message.contains("needs labelled examples")),
+            found
+                .iter()
+                .any(|(_, _, message)| message.contains("needs labelled examples")),
             "{found:?}"
         );
     }

@@ -46,7 +46,7 @@ pub fn spawn(
     record: impl Fn(ReloadOutcome) + Send + 'static,
 ) -> notify::Result<JoinHandle<()>> {
     let dirs: HashSet<PathBuf> = store
-        .files()
+        .watched_files()
         .iter()
         .filter_map(|f| watched_dir(f))
         .collect();
@@ -67,7 +67,7 @@ pub fn spawn(
             watcher.watch(dir, RecursiveMode::NonRecursive)?;
         }
     }
-    let mut seen = fingerprint(store.files());
+    let mut seen = fingerprint(&store.watched_files());
 
     Ok(tokio::spawn(async move {
         // The watcher stops when dropped; this task owns it.
@@ -82,7 +82,7 @@ pub fn spawn(
             tokio::time::sleep(SETTLE).await;
             while changed_rx.try_recv().is_ok() {}
             // Other files in the directory change too; reload only for the policy's own.
-            let now = fingerprint(store.files());
+            let now = fingerprint(&store.watched_files());
             if reason == "file changed" && now == seen {
                 continue;
             }

@@ -11,7 +11,7 @@
 //! The lists are deliberately conservative: a refused paraphrase costs one generation,
 //! a served look-alike gives a wrong answer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 
 /// Why a guard refused a semantic hit.
@@ -53,8 +53,9 @@ impl fmt::Display for Refusal {
 /// The facts the guards compare, extracted once per text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Signature {
-    /// Numbers as normalised strings, with their multiplicity.
-    numbers: BTreeMap<String, usize>,
+    /// Numbers as normalised strings, in the order they appear ("from 5 to 10" is not
+    /// "from 10 to 5").
+    numbers: Vec<String>,
     negated: bool,
     /// Lower-cased words.
     words: HashSet<String>,
@@ -64,8 +65,30 @@ pub struct Signature {
 
 impl Signature {
     pub fn of(text: &str) -> Self {
-        let mut numbers = BTreeMap::new();
+        let mut numbers = Vec::new();
         let mut words = HashSet::new();
+        // Arithmetic operators are words too: "7+2" is not "7-2".
+        let chars: Vec<char> = text.chars().collect();
+        for (at, c) in chars.iter().enumerate() {
+            let between_digits = |at: usize| {
+                let before = chars[..at].iter().rev().find(|c| !c.is_whitespace());
+                let after = chars[at + 1..].iter().find(|c| !c.is_whitespace());
+                before.is_some_and(char::is_ascii_digit) && after.is_some_and(char::is_ascii_digit)
+            };
+            let operator = match c {
+                '+' => Some("plus"),
+                '*' | '×' => Some("times"),
+                '÷' => Some("divided"),
+                '/' if between_digits(at) => Some("divided"),
+                '-' | '−' if between_digits(at) => Some("minus"),
+                '^' => Some("power"),
+                '%' => Some("percent"),
+                _ => None,
+            };
+            if let Some(operator) = operator {
+                words.insert(operator.to_owned());
+            }
+        }
         let mut names = Vec::new();
         let mut negated = false;
         let mut sentence_start = true;
@@ -79,6 +102,9 @@ impl Signature {
                 })
                 .filter(|t| !t.is_empty())
             {
+                // "-5" is not "5": a minus sign before a digit belongs to the number.
+                let negative =
+                    token.starts_with('-') && token[1..].starts_with(|c: char| c.is_ascii_digit());
                 let token = token.trim_matches(|c| matches!(c, '\'' | '’' | '.' | '-'));
                 if token.is_empty() {
                     continue;
@@ -89,12 +115,27 @@ impl Signature {
                 if let Some((digits, unit)) = lower.split_once('°') {
                     words.insert(format!("°{unit}"));
                     if let Some(number) = number_of(digits) {
-                        *numbers.entry(number).or_insert(0) += 1;
+                        numbers.push(number);
                     }
                 } else {
-                    for part in lower.split('-').filter(|p| !p.is_empty()) {
-                        if let Some(number) = number_of(part) {
-                            *numbers.entry(number).or_insert(0) += 1;
+                    for (index, part) in lower.split('-').filter(|p| !p.is_empty()).enumerate() {
+                        // "5km" and "10gb": a number with its unit attached.
+                        let suffix_at = part.find(|c: char| c.is_alphabetic()).filter(|&i| {
+                            i > 0 && part[..i].chars().all(|c| c.is_ascii_digit() || c == '.')
+                        });
+                        let (number_part, unit) = match suffix_at {
+                            Some(i) => (&part[..i], Some(&part[i..])),
+                            None => (part, None),
+                        };
+                        if let Some(unit) = unit {
+                            words.insert(unit.to_owned());
+                        }
+                        if let Some(number) = number_of(number_part) {
+                            numbers.push(if negative && index == 0 {
+                                format!("-{number}")
+                            } else {
+                                number
+                            });
                         }
                         negated |= is_negation(part);
                     }
@@ -129,23 +170,19 @@ impl Signature {
 
     /// `None` when `asked` may be answered with the reply cached for `self`.
     pub fn refuses(&self, asked: &Signature) -> Option<Refusal> {
-        // "a banana" and "one banana" ask the same: a lone 1 is no quantity.
-        let counted = |n: &BTreeMap<String, usize>| {
+        // "a pound" and "1 lb" ask the same: a 1 on one side counts for nothing when the
+        // other side says "a" or "an".
+        let counted = |n: &[String], other: &Signature| -> Vec<String> {
+            let article = other.words.contains("a") || other.words.contains("an");
             n.iter()
-                .filter(|(k, _)| k.as_str() != "1")
-                .map(|(k, c)| (k.clone(), *c))
-                .collect::<BTreeMap<_, _>>()
+                .filter(|k| !(article && k.as_str() == "1"))
+                .cloned()
+                .collect()
         };
-        if counted(&self.numbers) != counted(&asked.numbers) {
-            let list = |n: &BTreeMap<String, usize>| {
-                n.iter()
-                    .flat_map(|(k, count)| std::iter::repeat_n(k.as_str(), *count))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+        if counted(&self.numbers, asked) != counted(&asked.numbers, self) {
             return Some(Refusal::Numbers {
-                cached: list(&self.numbers),
-                asked: list(&asked.numbers),
+                cached: self.numbers.join(", "),
+                asked: asked.numbers.join(", "),
             });
         }
         if self.negated != asked.negated {
@@ -226,6 +263,7 @@ fn folded(word: &str) -> String {
 /// Words of one kind where asking about one is not asking about another: the
 /// interrogatives that fix what is asked, axes, dimensions, parts of a pair.
 const EXCLUSIVE: &[&[&str]] = &[
+    &["plus", "minus", "times", "divided", "power"],
     &["who", "when", "where", "why"],
     &["horizontally", "vertically"],
     &["horizontal", "vertical"],
@@ -742,6 +780,35 @@ mod tests {
         ] {
             assert_eq!(refusal(a, b), Some(guard), "{a} / {b}");
         }
+    }
+
+    #[test]
+    fn order_signs_operators_and_attached_units_count() {
+        assert_eq!(
+            refusal("list numbers from 5 to 10", "list numbers from 10 to 5"),
+            Some("numbers")
+        );
+        assert_eq!(
+            refusal("what is -5 squared", "what is 5 squared"),
+            Some("numbers")
+        );
+        assert_eq!(refusal("what is 7+2", "what is 7-2"), Some("opposites"));
+        assert_eq!(
+            refusal("is 5km a long run", "is 5 miles a long run"),
+            Some("numbers")
+        );
+        assert_eq!(
+            refusal("1/4 cup of flour in grams", "4 cups of flour in grams"),
+            Some("numbers")
+        );
+        assert_eq!(
+            refusal("how many ounces are in a pound", "how many oz in 1 lb"),
+            None
+        );
+        assert_eq!(
+            refusal("a well-known x-ray fact", "a well-known x-ray fact"),
+            None
+        );
     }
 
     #[test]

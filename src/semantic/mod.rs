@@ -74,6 +74,27 @@ struct Bucket {
     expires: Vec<Instant>,
     vectors: Vec<i8>,
     scales: Vec<f32>,
+    /// [`sign_code`] of each entry, `codes_per_entry` words each.
+    codes: Vec<u64>,
+}
+
+/// Buckets up to this size are scanned exactly (about 0.05 ms per thousand entries).
+const EXACT_SCAN_LIMIT: usize = 4096;
+/// Entries a larger bucket's sign-bit pass keeps for exact scoring.
+const SHORTLIST: usize = 256;
+
+/// One bit per dimension: whether the component is positive. The Hamming distance of two
+/// codes estimates the angle between the vectors (random-hyperplane hashing).
+fn sign_code(vector: &[f32]) -> Vec<u64> {
+    vector
+        .chunks(64)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |code, (bit, v)| code | (u64::from(*v > 0.0) << bit))
+        })
+        .collect()
 }
 
 /// A vector as 8-bit integers and the scale that maps them back: its largest component
@@ -109,6 +130,29 @@ fn quantised_dot(a: &[i8], b: &[i8]) -> i32 {
 }
 
 impl Bucket {
+    /// The `keep` entries whose sign codes are nearest to `code`, by Hamming distance.
+    fn nearest_by_sign(&self, code: &[u64], keep: usize) -> Vec<usize> {
+        let words = code.len();
+        let mut distances: Vec<(u32, usize)> = self
+            .codes
+            .chunks_exact(words)
+            .enumerate()
+            .map(|(at, entry)| {
+                let distance = entry
+                    .iter()
+                    .zip(code)
+                    .map(|(a, b)| (a ^ b).count_ones())
+                    .sum();
+                (distance, at)
+            })
+            .collect();
+        if distances.len() > keep {
+            distances.select_nth_unstable(keep - 1);
+            distances.truncate(keep);
+        }
+        distances.into_iter().map(|(_, at)| at).collect()
+    }
+
     fn position(&self, id: u64) -> Option<usize> {
         self.ids.iter().position(|&i| i == id)
     }
@@ -122,6 +166,12 @@ impl Bucket {
         }
         self.vectors.truncate(last * dims);
         self.scales.swap_remove(at);
+        let words = dims.div_ceil(64);
+        if at != last {
+            let (head, tail) = self.codes.split_at_mut(last * words);
+            head[at * words..(at + 1) * words].copy_from_slice(&tail[..words]);
+        }
+        self.codes.truncate(last * words);
         self.signatures.swap_remove(at);
         self.expires.swap_remove(at);
         (self.ids.swap_remove(at), self.texts.swap_remove(at))
@@ -131,7 +181,7 @@ impl Bucket {
 /// Bytes an entry is charged: its text (counted twice: the signature holds its words),
 /// its vector, and bookkeeping.
 fn entry_bytes(text: &str, dims: usize) -> usize {
-    2 * text.len() + dims + 164
+    2 * text.len() + dims + dims.div_ceil(8) + 164
 }
 
 impl SemanticIndex {
@@ -176,12 +226,20 @@ impl SemanticIndex {
         let mut inner = self.inner();
         let context = match inner.buckets.get_key_value(&context) {
             Some((shared, _)) => shared.clone(),
-            None => Arc::new(context),
+            None => {
+                // A bucket's key holds the earlier conversation: it is charged once.
+                inner.bytes += context.bytes();
+                Arc::new(context)
+            }
         };
         if let Some(bucket) = inner.buckets.get(&context) {
             if let Some(at) = bucket.texts.iter().position(|t| &**t == text) {
                 let id = bucket.ids[at];
                 inner.remove(&context, id, dims);
+                if !inner.buckets.contains_key(&context) {
+                    // That was its only entry: the bucket is made again below.
+                    inner.bytes += context.bytes();
+                }
             }
         }
         let id = inner.next_id;
@@ -194,6 +252,7 @@ impl SemanticIndex {
         let (values, scale) = quantise(vector);
         bucket.vectors.extend(values);
         bucket.scales.push(scale);
+        bucket.codes.extend(sign_code(vector));
         inner.order.put(id, context);
         inner.bytes += bytes;
         while inner.order.len() > self.max_entries || inner.bytes > self.max_bytes {
@@ -215,15 +274,30 @@ impl SemanticIndex {
     ) -> SemanticLookup {
         let dims = vector.len();
         let now = Instant::now();
+        // Computed before the lock: other requests wait on it.
+        let asked = Signature::of(text);
+        let (query, query_scale) = quantise(vector);
+        let code = sign_code(vector);
         let mut inner = self.inner();
         let Some(bucket) = inner.buckets.get(context) else {
             return SemanticLookup::Miss { best: None };
         };
+        if dims == 0 {
+            return SemanticLookup::Miss { best: None };
+        }
         let mut best = None::<f32>;
         let mut expired = Vec::new();
         let mut candidates = Vec::new();
-        let (query, query_scale) = quantise(vector);
-        for (at, row) in bucket.vectors.chunks_exact(dims).enumerate() {
+        // A large bucket is first narrowed by the sign bits of each vector (Hamming
+        // distance approximates the angle), and only the closest few are scored exactly.
+        let shortlist =
+            (bucket.ids.len() > EXACT_SCAN_LIMIT).then(|| bucket.nearest_by_sign(&code, SHORTLIST));
+        let scan: Box<dyn Iterator<Item = usize>> = match &shortlist {
+            Some(rows) => Box::new(rows.iter().copied()),
+            None => Box::new(0..bucket.ids.len()),
+        };
+        for at in scan {
+            let row = &bucket.vectors[at * dims..(at + 1) * dims];
             if bucket.expires[at] <= now {
                 expired.push(bucket.ids[at]);
                 continue;
@@ -235,7 +309,6 @@ impl SemanticIndex {
             }
         }
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let asked = Signature::of(text);
         let mut outcome = SemanticLookup::Miss { best };
         for (score, at) in candidates {
             match bucket.signatures[at].refuses(&asked) {
@@ -300,6 +373,7 @@ impl Inner {
         self.bytes -= entry_bytes(&text, dims);
         if bucket.ids.is_empty() {
             self.buckets.remove(context);
+            self.bytes -= context.bytes();
         }
     }
 }
@@ -312,10 +386,16 @@ mod tests {
 
     fn context(scope: &str) -> ReplyKey {
         let request = GenerationRequest {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: String::new(),
-            }],
+            messages: vec![
+                ChatMessage {
+                    role: Role::System,
+                    content: "be brief".into(),
+                },
+                ChatMessage {
+                    role: Role::User,
+                    content: String::new(),
+                },
+            ],
             sampling: SamplingParams::default(),
             max_tokens: Some(16),
             max_tokens_cap: None,
@@ -388,30 +468,88 @@ mod tests {
         ));
         assert_eq!(
             index.bytes(),
-            entry_bytes("first", dims) + entry_bytes("third", dims)
+            context("a").bytes() + entry_bytes("first", dims) + entry_bytes("third", dims)
         );
         index.forget(&context("a"), "first");
         index.forget(&context("a"), "third");
         assert_eq!((index.len(), index.bytes()), (0, 0));
 
-        let small = SemanticIndex::new(100, 2 * entry_bytes("abc", dims));
+        let small = SemanticIndex::new(100, context("a").bytes() + 2 * entry_bytes("abc", dims));
         for text in ["abc", "def", "ghi"] {
             small.insert(context("a"), text, &unit(&[1.0, 1.0, 0.0]), ttl);
         }
         assert_eq!(small.len(), 2);
-        assert!(small.bytes() <= 2 * entry_bytes("abc", dims));
+        assert!(small.bytes() <= context("a").bytes() + 2 * entry_bytes("abc", dims));
     }
 
     #[test]
     fn quantised_similarity_is_within_a_few_thousandths() {
-        let a = unit(&(0..384).map(|i| ((i * 7919) % 97) as f32 - 48.0).collect::<Vec<_>>());
-        let b = unit(&(0..384).map(|i| ((i * 104729) % 89) as f32 - 44.0).collect::<Vec<_>>());
+        let a = unit(
+            &(0..384)
+                .map(|i| ((i * 7919) % 97) as f32 - 48.0)
+                .collect::<Vec<_>>(),
+        );
+        let b = unit(
+            &(0..384)
+                .map(|i| ((i * 104729) % 89) as f32 - 44.0)
+                .collect::<Vec<_>>(),
+        );
         for (x, y) in [(&a, &b), (&a, &a), (&b, &b)] {
             let exact = crate::embed::similarity(x, y);
             let ((qx, sx), (qy, sy)) = (quantise(x), quantise(y));
             let approx = quantised_dot(&qx, &qy) as f32 / (sx * sy);
             assert!((exact - approx).abs() < 0.003, "{exact} vs {approx}");
         }
+    }
+
+    #[test]
+    fn a_large_bucket_finds_a_near_entry_through_the_sign_bit_shortlist() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut random = || {
+            unit(
+                &(0..384)
+                    .map(|_| rng.random::<f32>() - 0.5)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let index = SemanticIndex::new(10_000, usize::MAX);
+        let entries = EXACT_SCAN_LIMIT + 500;
+        let mut stored = Vec::new();
+        for i in 0..entries {
+            let vector = random();
+            index.insert(
+                context("a"),
+                &format!("q {i}"),
+                &vector,
+                Duration::from_secs(60),
+            );
+            stored.push(vector);
+        }
+        for target in [0, 1234, entries - 1] {
+            let noise = random();
+            let near: Vec<f32> = stored[target]
+                .iter()
+                .zip(&noise)
+                .map(|(v, n)| v + 0.4 * n)
+                .collect();
+            let text = format!("q {target}");
+            match index.lookup(&context("a"), &text, &unit(&near), 0.85) {
+                SemanticLookup::Hit { cached_text, .. } => assert_eq!(&*cached_text, text),
+                other => panic!("{target}: {other:?}"),
+            }
+        }
+        // Removing entries keeps vectors, scales and codes aligned.
+        for i in 0..300 {
+            index.forget(&context("a"), &format!("q {i}"));
+        }
+        assert_eq!(index.len(), entries - 300);
+        let near: Vec<f32> = stored[entries - 1].iter().map(|v| v * 1.0).collect();
+        let text = format!("q {}", entries - 1);
+        assert!(matches!(
+            index.lookup(&context("a"), &text, &near, 0.99),
+            SemanticLookup::Hit { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
