@@ -10,6 +10,10 @@ use common::{fixture, header, parse_sse, streamed_text, user, TestServer, FAST, 
 use serde_json::{json, Value};
 use tiergate::config::{ApiKeyConfig, Config};
 
+/// The tests that time first tokens against a budget, and those that load both models,
+/// take turns: two at once on a 2-core machine would make each measure the other.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fast-only server on the budgets fixture, with three API keys.
 async fn keyed_fast_server() -> TestServer {
     TestServer::start(|config: &mut Config| {
@@ -58,6 +62,7 @@ async fn complete(
 
 #[tokio::test]
 async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot() {
+    let _turn = TIMED.lock().await;
     let server = TestServer::start(|config: &mut Config| {
         config.router.policies = vec![fixture("stalled-full.toml")];
         let full = config
@@ -314,6 +319,7 @@ async fn total_budget_ends_the_reply_with_length_and_says_so() {
 /// large as its slots must all be served, none shed on a cold start-up measurement.
 #[tokio::test]
 async fn a_fresh_gateway_sheds_none_of_a_burst_as_large_as_its_slots() {
+    let _turn = TIMED.lock().await;
     let server = TestServer::start(|config: &mut Config| {
         common::only_fast_tier(config);
         config.router.policies = vec![fixture("budgets.toml")];
@@ -342,6 +348,7 @@ async fn a_fresh_gateway_sheds_none_of_a_burst_as_large_as_its_slots() {
 /// degrade path to the fast tier.
 #[tokio::test]
 async fn a_panicking_model_thread_marks_its_tier_down_and_requests_degrade() {
+    let _turn = TIMED.lock().await;
     let server = TestServer::start(|config: &mut Config| {
         config.router.policies = vec![fixture("stalled-full.toml")];
         let full = config
