@@ -189,6 +189,36 @@ pub struct Acquired {
     pub similarity: Option<f32>,
 }
 
+impl Acquired {
+    /// Reports `prompt_tokens` for this request's own prompt in a replayed reply (a
+    /// semantic hit replays the answer to a differently worded question).
+    fn reprice_prompt(&mut self, prompt_tokens: u32) {
+        self.prompt_tokens = prompt_tokens;
+        let reprice = |event: TokenEvent| match event {
+            TokenEvent::Finished {
+                finish_reason,
+                mut usage,
+                timings,
+            } => {
+                usage.prompt_tokens = prompt_tokens;
+                usage.cached_prompt_tokens = None;
+                TokenEvent::Finished {
+                    finish_reason,
+                    usage,
+                    timings,
+                }
+            }
+            other => other,
+        };
+        let first = std::mem::replace(&mut self.first, TokenEvent::Text(String::new()));
+        self.first = reprice(first);
+        if let Source::Replay(events) = &mut self.source {
+            let rest: Vec<TokenEvent> = std::mem::take(events).map(reprice).collect();
+            *events = rest.into_iter();
+        }
+    }
+}
+
 /// One request's budget, fixed when it was accepted.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -413,7 +443,7 @@ impl Planner<'_> {
             // A ready tier that cannot count the prompt cannot template it: `submit` gives
             // the client's 400 for that, which no prediction must turn into a 503.
             let uncountable = counted.is_err() && engine.is_ready();
-            let prompt_tokens = counted.unwrap_or(0);
+            let prompt_tokens = counted.as_ref().copied().unwrap_or(0);
             if let Some(error) = misfit(prompt_tokens, generation.max_tokens, engine.limits()) {
                 pass(error.to_string());
                 misfits.get_or_insert(error);
@@ -441,6 +471,10 @@ impl Planner<'_> {
                         let mut acquired =
                             self.replay(&reply, tier, model, degraded, CacheUse::Semantic);
                         acquired.similarity = Some(similarity);
+                        // The reply was to another question: usage reports this prompt.
+                        if let Ok(counted) = &counted {
+                            acquired.reprice_prompt(*counted);
+                        }
                         return Ok(acquired);
                     }
                 }

@@ -162,7 +162,9 @@ async fn semantic_cache_serves_paraphrases_and_refuses_look_alikes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let paraphrase = server
-        .post_chat(&ask("how can I turn on dark mode in firefox"))
+        .post_chat(&ask(
+            "hey, how can I turn on the dark mode in firefox please",
+        ))
         .await;
     assert_eq!(header(&paraphrase, "x-tiergate-cache"), Some("semantic"));
     let score: f32 = header(&paraphrase, "x-tiergate-cache-similarity")
@@ -174,6 +176,19 @@ async fn semantic_cache_serves_paraphrases_and_refuses_look_alikes() {
     assert_eq!(
         replayed["choices"][0]["message"]["content"],
         original["choices"][0]["message"]["content"]
+    );
+    // Usage counts this request's own prompt: the same question generated afresh (other
+    // sampling parameters, so another cache scope) reports the same prompt tokens.
+    let mut fresh = ask("hey, how can I turn on the dark mode in firefox please");
+    fresh["temperature"] = json!(0.3);
+    let fresh: Value = server.complete(fresh).await;
+    assert_eq!(
+        replayed["usage"]["prompt_tokens"], fresh["usage"]["prompt_tokens"],
+        "{replayed} / {fresh}"
+    );
+    assert_ne!(
+        replayed["usage"]["prompt_tokens"],
+        original["usage"]["prompt_tokens"]
     );
 
     for look_alike in [
