@@ -54,7 +54,8 @@ pub struct DegradeLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub tier: String,
-    /// `hit`, `stale` (served past its TTL because no tier could answer in time),
+    /// `hit`, `semantic` (a reply to a question that means the same), `stale` (served past
+    /// its TTL because no tier could answer in time),
     /// `shared` (joined an identical running generation) or `miss`.
     pub outcome: String,
 }

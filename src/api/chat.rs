@@ -34,7 +34,7 @@ pub const RULE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-rule");
 pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-pinned");
 /// `<from>-><to>; reason=<why>` when a smaller tier or the cache answered instead.
 pub const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-tiergate-degraded");
-/// `miss`, `shared`, `hit` or `stale` for cacheable requests.
+/// `miss`, `shared`, `hit`, `semantic` or `stale` for cacheable requests.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-cache");
 /// On a semantic cache hit: the cosine similarity of the cached question (0 to 1).
 pub const CACHE_SIMILARITY_HEADER: HeaderName =
