@@ -180,16 +180,23 @@ pub struct RouteOptions {
     pub caller: Caller,
 }
 
+/// The config at `config_path` and its policy, or the `policies` given instead of the
+/// config's own when there are any (the tools' `--policy`).
+pub fn load_policy(config_path: &Path, policies: &[PathBuf]) -> anyhow::Result<(Config, Policy)> {
+    let config = Config::load(config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let files = if policies.is_empty() {
+        &config.router.policies
+    } else {
+        policies
+    };
+    let policy =
+        Policy::load(files, &config.tiers()).map_err(|p| anyhow::anyhow!("{}", Problems(p)))?;
+    Ok((config, policy))
+}
+
 /// The explanation `tiergate route` prints: the same routing call as `/v1/route`.
 pub fn explain(options: &RouteOptions) -> anyhow::Result<Explained> {
-    let config = Config::load(&options.config).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let files = if options.policies.is_empty() {
-        config.router.policies.clone()
-    } else {
-        options.policies.clone()
-    };
-    let mut policy =
-        Policy::load(&files, &config.tiers()).map_err(|p| anyhow::anyhow!("{}", Problems(p)))?;
+    let (config, mut policy) = load_policy(&options.config, &options.policies)?;
     // The embedding model loads only for a policy that asks `similar_to`.
     let embedder = match policy.needs_meaning() {
         true => Some(crate::evaluate::load_embedder(&config)?),

@@ -16,13 +16,12 @@ use anyhow::Context as _;
 use serde::Deserialize;
 
 use crate::chat::ChatRequest;
-use crate::check::{vocab_models, vocab_tiers};
+use crate::check::{load_policy, vocab_models, vocab_tiers};
 use crate::config::Config;
 use crate::embed::{similarity, EmbedMetrics, Embedder, Embedding, EmbeddingModel};
 use crate::gateway;
 use crate::router::{Caller, Policy};
 use crate::semantic::Signature;
-use crate::tomlfile::Problems;
 
 /// Loads the configured embedding model and starts its thread.
 pub fn load_embedder(config: &Config) -> anyhow::Result<Arc<Embedder>> {
@@ -64,14 +63,7 @@ pub struct RoutingEval {
 
 /// Routes every labelled prompt and reports agreement; returns the report.
 pub fn routing(options: &RoutingEval) -> anyhow::Result<String> {
-    let config = Config::load(&options.config).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let files = if options.policies.is_empty() {
-        config.router.policies.clone()
-    } else {
-        options.policies.clone()
-    };
-    let mut policy =
-        Policy::load(&files, &config.tiers()).map_err(|p| anyhow::anyhow!("{}", Problems(p)))?;
+    let (config, mut policy) = load_policy(&options.config, &options.policies)?;
     let embedder = load_embedder(&config)?;
     if let Some(examples) = policy.examples.as_mut() {
         examples.embed(&embedder)?;

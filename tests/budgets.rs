@@ -8,11 +8,26 @@ use std::time::{Duration, Instant};
 
 use common::{fixture, header, parse_sse, streamed_text, user, TestServer, FAST, FULL};
 use serde_json::{json, Value};
-use tiergate::config::{ApiKeyConfig, Config};
+use tiergate::config::{ApiKeyConfig, Config, ModelConfig};
 
 /// The tests that time first tokens against a budget, and those that load both models,
 /// take turns: two at once on a 2-core machine would make each measure the other.
 static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Both tiers on the stalled-full fixture (requests hinted `full` go to the full tier),
+/// with a fault injected into the full model by `fault`.
+async fn faulty_full_tier(fault: impl FnOnce(&mut ModelConfig)) -> TestServer {
+    TestServer::start(|config: &mut Config| {
+        config.router.policies = vec![fixture("stalled-full.toml")];
+        let full = config
+            .models
+            .iter_mut()
+            .find(|m| m.id == FULL)
+            .expect("full model");
+        fault(full);
+    })
+    .await
+}
 
 /// A fast-only server on the budgets fixture, with three API keys.
 async fn keyed_fast_server() -> TestServer {
@@ -63,16 +78,7 @@ async fn complete(
 #[tokio::test]
 async fn stalled_full_tier_degrades_to_fast_within_the_budget_and_frees_its_slot() {
     let _turn = TIMED.lock().await;
-    let server = TestServer::start(|config: &mut Config| {
-        config.router.policies = vec![fixture("stalled-full.toml")];
-        let full = config
-            .models
-            .iter_mut()
-            .find(|m| m.id == FULL)
-            .expect("full model");
-        full.fault_step_delay_ms = 8000;
-    })
-    .await;
+    let server = faulty_full_tier(|full| full.fault_step_delay_ms = 8000).await;
     let full_active = format!(r#"tiergate_active_sequences{{model="{FULL}",tier="full"}}"#);
     let body = json!({
         "model": "auto", "messages": user("Say hello."), "max_tokens": 8,
@@ -349,16 +355,7 @@ async fn a_fresh_gateway_sheds_none_of_a_burst_as_large_as_its_slots() {
 #[tokio::test]
 async fn a_panicking_model_thread_marks_its_tier_down_and_requests_degrade() {
     let _turn = TIMED.lock().await;
-    let server = TestServer::start(|config: &mut Config| {
-        config.router.policies = vec![fixture("stalled-full.toml")];
-        let full = config
-            .models
-            .iter_mut()
-            .find(|m| m.id == FULL)
-            .expect("full model");
-        full.fault_panic_after_steps = 3;
-    })
-    .await;
+    let server = faulty_full_tier(|full| full.fault_panic_after_steps = 3).await;
     let body = json!({
         "model": "auto", "messages": user("Count from one to twenty."), "max_tokens": 16,
         "temperature": 0.7, "stream": true,
