@@ -189,36 +189,6 @@ pub struct Acquired {
     pub similarity: Option<f32>,
 }
 
-impl Acquired {
-    /// Reports `prompt_tokens` for this request's own prompt in a replayed reply (a
-    /// semantic hit replays the answer to a differently worded question).
-    fn reprice_prompt(&mut self, prompt_tokens: u32) {
-        self.prompt_tokens = prompt_tokens;
-        let reprice = |event: TokenEvent| match event {
-            TokenEvent::Finished {
-                finish_reason,
-                mut usage,
-                timings,
-            } => {
-                usage.prompt_tokens = prompt_tokens;
-                usage.cached_prompt_tokens = None;
-                TokenEvent::Finished {
-                    finish_reason,
-                    usage,
-                    timings,
-                }
-            }
-            other => other,
-        };
-        let first = std::mem::replace(&mut self.first, TokenEvent::Text(String::new()));
-        self.first = reprice(first);
-        if let Source::Replay(events) = &mut self.source {
-            let rest: Vec<TokenEvent> = std::mem::take(events).map(reprice).collect();
-            *events = rest.into_iter();
-        }
-    }
-}
-
 /// One request's budget, fixed when it was accepted.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -393,10 +363,8 @@ impl Planner<'_> {
             meaning,
         } = attempt;
         let use_cache = cacheable(route, generation);
-        // Only a semantic route indexes its replies by meaning.
-        let semantic_meaning = meaning
-            .clone()
-            .filter(|_| route.cache == CacheMode::Semantic);
+        // Only a semantic route looks up and indexes its replies by meaning.
+        let meaning = meaning.filter(|_| route.cache == CacheMode::Semantic);
         let scope = (!route.cache_shared).then(|| api_key.unwrap_or(""));
         let freshness = Freshness {
             ttl: Duration::from_secs(route.cache_ttl_s),
@@ -461,22 +429,17 @@ impl Planner<'_> {
                     Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
                     Lookup::Miss => {}
                 }
-                if let Some(vector) = meaning
+                let semantic_hit = meaning
                     .as_ref()
-                    .filter(|_| route.cache == CacheMode::Semantic)
-                {
-                    if let Some((reply, similarity)) =
-                        self.semantic_lookup(key, vector, route, tier)
-                    {
-                        let mut acquired =
-                            self.replay(&reply, tier, model, degraded, CacheUse::Semantic);
-                        acquired.similarity = Some(similarity);
-                        // The reply was to another question: usage reports this prompt.
-                        if let Ok(counted) = &counted {
-                            acquired.reprice_prompt(*counted);
-                        }
-                        return Ok(acquired);
-                    }
+                    .and_then(|vector| self.semantic_lookup(key, vector, route, tier));
+                if let Some((reply, similarity)) = semantic_hit {
+                    // The reply was to another question: usage reports this one's prompt.
+                    let repriced = counted.as_ref().ok().map(|n| reply.for_prompt(*n));
+                    let reply = repriced.as_ref().unwrap_or(&reply);
+                    let mut acquired =
+                        self.replay(reply, tier, model, degraded, CacheUse::Semantic);
+                    acquired.similarity = Some(similarity);
+                    return Ok(acquired);
                 }
             }
 
@@ -527,7 +490,7 @@ impl Planner<'_> {
             let started = match key {
                 Some(key) => self
                     .cache
-                    .join_or_lead(key, freshness, semantic_meaning.clone(), submit)
+                    .join_or_lead(key, freshness, meaning.clone(), submit)
                     .map(|(follower, led)| {
                         let cache_use = if led {
                             CacheUse::Miss
@@ -687,46 +650,28 @@ impl Planner<'_> {
             .cache
             .semantic
             .lookup(&context, text, vector, route.semantic_threshold);
-        let labels = |outcome: &str| SemanticLabels {
-            tier: tier.to_owned(),
-            outcome: outcome.to_owned(),
-        };
-        match found {
+        // What to count: the outcome, and the closest similarity seen.
+        let (outcome, closest, reply) = match found {
             SemanticLookup::Hit {
                 key: cached,
                 cached_text,
                 similarity,
-            } => {
-                self.metrics
-                    .semantic_similarity
-                    .observe(f64::from(similarity));
-                if let Lookup::Fresh(reply) = self.cache.lookup(&cached) {
-                    self.metrics
-                        .semantic_lookups
-                        .get_or_create(&labels("hit"))
-                        .inc();
+            } => match self.cache.lookup(&cached) {
+                Lookup::Fresh(reply) => {
                     tracing::info!(similarity, cached = %cached_text, "semantic cache hit");
-                    return Some((reply, similarity));
+                    ("hit", Some(similarity), Some((reply, similarity)))
                 }
                 // The reply expired or was evicted: the entry is useless now.
-                self.cache.semantic.forget(&context, &cached_text);
-                self.metrics
-                    .semantic_lookups
-                    .get_or_create(&labels("miss"))
-                    .inc();
-            }
+                _ => {
+                    self.cache.semantic.forget(&context, &cached_text);
+                    ("miss", Some(similarity), None)
+                }
+            },
             SemanticLookup::Refused {
                 cached_text,
                 similarity,
                 refusal,
             } => {
-                self.metrics
-                    .semantic_similarity
-                    .observe(f64::from(similarity));
-                self.metrics
-                    .semantic_lookups
-                    .get_or_create(&labels("refused"))
-                    .inc();
                 self.metrics
                     .semantic_refusals
                     .get_or_create(&GuardLabels {
@@ -735,18 +680,21 @@ impl Planner<'_> {
                     .inc();
                 tracing::info!(similarity, cached = %cached_text, guard = refusal.guard(), %refusal,
                     "semantic cache: a look-alike was refused");
+                ("refused", Some(similarity), None)
             }
-            SemanticLookup::Miss { best } => {
-                if let Some(best) = best {
-                    self.metrics.semantic_similarity.observe(f64::from(best));
-                }
-                self.metrics
-                    .semantic_lookups
-                    .get_or_create(&labels("miss"))
-                    .inc();
-            }
+            SemanticLookup::Miss { best } => ("miss", best, None),
+        };
+        if let Some(closest) = closest {
+            self.metrics.semantic_similarity.observe(f64::from(closest));
         }
-        None
+        self.metrics
+            .semantic_lookups
+            .get_or_create(&SemanticLabels {
+                tier: tier.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        reply
     }
 
     fn replay(

@@ -155,6 +155,20 @@ impl CachedReply {
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.stored_at)
     }
+
+    /// This reply with `usage` reporting `prompt_tokens`: replayed for a differently worded
+    /// question (a semantic hit), it must count that question's prompt, not its own.
+    pub fn for_prompt(&self, prompt_tokens: u32) -> CachedReply {
+        CachedReply {
+            pieces: self.pieces.clone(),
+            usage: Usage {
+                prompt_tokens,
+                cached_prompt_tokens: None,
+                ..self.usage
+            },
+            ..*self
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -30,6 +30,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::EmbeddingConfig;
+
 /// The model's window in word pieces (sentence-transformers' `max_seq_length`).
 pub const MAX_TOKENS: usize = 256;
 
@@ -167,7 +169,6 @@ struct Job {
 /// The shared handle: send texts, get vectors; concurrent callers are batched.
 pub struct Embedder {
     jobs: mpsc::Sender<Job>,
-    dimensions: usize,
     /// Vectors of policy examples by text, so a policy reload embeds only what changed.
     examples: Mutex<HashMap<String, Embedding>>,
 }
@@ -180,10 +181,22 @@ pub struct EmbedMetrics {
 }
 
 impl Embedder {
+    /// Loads the configured model (it reads about 90 MB: call it from a blocking thread)
+    /// and starts its thread.
+    pub fn load(config: &EmbeddingConfig, metrics: EmbedMetrics) -> anyhow::Result<Arc<Self>> {
+        let model = EmbeddingModel::load(&config.model_dir).with_context(|| {
+            format!(
+                "cannot load the embedding model from {}",
+                config.model_dir.display()
+            )
+        })?;
+        tracing::info!(dir = %config.model_dir.display(), dimensions = model.dimensions(), "embedding model loaded");
+        Ok(Self::start(model, config.max_batch, metrics))
+    }
+
     /// Starts the embedding thread. `max_batch` bounds the texts in one forward pass.
     pub fn start(model: EmbeddingModel, max_batch: usize, metrics: EmbedMetrics) -> Arc<Self> {
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_CAPACITY);
-        let dimensions = model.dimensions();
         let spawned = thread::Builder::new()
             .name("embedding".into())
             .spawn(move || {
@@ -204,13 +217,8 @@ impl Embedder {
         }
         Arc::new(Self {
             jobs,
-            dimensions,
             examples: Mutex::new(HashMap::new()),
         })
-    }
-
-    pub fn dimensions(&self) -> usize {
-        self.dimensions
     }
 
     /// The vector of `text`, batched with whatever else is waiting.
@@ -228,9 +236,8 @@ impl Embedder {
         answer.await.map_err(|_| EmbedError::Stopped)?
     }
 
-    /// The vector of `text` from a synchronous caller (a command-line tool); must not be
-    /// called on an async worker thread.
-    pub fn embed_blocking(&self, text: &str) -> Result<Embedding, EmbedError> {
+    /// Queues `text` from a synchronous caller, waiting while the queue is full.
+    fn enqueue_blocking(&self, text: &str) -> Result<Answer, EmbedError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .blocking_send(Job {
@@ -238,30 +245,41 @@ impl Embedder {
                 reply,
             })
             .map_err(|_| EmbedError::Stopped)?;
-        answer.blocking_recv().map_err(|_| EmbedError::Stopped)?
+        Ok(answer)
     }
 
-    /// Vectors for many texts from a synchronous caller (loading a policy's examples),
-    /// remembered by text. Must not be called on an async worker thread.
-    pub fn embed_many_blocking(&self, texts: &[String]) -> Result<Vec<Embedding>, EmbedError> {
+    /// The vector of `text` from a synchronous caller (a command-line tool); must not be
+    /// called on an async worker thread.
+    pub fn embed_blocking(&self, text: &str) -> Result<Embedding, EmbedError> {
+        Ok(self
+            .embed_all_blocking(std::slice::from_ref(&text))?
+            .remove(0))
+    }
+
+    /// The vectors of `texts`, in order, from a synchronous caller: all are queued before
+    /// any is awaited, so they share forward passes. Must not be called on an async
+    /// worker thread.
+    pub fn embed_all_blocking<T: AsRef<str>>(
+        &self,
+        texts: &[T],
+    ) -> Result<Vec<Embedding>, EmbedError> {
+        let answers = texts
+            .iter()
+            .map(|text| self.enqueue_blocking(text.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        answers
+            .into_iter()
+            .map(|answer| answer.blocking_recv().map_err(|_| EmbedError::Stopped)?)
+            .collect()
+    }
+
+    /// Vectors for a policy's examples, remembered by text so that a reload embeds only
+    /// new or changed ones. Must not be called on an async worker thread.
+    pub fn embed_examples_blocking(&self, texts: &[String]) -> Result<Vec<Embedding>, EmbedError> {
         let mut known = self.examples.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut waiting = Vec::new();
-        for text in texts {
-            if !known.contains_key(text) {
-                let (reply, answer) = oneshot::channel();
-                self.jobs
-                    .blocking_send(Job {
-                        text: text.clone(),
-                        reply,
-                    })
-                    .map_err(|_| EmbedError::Stopped)?;
-                waiting.push((text, answer));
-            }
-        }
-        for (text, answer) in waiting {
-            let vector = answer.blocking_recv().map_err(|_| EmbedError::Stopped)??;
-            known.insert(text.clone(), vector);
-        }
+        let new: Vec<&String> = texts.iter().filter(|t| !known.contains_key(*t)).collect();
+        let vectors = self.embed_all_blocking(&new)?;
+        known.extend(new.into_iter().cloned().zip(vectors));
         // Only the current examples are worth remembering: edits must not grow the memo.
         let current: std::collections::HashSet<&String> = texts.iter().collect();
         known.retain(|text, _| current.contains(text));
@@ -271,6 +289,9 @@ impl Embedder {
             .collect())
     }
 }
+
+/// Where the embedding thread sends one text's vector.
+type Answer = oneshot::Receiver<Result<Embedding, EmbedError>>;
 
 fn run_batch(model: &EmbeddingModel, mut batch: Vec<Job>, metrics: &EmbedMetrics) {
     // A caller that gave up (its request ended or timed out) needs no vector.

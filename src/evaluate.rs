@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::chat::ChatRequest;
 use crate::check::{load_policy, vocab_models, vocab_tiers};
 use crate::config::Config;
-use crate::embed::{similarity, EmbedMetrics, Embedder, Embedding, EmbeddingModel};
+use crate::embed::{similarity, EmbedMetrics, Embedder, Embedding};
 use crate::gateway;
 use crate::router::{Caller, Policy};
 use crate::semantic::Signature;
@@ -29,17 +29,7 @@ pub fn load_embedder(config: &Config) -> anyhow::Result<Arc<Embedder>> {
         .embedding
         .as_ref()
         .context("the config has no [embedding] model")?;
-    let model = EmbeddingModel::load(&embedding.model_dir).with_context(|| {
-        format!(
-            "cannot load the embedding model from {}",
-            embedding.model_dir.display()
-        )
-    })?;
-    Ok(Embedder::start(
-        model,
-        embedding.max_batch,
-        EmbedMetrics::default(),
-    ))
+    Embedder::load(embedding, EmbedMetrics::default())
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,7 +65,7 @@ pub fn routing(options: &RoutingEval) -> anyhow::Result<String> {
     .with_context(|| format!("cannot parse {}", options.prompts.display()))?;
     let tiers = vocab_tiers(&vocab_models(&config)?);
     let texts: Vec<String> = labelled.prompt.iter().map(|p| p.text.clone()).collect();
-    let vectors = embedder.embed_many_blocking(&texts)?;
+    let vectors = embedder.embed_all_blocking(&texts)?;
 
     let route = |policy: &Policy, prompt: &LabelledPrompt, vector: Option<&Embedding>| {
         let request = ChatRequest::user(prompt.text.clone());
@@ -214,7 +204,7 @@ pub fn semantic(config: &Path, pairs: &Path) -> anyhow::Result<String> {
         .iter()
         .flat_map(|p| [p.a.clone(), p.b.clone()])
         .collect();
-    let vectors = embedder.embed_many_blocking(&texts)?;
+    let vectors = embedder.embed_all_blocking(&texts)?;
     // (similarity, passes the guards, pair)
     let scored: Vec<(f32, bool, &LabelledPair)> = labelled
         .pair

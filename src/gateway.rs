@@ -352,26 +352,23 @@ impl Gateway {
         // A pin the policy ignores must not choose the tokenizer either.
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
+        // Features and exact token counts are CPU work; see `cpu_bound`.
+        let mut features =
+            cpu_bound(|| Features::extract(&generation.messages, max_tokens, caller));
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
-        let reaches_similar_to = policy.needs_meaning()
-            && cpu_bound(|| {
-                let features = Features::extract(&generation.messages, max_tokens, caller.clone());
-                policy.reaches_similar_to(&features, &tokens)
-            });
-        let mut meaning = match reaches_similar_to {
-            true => self.meaning(&generation.messages).await,
-            false => None,
-        };
-        // Features and exact token counts are CPU work; see `cpu_bound`.
+        let mut meaning = None;
+        if policy.needs_meaning() && cpu_bound(|| policy.reaches_similar_to(&features, &tokens)) {
+            meaning = self.meaning(&generation.messages).await;
+            features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
+        }
         let route = cpu_bound(|| {
             tracing::debug_span!("route").in_scope(|| {
-            let mut features = Features::extract(&generation.messages, max_tokens, caller);
-            features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
-            let route = policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
-            tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
-            route
-        })
+                let route =
+                    policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+                tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
+                route
+            })
         });
         let route_time = accepted_at.elapsed();
         span.record("rule", route.rule.as_str());

@@ -18,7 +18,7 @@ use crate::admission::Admission;
 use crate::api::{self, AppState, StateParts};
 use crate::cache::{CacheCounters, ReplyCache};
 use crate::config::{Config, EmbeddingConfig};
-use crate::embed::{EmbedMetrics, Embedder, EmbeddingModel};
+use crate::embed::{EmbedMetrics, Embedder};
 use crate::engine::llama::LlamaEngine;
 use crate::engine::Engine;
 use crate::gateway::{Gateway, GatewayParts};
@@ -26,30 +26,19 @@ use crate::metrics::{Metrics, ModelLabels, OutcomeLabels};
 use crate::router::{reload, PolicyStore};
 use crate::tiers::Tiers;
 
-/// Loads the embedding model (on a blocking thread: it reads 90 MB) and starts its thread.
+/// Loads the embedding model on a blocking thread (it reads 90 MB) and starts its thread.
 async fn start_embedder(
     config: &EmbeddingConfig,
     metrics: &Metrics,
 ) -> anyhow::Result<Arc<Embedder>> {
-    let dir = config.model_dir.clone();
-    let model = tokio::task::spawn_blocking(move || EmbeddingModel::load(&dir))
+    let config = config.clone();
+    let metrics = EmbedMetrics {
+        batch_size: Some(metrics.embedding_batch_size.clone()),
+        seconds: Some(metrics.embedding_seconds.clone()),
+    };
+    tokio::task::spawn_blocking(move || Embedder::load(&config, metrics))
         .await
         .context("loading the embedding model panicked")?
-        .with_context(|| {
-            format!(
-                "cannot load the embedding model from {}",
-                config.model_dir.display()
-            )
-        })?;
-    tracing::info!(dir = %config.model_dir.display(), dimensions = model.dimensions(), "embedding model loaded");
-    Ok(Embedder::start(
-        model,
-        config.max_batch,
-        EmbedMetrics {
-            batch_size: Some(metrics.embedding_batch_size.clone()),
-            seconds: Some(metrics.embedding_seconds.clone()),
-        },
-    ))
 }
 
 /// Serves until `shutdown` resolves. Returns an error if any model fails to load, so that

@@ -9,17 +9,12 @@ use std::time::Duration;
 
 use common::{fixture, header, only_fast_tier, shipped_config, TestServer};
 use serde_json::{json, Value};
-use tiergate::embed::{similarity, EmbedMetrics, Embedder, EmbeddingModel};
+use tiergate::embed::{similarity, EmbedMetrics, Embedder};
 
 fn embedder() -> Arc<Embedder> {
     let config = shipped_config();
-    let dir = &config
-        .embedding
-        .as_ref()
-        .expect("[embedding] configured")
-        .model_dir;
-    let model = EmbeddingModel::load(dir).expect("embedding model (run `just models`)");
-    Embedder::start(model, 32, EmbedMetrics::default())
+    let embedding = config.embedding.as_ref().expect("[embedding] configured");
+    Embedder::load(embedding, EmbedMetrics::default()).expect("embedding model (run `just models`)")
 }
 
 fn norm(v: &[f32]) -> f32 {

@@ -139,21 +139,13 @@ impl ExampleSet {
         Some(set)
     }
 
-    pub fn len(&self) -> usize {
-        self.texts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
-
     pub fn is_embedded(&self) -> bool {
         !self.texts.is_empty() && self.vectors.len() == self.texts.len()
     }
 
     /// Embeds every example (from a blocking thread: it waits for the embedding thread).
     pub fn embed(&mut self, embedder: &Embedder) -> Result<(), EmbedError> {
-        self.vectors = embedder.embed_many_blocking(&self.texts)?;
+        self.vectors = embedder.embed_examples_blocking(&self.texts)?;
         Ok(())
     }
 

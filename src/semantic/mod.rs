@@ -66,16 +66,26 @@ struct Inner {
 
 /// The entries of one context, in parallel arrays; `vectors` holds `dims` quantised
 /// components each (see [`quantise`]).
-#[derive(Default)]
 struct Bucket {
+    dims: usize,
     ids: Vec<u64>,
     texts: Vec<Arc<str>>,
     signatures: Vec<Signature>,
     expires: Vec<Instant>,
     vectors: Vec<i8>,
     scales: Vec<f32>,
-    /// [`sign_code`] of each entry, `codes_per_entry` words each.
+    /// [`sign_code`] of each entry, `dims / 64` words (rounded up) each.
     codes: Vec<u64>,
+}
+
+/// Removes row `at` of `rows` (rows of `width` values) by moving the last row into its
+/// place, as `Vec::swap_remove` does for single values.
+fn swap_remove_row<T: Copy>(rows: &mut Vec<T>, at: usize, width: usize) {
+    let last = rows.len() / width - 1;
+    if at != last {
+        rows.copy_within(last * width..(last + 1) * width, at * width);
+    }
+    rows.truncate(last * width);
 }
 
 /// Buckets up to this size are scanned exactly (about 0.05 ms per thousand entries).
@@ -130,6 +140,19 @@ fn quantised_dot(a: &[i8], b: &[i8]) -> i32 {
 }
 
 impl Bucket {
+    fn new(dims: usize) -> Self {
+        Self {
+            dims,
+            ids: Vec::new(),
+            texts: Vec::new(),
+            signatures: Vec::new(),
+            expires: Vec::new(),
+            vectors: Vec::new(),
+            scales: Vec::new(),
+            codes: Vec::new(),
+        }
+    }
+
     /// The `keep` entries whose sign codes are nearest to `code`, by Hamming distance.
     fn nearest_by_sign(&self, code: &[u64], keep: usize) -> Vec<usize> {
         let words = code.len();
@@ -157,24 +180,15 @@ impl Bucket {
         self.ids.iter().position(|&i| i == id)
     }
 
-    /// Removes entry `at` by moving the last one into its place.
-    fn swap_remove(&mut self, at: usize, dims: usize) -> (u64, Arc<str>) {
-        let last = self.ids.len() - 1;
-        if at != last {
-            let (head, tail) = self.vectors.split_at_mut(last * dims);
-            head[at * dims..(at + 1) * dims].copy_from_slice(&tail[..dims]);
-        }
-        self.vectors.truncate(last * dims);
+    /// Removes entry `at` by moving the last one into its place; returns its text.
+    fn swap_remove(&mut self, at: usize) -> Arc<str> {
+        swap_remove_row(&mut self.vectors, at, self.dims);
+        swap_remove_row(&mut self.codes, at, self.dims.div_ceil(64));
         self.scales.swap_remove(at);
-        let words = dims.div_ceil(64);
-        if at != last {
-            let (head, tail) = self.codes.split_at_mut(last * words);
-            head[at * words..(at + 1) * words].copy_from_slice(&tail[..words]);
-        }
-        self.codes.truncate(last * words);
         self.signatures.swap_remove(at);
         self.expires.swap_remove(at);
-        (self.ids.swap_remove(at), self.texts.swap_remove(at))
+        self.ids.swap_remove(at);
+        self.texts.swap_remove(at)
     }
 }
 
@@ -220,31 +234,27 @@ impl SemanticIndex {
     pub fn insert(&self, context: ReplyKey, text: &str, vector: &[f32], ttl: Duration) {
         let dims = vector.len();
         let bytes = entry_bytes(text, dims);
-        if bytes > self.max_bytes || self.max_entries == 0 {
+        if bytes > self.max_bytes || self.max_entries == 0 || dims == 0 {
             return;
         }
         let mut inner = self.inner();
+        inner.remove_text(&context, text);
         let context = match inner.buckets.get_key_value(&context) {
             Some((shared, _)) => shared.clone(),
             None => {
                 // A bucket's key holds the earlier conversation: it is charged once.
                 inner.bytes += context.bytes();
-                Arc::new(context)
+                let shared = Arc::new(context);
+                inner.buckets.insert(shared.clone(), Bucket::new(dims));
+                shared
             }
         };
-        if let Some(bucket) = inner.buckets.get(&context) {
-            if let Some(at) = bucket.texts.iter().position(|t| &**t == text) {
-                let id = bucket.ids[at];
-                inner.remove(&context, id, dims);
-                if !inner.buckets.contains_key(&context) {
-                    // That was its only entry: the bucket is made again below.
-                    inner.bytes += context.bytes();
-                }
-            }
-        }
         let id = inner.next_id;
         inner.next_id += 1;
-        let bucket = inner.buckets.entry(context.clone()).or_default();
+        // Every vector of one model has the same length; another could not share rows.
+        let Some(bucket) = inner.buckets.get_mut(&context).filter(|b| b.dims == dims) else {
+            return;
+        };
         bucket.ids.push(id);
         bucket.texts.push(text.into());
         bucket.signatures.push(Signature::of(text));
@@ -259,7 +269,7 @@ impl SemanticIndex {
             let Some((id, context)) = inner.order.peek_lru().map(|(i, c)| (*i, c.clone())) else {
                 break;
             };
-            inner.remove(&context, id, dims);
+            inner.remove(&context, id);
         }
     }
 
@@ -279,22 +289,22 @@ impl SemanticIndex {
         let (query, query_scale) = quantise(vector);
         let code = sign_code(vector);
         let mut inner = self.inner();
-        let Some(bucket) = inner.buckets.get(context) else {
+        let Some((shared_context, bucket)) = inner.buckets.get_key_value(context) else {
             return SemanticLookup::Miss { best: None };
         };
-        if dims == 0 {
+        if dims == 0 || dims != bucket.dims {
             return SemanticLookup::Miss { best: None };
         }
+        let shared_context = shared_context.clone();
         let mut best = None::<f32>;
         let mut expired = Vec::new();
         let mut candidates = Vec::new();
         // A large bucket is first narrowed by the sign bits of each vector (Hamming
         // distance approximates the angle), and only the closest few are scored exactly.
-        let shortlist =
-            (bucket.ids.len() > EXACT_SCAN_LIMIT).then(|| bucket.nearest_by_sign(&code, SHORTLIST));
-        let scan: Box<dyn Iterator<Item = usize>> = match &shortlist {
-            Some(rows) => Box::new(rows.iter().copied()),
-            None => Box::new(0..bucket.ids.len()),
+        let scan: Vec<usize> = if bucket.ids.len() > EXACT_SCAN_LIMIT {
+            bucket.nearest_by_sign(&code, SHORTLIST)
+        } else {
+            (0..bucket.ids.len()).collect()
         };
         for at in scan {
             let row = &bucket.vectors[at * dims..(at + 1) * dims];
@@ -310,9 +320,11 @@ impl SemanticIndex {
         }
         candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut outcome = SemanticLookup::Miss { best };
+        let mut hit_id = None;
         for (score, at) in candidates {
             match bucket.signatures[at].refuses(&asked) {
                 None => {
+                    hit_id = Some(bucket.ids[at]);
                     outcome = SemanticLookup::Hit {
                         key: context.with_last_user(&bucket.texts[at]),
                         cached_text: bucket.texts[at].clone(),
@@ -330,38 +342,35 @@ impl SemanticIndex {
                 Some(_) => {}
             }
         }
-        if let SemanticLookup::Hit { cached_text, .. } = &outcome {
-            if let Some(at) = bucket.texts.iter().position(|t| t == cached_text) {
-                let id = bucket.ids[at];
-                inner.order.promote(&id);
-            }
+        if let Some(id) = hit_id {
+            inner.order.promote(&id);
         }
-        let context = inner.buckets.get_key_value(context).map(|(k, _)| k.clone());
-        if let Some(context) = context {
-            for id in expired {
-                inner.remove(&context, id, dims);
-            }
+        for id in expired {
+            inner.remove(&shared_context, id);
         }
         outcome
     }
 
     /// Drops the entry for `context` + `text` (its reply left the exact cache).
     pub fn forget(&self, context: &ReplyKey, text: &str) {
-        let mut inner = self.inner();
-        let Some((context, bucket)) = inner.buckets.get_key_value(context) else {
+        self.inner().remove_text(context, text);
+    }
+}
+
+impl Inner {
+    /// Removes the entry of `context` whose question is `text`, if there is one.
+    fn remove_text(&mut self, context: &ReplyKey, text: &str) {
+        let Some((context, bucket)) = self.buckets.get_key_value(context) else {
             return;
         };
         let Some(at) = bucket.texts.iter().position(|t| &**t == text) else {
             return;
         };
         let (context, id) = (context.clone(), bucket.ids[at]);
-        let dims = bucket.vectors.len() / bucket.ids.len().max(1);
-        inner.remove(&context, id, dims);
+        self.remove(&context, id);
     }
-}
 
-impl Inner {
-    fn remove(&mut self, context: &Arc<ReplyKey>, id: u64, dims: usize) {
+    fn remove(&mut self, context: &Arc<ReplyKey>, id: u64) {
         self.order.pop(&id);
         let Some(bucket) = self.buckets.get_mut(context) else {
             return;
@@ -369,8 +378,8 @@ impl Inner {
         let Some(at) = bucket.position(id) else {
             return;
         };
-        let (_, text) = bucket.swap_remove(at, dims);
-        self.bytes -= entry_bytes(&text, dims);
+        let text = bucket.swap_remove(at);
+        self.bytes -= entry_bytes(&text, bucket.dims);
         if bucket.ids.is_empty() {
             self.buckets.remove(context);
             self.bytes -= context.bytes();
