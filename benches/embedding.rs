@@ -36,6 +36,7 @@ fn context() -> ReplyKey {
         stop: Vec::new(),
         ignore_eos: false,
         span: tracing::Span::none(),
+        first_token_by: None,
     };
     ReplyKey::new(&request, "fast", None)
 }

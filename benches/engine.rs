@@ -120,6 +120,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
                     stop: Vec::new(),
                     ignore_eos: true,
                     span: tracing::Span::none(),
+                    first_token_by: None,
                 })
                 .expect("submit")
         })

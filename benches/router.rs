@@ -78,7 +78,7 @@ fn prompter<'a>(models: &'a [Arc<VocabOnly>], tier: &str) -> &'a Prompter {
     models
         .iter()
         .find(|m| m.info().tier == tier)
-        .map(|m| m.prompter())
+        .and_then(|m| m.prompter())
         .unwrap_or_else(|| panic!("no model in tier {tier}"))
 }
 

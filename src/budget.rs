@@ -172,6 +172,14 @@ impl Source {
             ))
         })
     }
+
+    /// The remote endpoint generating this reply (not known to followers and replays).
+    pub fn endpoint(&self) -> Option<String> {
+        match self {
+            Source::Engine(tokens) => tokens.endpoint().map(str::to_owned),
+            Source::Shared(_) | Source::Replay(_) => None,
+        }
+    }
 }
 
 /// A reply source with its first event in hand.
@@ -187,6 +195,8 @@ pub struct Acquired {
     pub cache: Option<CacheUse>,
     /// For a semantic hit: how close the cached question was.
     pub similarity: Option<f32>,
+    /// The remote endpoint that answers, when a fleet does.
+    pub endpoint: Option<String>,
 }
 
 /// One request's budget, fixed when it was accepted.
@@ -458,16 +468,15 @@ impl Planner<'_> {
                 }
             }
             let left = first_token_by.saturating_duration_since(Instant::now());
-            let load = engine.load();
-            let raw = load.predict_ttft(prompt_tokens);
+            let forecast = engine.forecast(prompt_tokens);
+            let raw = forecast.ttft;
             let record = self.calibration.record(tier);
             let predicted = record.calibrate(raw);
             // Evidence beats a prediction: a tier that would take the request at once and
             // whose requests have been answering well inside the budget is tried (the
             // watchdog still guards it), unless a step is stalled past what is left.
-            let proven = load.live < load.slots
-                && load.waiting == 0
-                && load.step_running_s < left.as_secs_f64()
+            let proven = forecast.starts_at_once
+                && forecast.stalled_for < left
                 && record.samples >= CALIBRATION_MIN_SAMPLES
                 && record.observed_s <= left.as_secs_f64() / 2.0
                 && raw <= left * 2;
@@ -483,9 +492,15 @@ impl Planner<'_> {
                 continue;
             }
 
+            let next_tier = path.get(index + 1);
+            let watchdog_at = first_token_by - self.hedge(tokens, next_tier, left);
             let submitted_at = Instant::now();
             // Templating and tokenizing the prompt for the engine: CPU work.
-            let submit = || cpu_bound(|| engine.submit(generation.clone()));
+            let submit = || {
+                let mut generation = generation.clone();
+                generation.first_token_by = Some(watchdog_at);
+                cpu_bound(|| engine.submit(generation))
+            };
             // An identical generation already running is followed instead of started.
             let started = match key {
                 Some(key) => self
@@ -521,10 +536,15 @@ impl Planner<'_> {
                 Source::Shared(follower) => follower.prompt_tokens,
                 Source::Replay(_) => prompt_tokens,
             };
-            let next_tier = path.get(index + 1);
-            let watchdog_at = first_token_by - self.hedge(tokens, next_tier, left);
             // The watchdog: the first token must arrive while the budget lasts.
             match tokio::time::timeout_at(watchdog_at, source.next_event()).await {
+                // A fleet finds out only after `submit` that no endpoint could take it.
+                Ok(TokenEvent::Failed(err)) if is_load_refusal(&err) => {
+                    left_because = Some(DegradeReason::Unavailable);
+                    shortest_overrun.get_or_insert(Duration::from_secs(1));
+                    pass(err.to_string());
+                    continue;
+                }
                 Ok(TokenEvent::Failed(err)) => return Err(err.into()),
                 Ok(first) => {
                     if generated_here {
@@ -535,6 +555,7 @@ impl Planner<'_> {
                     }
                     self.count_degradation(degraded.as_ref());
                     return Ok(Acquired {
+                        endpoint: source.endpoint(),
                         source,
                         first,
                         tier: tier.clone(),
@@ -631,7 +652,7 @@ impl Planner<'_> {
             return Duration::ZERO;
         };
         let prompt_tokens = cpu_bound(|| tokens.prompt_tokens(&engine.info().tier)).unwrap_or(0);
-        let predicted = engine.load().predict_ttft(prompt_tokens);
+        let predicted = engine.forecast(prompt_tokens).ttft;
         (predicted * 2 + Duration::from_millis(50)).min(left / 2)
     }
 
@@ -722,6 +743,7 @@ impl Planner<'_> {
             degraded,
             cache: Some(cache_use),
             similarity: None,
+            endpoint: None,
         }
     }
 

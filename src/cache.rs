@@ -62,6 +62,7 @@ impl ReplyKey {
             stop,
             ignore_eos,
             span: _,
+            first_token_by: _,
         } = request;
         let SamplingParams {
             temperature,
@@ -572,6 +573,7 @@ mod tests {
             stop: Vec::new(),
             ignore_eos: false,
             span: tracing::Span::none(),
+            first_token_by: None,
         }
     }
 

@@ -10,10 +10,9 @@ use anyhow::Context as _;
 use crate::api::types::parse_chat_request;
 use crate::chat::{ChatMessage, ChatRequest, Role};
 use crate::config::{Config, ModelConfig};
-use crate::engine::load::LoadSnapshot;
 use crate::engine::prompt::Prompter;
 use crate::engine::{
-    Engine, EngineError, GenerationRequest, Health, ModelInfo, PromptLimits, TokenStream,
+    Engine, EngineError, Forecast, GenerationRequest, Health, ModelInfo, PromptLimits, TokenStream,
 };
 use crate::gateway::{self, Explained};
 use crate::router::{Caller, Policy};
@@ -26,6 +25,17 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
     let config = Config::load(config_path)?;
     let mut problems = Vec::new();
     for (i, model) in config.models.iter().enumerate() {
+        if let Some(remote) = &model.remote {
+            if let Some(tokenizer) = remote.tokenizer.as_ref().filter(|p| !p.is_file()) {
+                problems.push(Problem {
+                    file: config_path.to_owned(),
+                    line: None,
+                    key: format!("model[{i}].tokenizer"),
+                    message: format!("{} does not exist", tokenizer.display()),
+                });
+            }
+            continue;
+        }
         if !model.path.is_file() {
             problems.push(Problem {
                 file: config_path.to_owned(),
@@ -67,13 +77,28 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
                 policy.files.len()
             );
             for model in &config.models {
-                let counting = match Prompter::load_vocab(model) {
-                    Ok(prompter) => match prompter.counter() {
+                let vocab = match &model.remote {
+                    Some(_) => crate::remote::load_tokenizer(model).map_err(|e| e.to_string()),
+                    None => Prompter::load_vocab(model).map(Some),
+                };
+                let counting = match vocab {
+                    Ok(Some(prompter)) => match prompter.counter() {
                         Ok(_) => "the Rust tokenizer (matched llama.cpp on the probe)".to_owned(),
                         Err(why) => format!("llama.cpp's tokenizer ({why})"),
                     },
+                    Ok(None) => "an estimate of 4 bytes a token (set `tokenizer` to count exactly)"
+                        .to_owned(),
                     Err(e) => format!("nothing: the vocabulary does not load ({e})"),
                 };
+                if let Some(remote) = &model.remote {
+                    let _ = write!(
+                        summary,
+                        "\n{}: remote, {} endpoint(s): {}",
+                        model.id,
+                        remote.endpoints.len(),
+                        remote.endpoints.join(", ")
+                    );
+                }
                 let _ = write!(
                     summary,
                     "\n{}: prompt tokens counted by {counting}",
@@ -95,9 +120,10 @@ pub fn check(config_path: &Path) -> Result<String, Problems> {
 /// tokens exactly as the server does; it never generates.
 pub struct VocabOnly {
     info: ModelInfo,
-    prompter: Prompter,
+    /// `None` for a remote model without a `tokenizer`: its prompts are estimated.
+    prompter: Option<Prompter>,
     /// What the served model's sequences will hold, from its config and training context.
-    context: u32,
+    context: Option<u32>,
 }
 
 /// Every configured model, vocabulary only, in config order.
@@ -120,20 +146,28 @@ pub fn vocab_tiers(models: &[Arc<VocabOnly>]) -> Tiers {
 }
 
 impl VocabOnly {
-    pub fn prompter(&self) -> &Prompter {
-        &self.prompter
+    pub fn prompter(&self) -> Option<&Prompter> {
+        self.prompter.as_ref()
     }
 
     pub fn load(model: &ModelConfig) -> anyhow::Result<Self> {
+        let info = ModelInfo {
+            id: model.id.clone(),
+            tier: model.tier.clone(),
+        };
+        if let Some(remote) = &model.remote {
+            return Ok(Self {
+                info,
+                prompter: crate::remote::load_tokenizer(model)?,
+                context: remote.context,
+            });
+        }
         let prompter =
             Prompter::load_vocab(model).map_err(|e| anyhow::anyhow!("model {}: {e}", model.id))?;
         Ok(Self {
-            info: ModelInfo {
-                id: model.id.clone(),
-                tier: model.tier.clone(),
-            },
-            context: model.context_per_sequence(prompter.model().n_ctx_train()),
-            prompter,
+            info,
+            context: Some(model.context_per_sequence(prompter.model().n_ctx_train())),
+            prompter: Some(prompter),
         })
     }
 }
@@ -154,19 +188,23 @@ impl Engine for VocabOnly {
         Health::Down("loaded for counting prompt tokens only".into())
     }
 
+    /// As the served model reports them (a remote one only with a tokenizer and a context).
     fn limits(&self) -> Option<PromptLimits> {
         Some(PromptLimits {
-            context: self.context,
-            max_token_bytes: self.prompter.max_token_bytes(),
+            context: self.context?,
+            max_token_bytes: self.prompter.as_ref()?.max_token_bytes(),
         })
     }
 
-    fn load(&self) -> LoadSnapshot {
-        LoadSnapshot::default()
+    fn forecast(&self, _prompt_tokens: u32) -> Forecast {
+        Forecast::default()
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
-        self.prompter.count(messages)
+        match &self.prompter {
+            Some(prompter) => prompter.count(messages),
+            None => Ok(crate::remote::estimate_prompt_tokens(messages)),
+        }
     }
 }
 

@@ -120,6 +120,45 @@ pub struct ModelConfig {
     /// Fault injection: the model thread panics on this decode step that serves requests
     /// (counting from 1), to drill a tier going down under traffic. 0 (off) in production.
     pub fault_panic_after_steps: u64,
+    /// `Some`: a fleet of OpenAI-compatible endpoints serves this model, not llama.cpp in
+    /// this process. Validation refuses the local-only keys on such a model, and `path`
+    /// is empty.
+    pub remote: Option<RemoteConfig>,
+}
+
+/// A model served by OpenAI-compatible engines elsewhere (llama-server, vLLM, SGLang,
+/// another tiergate): `endpoints = [...]` in a `[[model]]` instead of `path`.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Base URLs that `/chat/completions` is appended to, e.g. `http://10.0.0.5:8000/v1`.
+    pub endpoints: Vec<String>,
+    /// The `model` sent upstream (what the engines call it); the `[[model]]` id by default.
+    pub upstream_model: String,
+    /// Sent as `Authorization: Bearer` (read from the variable `api_key_env` names).
+    pub api_key: Option<String>,
+    /// A GGUF whose vocabulary and template match the upstream model: prompt tokens are
+    /// then counted exactly (its weights are not loaded). Without it they are estimated.
+    pub tokenizer: Option<PathBuf>,
+    /// Positions one request may use upstream, for refusing oversized prompts here;
+    /// `None`: the upstream decides.
+    pub context: Option<u32>,
+    pub connect_timeout_ms: u64,
+    /// One attempt's wait for its first token when the request's budget gives no sooner
+    /// deadline; then the attempt is abandoned and another endpoint tried.
+    pub first_token_timeout_ms: u64,
+    /// Longest silence between two chunks once a reply is streaming.
+    pub idle_timeout_ms: u64,
+    /// Requests one endpoint may have in flight; when every endpoint has this many, the
+    /// tier is full (503 or degrade, like a full local queue).
+    pub max_outstanding: u32,
+    /// GET this path on each endpoint's origin every `health_interval_ms` (empty: no
+    /// active checks, passive ones only).
+    pub health_path: String,
+    pub health_interval_ms: u64,
+    /// Consecutive failures that eject an endpoint (open its circuit breaker).
+    pub failure_threshold: u32,
+    /// How long an ejected endpoint gets no traffic before one trial request (half-open).
+    pub eject_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,33 +262,39 @@ impl Default for RawRouter {
 struct RawModel {
     id: String,
     tier: String,
-    path: PathBuf,
-    #[serde(default = "defaults::n_ctx")]
-    n_ctx: u32,
-    #[serde(default = "defaults::slots")]
-    slots: u32,
-    #[serde(default = "defaults::batch")]
-    batch: u32,
-    #[serde(default = "defaults::prefill_chunk")]
-    prefill_chunk: u32,
-    #[serde(default = "defaults::enabled")]
-    prefix_cache: bool,
-    #[serde(default)]
-    n_gpu_layers: u32,
-    #[serde(default)]
+    // Local models: a GGUF file run by llama.cpp in this process. Options, so that a
+    // remote model setting one is told it has no effect there.
+    path: Option<PathBuf>,
+    n_ctx: Option<u32>,
+    slots: Option<u32>,
+    batch: Option<u32>,
+    prefill_chunk: Option<u32>,
+    prefix_cache: Option<bool>,
+    n_gpu_layers: Option<u32>,
     threads: Option<u32>,
+    queue_capacity: Option<u32>,
+    kv_unified: Option<bool>,
+    fault_step_delay_ms: Option<u64>,
+    fault_panic_after_steps: Option<u64>,
+    // Both kinds.
     #[serde(default)]
     chat_template: Option<String>,
     #[serde(default = "defaults::max_tokens")]
     max_tokens_default: u32,
-    #[serde(default = "defaults::queue_capacity")]
-    queue_capacity: u32,
-    #[serde(default)]
-    kv_unified: bool,
-    #[serde(default)]
-    fault_step_delay_ms: u64,
-    #[serde(default)]
-    fault_panic_after_steps: u64,
+    // Remote models: a fleet of OpenAI-compatible endpoints.
+    endpoints: Option<Vec<String>>,
+    upstream_model: Option<String>,
+    api_key_env: Option<String>,
+    tokenizer: Option<PathBuf>,
+    context: Option<u32>,
+    connect_timeout_ms: Option<u64>,
+    first_token_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_outstanding: Option<u32>,
+    health_path: Option<String>,
+    health_interval_ms: Option<u64>,
+    failure_threshold: Option<u32>,
+    eject_ms: Option<u64>,
 }
 
 mod defaults {
@@ -515,46 +560,8 @@ fn validate_models(
         if raw.tier.trim().is_empty() || raw.tier == "auto" {
             found.add(key("tier"), "must be a non-empty name other than `auto`");
         }
-        if raw.n_ctx < 64 {
-            found.add(key("n_ctx"), "must be at least 64");
-        }
-        if !(1..=256).contains(&raw.slots) {
-            found.add(key("slots"), "must be between 1 and 256");
-        }
-        if raw.batch < raw.slots.max(1) {
-            found.add(
-                key("batch"),
-                format!(
-                    "must be at least `slots` ({}), so every generating sequence fits one step",
-                    raw.slots
-                ),
-            );
-        }
-        if raw.prefill_chunk == 0 {
-            found.add(key("prefill_chunk"), "must be at least 1");
-        }
-        if !raw.kv_unified && raw.slots > 0 && raw.n_ctx / raw.slots < 64 {
-            found.add(
-                key("n_ctx"),
-                format!(
-                    "{} cells over {} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
-                    raw.n_ctx,
-                    raw.slots,
-                    raw.n_ctx / raw.slots
-                ),
-            );
-        }
-        if raw.threads == Some(0) {
-            found.add(
-                key("threads"),
-                "must be at least 1 (leave it out to use every core)",
-            );
-        }
         if raw.max_tokens_default == 0 {
             found.add(key("max_tokens_default"), "must be at least 1");
-        }
-        if raw.queue_capacity == 0 {
-            found.add(key("queue_capacity"), "must be at least 1");
         }
         if raw
             .chat_template
@@ -563,26 +570,254 @@ fn validate_models(
         {
             found.add(key("chat_template"), "must name a template or be left out");
         }
-        models.push(ModelConfig {
-            id: raw.id,
-            tier: raw.tier,
-            path: resolve(base_dir, raw.path),
-            n_ctx: raw.n_ctx,
-            slots: raw.slots,
-            batch: raw.batch,
-            prefill_chunk: raw.prefill_chunk,
-            prefix_cache: raw.prefix_cache,
-            n_gpu_layers: raw.n_gpu_layers,
-            threads: raw.threads.unwrap_or_else(Config::threads_available),
-            chat_template: raw.chat_template,
-            max_tokens_default: raw.max_tokens_default,
-            queue_capacity: raw.queue_capacity as usize,
-            kv_unified: raw.kv_unified,
-            fault_step_delay_ms: raw.fault_step_delay_ms,
-            fault_panic_after_steps: raw.fault_panic_after_steps,
-        });
+        let model = match (raw.path.is_some(), raw.endpoints.is_some()) {
+            (true, false) => validate_local(raw, &key, base_dir, found),
+            (false, true) => validate_remote(raw, &key, base_dir, found),
+            _ => {
+                found.add(
+                    key("path"),
+                    "set exactly one of `path` (a GGUF run here) and `endpoints` (OpenAI-compatible servers)",
+                );
+                continue;
+            }
+        };
+        models.push(model);
     }
     models
+}
+
+/// A GGUF run by llama.cpp in this process.
+fn validate_local(
+    raw: RawModel,
+    key: &dyn Fn(&str) -> String,
+    base_dir: &Path,
+    found: &mut Found<'_>,
+) -> ModelConfig {
+    for (field, set) in [
+        ("upstream_model", raw.upstream_model.is_some()),
+        ("api_key_env", raw.api_key_env.is_some()),
+        ("tokenizer", raw.tokenizer.is_some()),
+        ("context", raw.context.is_some()),
+        ("connect_timeout_ms", raw.connect_timeout_ms.is_some()),
+        (
+            "first_token_timeout_ms",
+            raw.first_token_timeout_ms.is_some(),
+        ),
+        ("idle_timeout_ms", raw.idle_timeout_ms.is_some()),
+        ("max_outstanding", raw.max_outstanding.is_some()),
+        ("health_path", raw.health_path.is_some()),
+        ("health_interval_ms", raw.health_interval_ms.is_some()),
+        ("failure_threshold", raw.failure_threshold.is_some()),
+        ("eject_ms", raw.eject_ms.is_some()),
+    ] {
+        if set {
+            found.add(
+                key(field),
+                "applies to remote models (`endpoints`) only; this one has a `path`",
+            );
+        }
+    }
+    let n_ctx = raw.n_ctx.unwrap_or_else(defaults::n_ctx);
+    let slots = raw.slots.unwrap_or_else(defaults::slots);
+    let batch = raw.batch.unwrap_or_else(defaults::batch);
+    let prefill_chunk = raw.prefill_chunk.unwrap_or_else(defaults::prefill_chunk);
+    let queue_capacity = raw.queue_capacity.unwrap_or_else(defaults::queue_capacity);
+    let kv_unified = raw.kv_unified.unwrap_or(false);
+    if n_ctx < 64 {
+        found.add(key("n_ctx"), "must be at least 64");
+    }
+    if !(1..=256).contains(&slots) {
+        found.add(key("slots"), "must be between 1 and 256");
+    }
+    if batch < slots.max(1) {
+        found.add(
+            key("batch"),
+            format!(
+                "must be at least `slots` ({slots}), so every generating sequence fits one step"
+            ),
+        );
+    }
+    if prefill_chunk == 0 {
+        found.add(key("prefill_chunk"), "must be at least 1");
+    }
+    if !kv_unified && slots > 0 && n_ctx / slots < 64 {
+        found.add(
+            key("n_ctx"),
+            format!(
+                "{n_ctx} cells over {slots} slots leaves each slot {} (at least 64 needed; raise n_ctx or set kv_unified)",
+                n_ctx / slots
+            ),
+        );
+    }
+    if raw.threads == Some(0) {
+        found.add(
+            key("threads"),
+            "must be at least 1 (leave it out to use every core)",
+        );
+    }
+    if queue_capacity == 0 {
+        found.add(key("queue_capacity"), "must be at least 1");
+    }
+    ModelConfig {
+        id: raw.id,
+        tier: raw.tier,
+        path: resolve(base_dir, raw.path.unwrap_or_default()),
+        n_ctx,
+        slots,
+        batch,
+        prefill_chunk,
+        prefix_cache: raw.prefix_cache.unwrap_or_else(defaults::enabled),
+        n_gpu_layers: raw.n_gpu_layers.unwrap_or(0),
+        threads: raw.threads.unwrap_or_else(Config::threads_available),
+        chat_template: raw.chat_template,
+        max_tokens_default: raw.max_tokens_default,
+        queue_capacity: queue_capacity as usize,
+        kv_unified,
+        fault_step_delay_ms: raw.fault_step_delay_ms.unwrap_or(0),
+        fault_panic_after_steps: raw.fault_panic_after_steps.unwrap_or(0),
+        remote: None,
+    }
+}
+
+/// A fleet of OpenAI-compatible endpoints.
+fn validate_remote(
+    raw: RawModel,
+    key: &dyn Fn(&str) -> String,
+    base_dir: &Path,
+    found: &mut Found<'_>,
+) -> ModelConfig {
+    for (field, set) in [
+        ("n_ctx", raw.n_ctx.is_some()),
+        ("slots", raw.slots.is_some()),
+        ("batch", raw.batch.is_some()),
+        ("prefill_chunk", raw.prefill_chunk.is_some()),
+        ("prefix_cache", raw.prefix_cache.is_some()),
+        ("n_gpu_layers", raw.n_gpu_layers.is_some()),
+        ("threads", raw.threads.is_some()),
+        ("queue_capacity", raw.queue_capacity.is_some()),
+        ("kv_unified", raw.kv_unified.is_some()),
+        ("fault_step_delay_ms", raw.fault_step_delay_ms.is_some()),
+        (
+            "fault_panic_after_steps",
+            raw.fault_panic_after_steps.is_some(),
+        ),
+    ] {
+        if set {
+            found.add(
+                key(field),
+                "applies to local models (`path`) only; the endpoints' servers set their own",
+            );
+        }
+    }
+    let mut endpoints = Vec::new();
+    for url in raw.endpoints.unwrap_or_default() {
+        let trimmed = url.trim_end_matches('/').to_owned();
+        match reqwest::Url::parse(&trimmed) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {
+                if endpoints.contains(&trimmed) {
+                    found.add(key("endpoints"), format!("`{url}` is listed twice"));
+                }
+                endpoints.push(trimmed);
+            }
+            Ok(_) => found.add(
+                key("endpoints"),
+                format!("`{url}` is not an http(s) URL like http://10.0.0.5:8000/v1"),
+            ),
+            Err(e) => found.add(
+                key("endpoints"),
+                format!("`{url}` is not a URL like http://10.0.0.5:8000/v1 ({e})"),
+            ),
+        }
+    }
+    if endpoints.is_empty() && !found.problems.iter().any(|p| p.key == key("endpoints")) {
+        found.add(key("endpoints"), "list at least one endpoint");
+    }
+    let api_key = raw.api_key_env.and_then(|var| match std::env::var(&var) {
+        Ok(secret) if !secret.trim().is_empty() => Some(secret.trim().to_owned()),
+        _ => {
+            found.add(
+                key("api_key_env"),
+                format!("the variable `{var}` is not set (or empty)"),
+            );
+            None
+        }
+    });
+    let positive = |found: &mut Found<'_>, field: &str, value: Option<u64>, default: u64| {
+        let value = value.unwrap_or(default);
+        if value == 0 {
+            found.add(key(field), "must be at least 1");
+        }
+        value
+    };
+    let connect_timeout_ms = positive(found, "connect_timeout_ms", raw.connect_timeout_ms, 2_000);
+    let first_token_timeout_ms = positive(
+        found,
+        "first_token_timeout_ms",
+        raw.first_token_timeout_ms,
+        60_000,
+    );
+    let idle_timeout_ms = positive(found, "idle_timeout_ms", raw.idle_timeout_ms, 60_000);
+    let health_interval_ms = positive(found, "health_interval_ms", raw.health_interval_ms, 5_000);
+    let eject_ms = positive(found, "eject_ms", raw.eject_ms, 10_000);
+    let max_outstanding = positive(
+        found,
+        "max_outstanding",
+        raw.max_outstanding.map(u64::from),
+        1024,
+    ) as u32;
+    let failure_threshold = positive(
+        found,
+        "failure_threshold",
+        raw.failure_threshold.map(u64::from),
+        3,
+    ) as u32;
+    if raw.context == Some(0) {
+        found.add(
+            key("context"),
+            "must be at least 1 (leave it out to let the upstream decide)",
+        );
+    }
+    let health_path = raw.health_path.unwrap_or_else(|| "/health".into());
+    if !health_path.is_empty() && !health_path.starts_with('/') {
+        found.add(
+            key("health_path"),
+            "must start with `/` (it is joined to each endpoint's origin), or be empty for no active checks",
+        );
+    }
+    let upstream_model = raw.upstream_model.unwrap_or_else(|| raw.id.clone());
+    ModelConfig {
+        id: raw.id,
+        tier: raw.tier,
+        path: PathBuf::new(),
+        n_ctx: 0,
+        slots: 0,
+        batch: 0,
+        prefill_chunk: 0,
+        prefix_cache: false,
+        n_gpu_layers: 0,
+        threads: 0,
+        chat_template: raw.chat_template,
+        max_tokens_default: raw.max_tokens_default,
+        queue_capacity: 0,
+        kv_unified: false,
+        fault_step_delay_ms: 0,
+        fault_panic_after_steps: 0,
+        remote: Some(RemoteConfig {
+            endpoints,
+            upstream_model,
+            api_key,
+            tokenizer: raw.tokenizer.map(|path| resolve(base_dir, path)),
+            context: raw.context,
+            connect_timeout_ms,
+            first_token_timeout_ms,
+            idle_timeout_ms,
+            max_outstanding,
+            health_path,
+            health_interval_ms,
+            failure_threshold,
+            eject_ms,
+        }),
+    }
 }
 
 /// Relative paths in config are relative to the config file, not the working directory.
@@ -709,5 +944,63 @@ threads = 0
             format!("{MINIMAL}\n[[model]]\nid = \"small\"\ntier = \"full\"\npath = \"b.gguf\"\n");
         let problems = parse(&text).expect_err("duplicate").0;
         assert_eq!(problems[0].key, "model[1].id", "{problems:?}");
+    }
+
+    const REMOTE: &str = r#"
+[[model]]
+id = "big"
+tier = "full"
+endpoints = ["http://10.0.0.5:8000/v1/", "https://gpu-2.internal/v1"]
+"#;
+
+    #[test]
+    fn a_remote_model_gets_its_endpoints_and_defaults() {
+        let config = parse(&format!("{MINIMAL}{REMOTE}")).expect("valid");
+        assert_eq!(config.tiers(), ["fast", "full"]);
+        assert!(config.models[0].remote.is_none());
+        let remote = config.models[1].remote.as_ref().expect("remote");
+        assert_eq!(
+            remote.endpoints,
+            ["http://10.0.0.5:8000/v1", "https://gpu-2.internal/v1"]
+        );
+        assert_eq!(remote.upstream_model, "big");
+        assert_eq!(remote.health_path, "/health");
+        assert_eq!(remote.failure_threshold, 3);
+        assert!(remote.tokenizer.is_none() && remote.context.is_none());
+    }
+
+    #[test]
+    fn a_model_is_local_or_remote_and_takes_only_its_own_keys() {
+        let both = REMOTE.replace("tier = \"full\"", "tier = \"full\"\npath = \"x.gguf\"");
+        let problems = parse(&both).expect_err("both").0;
+        assert_eq!(problems[0].key, "model[0].path", "{problems:?}");
+
+        let slots_on_remote = format!("{REMOTE}slots = 4\n");
+        let problems = parse(&slots_on_remote).expect_err("local key").0;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "model[0].slots");
+        assert_eq!(problems[0].line, Some(6));
+
+        let endpoint_key_on_local = format!("{MINIMAL}eject_ms = 5\n");
+        let problems = parse(&endpoint_key_on_local).expect_err("remote key").0;
+        assert_eq!(problems[0].key, "model[0].eject_ms", "{problems:?}");
+    }
+
+    #[test]
+    fn endpoints_must_be_http_urls_listed_once() {
+        let text = r#"
+[[model]]
+id = "big"
+tier = "full"
+endpoints = ["10.0.0.5:8000", "ftp://x/v1", "http://a/v1", "http://a/v1/"]
+health_path = "health"
+"#;
+        let problems = parse(text).expect_err("bad endpoints").0;
+        let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(problems.len(), 4, "{messages:?}");
+        assert!(messages[0].contains("`10.0.0.5:8000`"), "{messages:?}");
+        assert!(messages[1].contains("`ftp://x/v1` is not an http(s) URL"));
+        assert!(messages[2].contains("listed twice"));
+        assert_eq!(problems[3].key, "model[0].health_path");
     }
 }

@@ -87,7 +87,10 @@ pub fn engine_status(err: &EngineError) -> u16 {
         EngineError::PromptTooLong { .. }
         | EngineError::ContextLengthExceeded { .. }
         | EngineError::Template(_) => 400,
+        // 400, 413 or 422 from the upstream: the client's to fix, passed on as it came.
+        EngineError::UpstreamRejected { status, .. } => *status,
         EngineError::Decode(_) => 500,
+        EngineError::Upstream(_) => 502,
     }
 }
 
@@ -299,6 +302,7 @@ impl Gateway {
             tier = Empty,
             model = Empty,
             degraded = Empty,
+            endpoint = Empty,
             cache = Empty,
             prompt_tokens = Empty,
             completion_tokens = Empty,
@@ -347,6 +351,7 @@ impl Gateway {
             stop,
             ignore_eos,
             span: span.clone(),
+            first_token_by: None,
         };
         let policy = self.policy();
         // A pin the policy ignores must not choose the tokenizer either.
@@ -480,6 +485,9 @@ impl Gateway {
         if let Some(cache) = acquired.cache {
             span.record("cache", cache.as_str());
         }
+        if let Some(endpoint) = &acquired.endpoint {
+            span.record("endpoint", endpoint.as_str());
+        }
         if generated_here {
             self.metrics
                 .prompt_tokens
@@ -509,6 +517,7 @@ impl Gateway {
             degraded: acquired.degraded,
             cache: acquired.cache,
             similarity: acquired.similarity,
+            endpoint: acquired.endpoint,
             route,
             route_time,
             include_usage,
@@ -541,6 +550,8 @@ pub struct Served {
     pub cache: Option<CacheUse>,
     /// For a semantic cache hit: the cosine similarity of the cached question.
     pub similarity: Option<f32>,
+    /// The remote endpoint that answers, when the tier is a fleet.
+    pub endpoint: Option<String>,
     pub route: Route,
     /// Time spent routing (features, token counts, policy).
     pub route_time: Duration,

@@ -14,6 +14,7 @@ pub mod evaluate;
 pub mod gateway;
 pub mod loadgen;
 pub mod metrics;
+pub mod remote;
 pub mod router;
 pub mod semantic;
 pub mod server;

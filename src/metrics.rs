@@ -84,6 +84,26 @@ pub struct TierLabels {
     pub tier: String,
 }
 
+/// One endpoint of a remote model's fleet.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub model: String,
+    pub tier: String,
+    /// The endpoint's base URL as configured.
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointOutcomeLabels {
+    pub model: String,
+    pub tier: String,
+    pub endpoint: String,
+    /// `ok`; `rejected` (a 4xx that is the client's to fix); `client_closed`; or a
+    /// failure: `connect_error`, `send_error`, `http_<status>`, `first_token_timeout`,
+    /// `stalled`, `dropped_mid_stream`, `error_event`, `malformed`.
+    pub outcome: String,
+}
+
 // Explicit buckets per histogram, each over the range its quantity spans on CPU and GPU
 // alike: some exporters turn bucket-less histograms into summaries, which
 // `histogram_quantile` cannot aggregate.
@@ -181,6 +201,45 @@ pub struct Metrics {
     pub semantic_similarity: Histogram,
     pub embedding_batch_size: Histogram,
     pub embedding_seconds: Histogram,
+    upstream_requests: Family<EndpointOutcomeLabels, Counter>,
+    upstream_ttft: Family<EndpointLabels, Histogram, HistogramMaker>,
+    upstream_outstanding: Family<EndpointLabels, Gauge>,
+    upstream_up: Family<EndpointLabels, Gauge>,
+    upstream_ejections: Family<EndpointLabels, Counter>,
+    /// Attempts moved to another endpoint of the same fleet before the first token.
+    pub upstream_retries: Family<ModelLabels, Counter>,
+}
+
+/// One fleet endpoint's metrics, bound to its labels.
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    labels: EndpointLabels,
+    requests: Family<EndpointOutcomeLabels, Counter>,
+    /// From sending the request to the first token of text.
+    pub ttft: Histogram,
+    pub outstanding: Gauge,
+    /// 1 while the endpoint may be sent requests (healthy, not ejected).
+    pub up: Gauge,
+    pub ejections: Counter,
+}
+
+impl EndpointMetrics {
+    /// The counter of attempts on this endpoint that ended with `outcome`.
+    pub fn requests(&self, outcome: &str) -> Counter {
+        let EndpointLabels {
+            model,
+            tier,
+            endpoint,
+        } = &self.labels;
+        self.requests
+            .get_or_create(&EndpointOutcomeLabels {
+                model: model.clone(),
+                tier: tier.clone(),
+                endpoint: endpoint.clone(),
+                outcome: outcome.to_owned(),
+            })
+            .clone()
+    }
 }
 
 /// The gauges one model's step loop owns, already bound to its labels.
@@ -388,6 +447,36 @@ impl Metrics {
                 "Time of one embedding forward pass (a whole batch)",
                 Histogram::new(EMBED_SECONDS_BUCKETS.iter().copied()),
             ),
+            upstream_requests: r.add(
+                "upstream_requests",
+                "Attempts sent to a remote endpoint, by how they ended",
+                Family::default(),
+            ),
+            upstream_ttft: r.seconds(
+                "upstream_time_to_first_token",
+                "Time from sending a request to a remote endpoint to its first token of text",
+                Family::new_with_constructor(HistogramMaker(&TTFT_BUCKETS)),
+            ),
+            upstream_outstanding: r.add(
+                "upstream_outstanding_requests",
+                "Requests in flight on a remote endpoint",
+                Family::default(),
+            ),
+            upstream_up: r.add(
+                "upstream_up",
+                "1 while a remote endpoint takes requests; 0 while it fails its health check or is ejected",
+                Family::default(),
+            ),
+            upstream_ejections: r.add(
+                "upstream_ejections",
+                "Times a remote endpoint was ejected (circuit opened) after consecutive failures",
+                Family::default(),
+            ),
+            upstream_retries: r.add(
+                "upstream_retries",
+                "Requests moved to another endpoint of the same fleet before their first token",
+                Family::default(),
+            ),
             registry: r.0,
         }
     }
@@ -405,6 +494,17 @@ impl Metrics {
             prefix_cache_tokens: self.prefix_cache_tokens.get_or_create(labels).clone(),
             prompt_count_mismatches: self.prompt_count_mismatches.get_or_create(labels).clone(),
             up: self.model_up.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn endpoint_metrics(&self, labels: &EndpointLabels) -> EndpointMetrics {
+        EndpointMetrics {
+            labels: labels.clone(),
+            requests: self.upstream_requests.clone(),
+            ttft: self.upstream_ttft.get_or_create(labels).clone(),
+            outstanding: self.upstream_outstanding.get_or_create(labels).clone(),
+            up: self.upstream_up.get_or_create(labels).clone(),
+            ejections: self.upstream_ejections.get_or_create(labels).clone(),
         }
     }
 

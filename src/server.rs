@@ -23,6 +23,7 @@ use crate::engine::llama::LlamaEngine;
 use crate::engine::Engine;
 use crate::gateway::{Gateway, GatewayParts};
 use crate::metrics::{Metrics, ModelLabels, OutcomeLabels};
+use crate::remote::RemoteEngine;
 use crate::router::{reload, PolicyStore};
 use crate::tiers::Tiers;
 
@@ -76,7 +77,18 @@ pub async fn run(
     let mut backends: Vec<Arc<dyn Engine>> = Vec::new();
     let mut ready_signals = Vec::new();
     let mut model_threads = Vec::new();
+    // Stopped with the server: each remote model's health checks.
+    let mut health_checks = Vec::new();
     for model in &config.models {
+        if model.remote.is_some() {
+            // Its endpoints being down is not a start-up error: `/ready` reports them,
+            // and the budget planner routes around them until they come back.
+            let (engine, checks) = RemoteEngine::start(model, &metrics)
+                .with_context(|| format!("cannot start remote model {}", model.id))?;
+            backends.push(engine);
+            health_checks.push(AbortOnDrop(checks));
+            continue;
+        }
         let engine_metrics = metrics.engine_metrics(&ModelLabels {
             model: model.id.clone(),
             tier: model.tier.clone(),
@@ -137,6 +149,7 @@ pub async fn run(
     for thread in model_threads {
         thread.stop(MODEL_STOP_TIMEOUT).await;
     }
+    drop(health_checks);
     outcome
 }
 

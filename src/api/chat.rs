@@ -39,6 +39,8 @@ pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-tiergate-cache")
 /// On a semantic cache hit: the cosine similarity of the cached question (0 to 1).
 pub const CACHE_SIMILARITY_HEADER: HeaderName =
     HeaderName::from_static("x-tiergate-cache-similarity");
+/// The remote endpoint (base URL) that answered, when the tier is a fleet.
+pub const ENDPOINT_HEADER: HeaderName = HeaderName::from_static("x-tiergate-endpoint");
 /// `total` on a non-streaming reply cut short by its total budget.
 pub const BUDGET_CUT_HEADER: HeaderName = HeaderName::from_static("x-tiergate-budget-cut");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
@@ -119,6 +121,7 @@ fn route_headers(served: &Served) -> HeaderMap {
         (DEGRADED_HEADER, degraded.as_deref()),
         (CACHE_HEADER, served.cache.map(CacheUse::as_str)),
         (CACHE_SIMILARITY_HEADER, similarity.as_deref()),
+        (ENDPOINT_HEADER, served.endpoint.as_deref()),
     ];
     pairs
         .into_iter()

@@ -137,15 +137,21 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 /// 200 once every model is loaded and its step loop running. 503 while any loads, after
-/// any went down (naming it, its tier and why), and while draining.
+/// any went down (naming it, its tier and why), and while draining. Remote models list
+/// their endpoints' states under `endpoints`; a fleet is down only when none takes requests.
 async fn ready(State(state): State<AppState>) -> Response {
     let mut models = serde_json::Map::new();
     let mut down = serde_json::Map::new();
+    let mut endpoints = serde_json::Map::new();
     let mut loading = false;
     for backend in state.gateway().tiers().backends() {
         let info = backend.info();
         let health = backend.health();
         models.insert(info.id.clone(), json!(health == Health::Ready));
+        let fleet = backend.endpoints();
+        if !fleet.is_empty() {
+            endpoints.insert(info.id.clone(), json!(fleet));
+        }
         match health {
             Health::Ready => {}
             Health::Loading => loading = true,
@@ -169,6 +175,9 @@ async fn ready(State(state): State<AppState>) -> Response {
     let mut body = json!({"status": status, "models": models});
     if !down.is_empty() {
         body["down"] = serde_json::Value::Object(down);
+    }
+    if !endpoints.is_empty() {
+        body["endpoints"] = serde_json::Value::Object(endpoints);
     }
     let code = if status == "ready" {
         StatusCode::OK

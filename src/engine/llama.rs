@@ -31,13 +31,13 @@ use llama_cpp_2::DecodeError;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
-use super::load::{LoadMeter, LoadSnapshot};
+use super::load::LoadMeter;
 use super::prompt::{backend, Prompter};
 use super::schedule::{KvShrink, Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
-    Engine, EngineError, FinishReason, GenerationRequest, Health, ModelInfo, PromptLimits,
-    StageTimings, TokenEvent, TokenStream, Usage,
+    Engine, EngineError, FinishReason, Forecast, GenerationRequest, Health, ModelInfo,
+    PromptLimits, StageTimings, TokenEvent, TokenStream, Usage,
 };
 use crate::chat::{ChatMessage, SamplingParams};
 use crate::config::ModelConfig;
@@ -281,8 +281,8 @@ impl Engine for LlamaEngine {
         })
     }
 
-    fn load(&self) -> LoadSnapshot {
-        self.load.snapshot()
+    fn forecast(&self, prompt_tokens: u32) -> Forecast {
+        self.load.snapshot().forecast(prompt_tokens)
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {

@@ -196,6 +196,16 @@ impl LoadMeter {
 }
 
 impl LoadSnapshot {
+    /// What the budget planner reads: the prediction below, whether a slot is free with
+    /// nobody waiting, and how long the running step has taken.
+    pub fn forecast(&self, prompt_tokens: u32) -> super::Forecast {
+        super::Forecast {
+            ttft: self.predict_ttft(prompt_tokens),
+            starts_at_once: self.live < self.slots && self.waiting == 0,
+            stalled_for: Duration::from_secs_f64(self.step_running_s),
+        }
+    }
+
     /// Expected time to the first token of a new request with `prompt_tokens`:
     /// waiting for a slot, prefilling everything queued ahead plus its own prompt, and the
     /// step that samples its first token. Unmeasured rates count as free (the engines

@@ -13,6 +13,7 @@ pub mod text;
 pub mod tokenizer;
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ pub struct GenerationRequest {
     /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
     /// children. Not part of what the model generates.
     pub span: tracing::Span,
+    /// When the budget's watchdog gives up on this backend. A fleet uses it to move to
+    /// another endpoint in time; the local engine has no other place to go.
+    pub first_token_by: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,8 @@ pub enum TokenEvent {
 pub struct TokenStream {
     pub prompt_tokens: u32,
     events: mpsc::UnboundedReceiver<TokenEvent>,
+    /// The remote endpoint that answers, set before its first text event is sent.
+    answered_by: Option<Arc<OnceLock<String>>>,
 }
 
 impl TokenStream {
@@ -110,7 +116,25 @@ impl TokenStream {
         Self {
             prompt_tokens,
             events,
+            answered_by: None,
         }
+    }
+
+    /// A stream whose sender records, in `answered_by`, which endpoint serves it.
+    pub fn remote(
+        prompt_tokens: u32,
+        events: mpsc::UnboundedReceiver<TokenEvent>,
+        answered_by: Arc<OnceLock<String>>,
+    ) -> Self {
+        Self {
+            answered_by: Some(answered_by),
+            ..Self::new(prompt_tokens, events)
+        }
+    }
+
+    /// The endpoint that answers, for a remote backend once its first event is in.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.answered_by.as_ref()?.get().map(String::as_str)
     }
 
     pub async fn next_event(&mut self) -> Option<TokenEvent> {
@@ -159,6 +183,14 @@ pub enum EngineError {
     Template(String),
     #[error("decoding failed: {0}")]
     Decode(String),
+    /// A remote endpoint refused the request as the client's fault (4xx): no other
+    /// endpoint would answer it differently.
+    #[error("the upstream refused the request ({status}): {message}")]
+    UpstreamRejected { status: u16, message: String },
+    /// A remote endpoint failed after the reply had started (or sent what is not an
+    /// OpenAI stream), so it could not be retried elsewhere.
+    #[error("the upstream failed mid-reply: {0}")]
+    Upstream(String),
 }
 
 /// The narrow boundary between the gateway and a model runtime.
@@ -177,8 +209,9 @@ pub trait Engine: Send + Sync + 'static {
         self.health() == Health::Ready
     }
 
-    /// Live queue state and measured speeds, for predicting time to first token.
-    fn load(&self) -> load::LoadSnapshot;
+    /// The expected time to first token of a request with `prompt_tokens`, from live queue
+    /// state and measured speeds.
+    fn forecast(&self, prompt_tokens: u32) -> Forecast;
 
     /// Tokens the templated `messages` take on this model (what `usage.prompt_tokens`
     /// would say), without queueing anything. The router calls it off the model thread.
@@ -186,6 +219,38 @@ pub trait Engine: Send + Sync + 'static {
 
     /// What a request's prompt and completion must fit in; `None` until the model is loaded.
     fn limits(&self) -> Option<PromptLimits>;
+
+    /// The remote endpoints behind this backend and their state (none for a local model).
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        Vec::new()
+    }
+}
+
+/// What the budget planner reads from a backend to decide whether it can answer in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Forecast {
+    /// Expected time to the first token; zero while nothing has been measured.
+    pub ttft: Duration,
+    /// A new request would start at once: a free slot and nobody waiting (local), or an
+    /// endpoint with nothing in flight (remote).
+    pub starts_at_once: bool,
+    /// How long the work now running has gone without finishing (a decode step that
+    /// stalls shows here at once).
+    pub stalled_for: Duration,
+}
+
+/// One remote endpoint as `/ready` reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EndpointStatus {
+    pub url: String,
+    /// `healthy`, `ejected` (circuit open after failures), `probing` (half-open: one trial
+    /// request allowed) or `failing_checks` (its health check fails).
+    pub state: &'static str,
+    pub outstanding: u32,
+    /// Smoothed time to first token seen from this endpoint, once measured.
+    pub ttft_ms: Option<f64>,
+    /// Why it last failed, if it has.
+    pub last_error: Option<String>,
 }
 
 /// Whether a backend can take requests.

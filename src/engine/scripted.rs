@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::load::LoadSnapshot;
 use super::{
-    Engine, EngineError, FinishReason, GenerationRequest, Health, ModelInfo, PromptLimits,
-    StageTimings, TokenEvent, TokenStream, Usage,
+    Engine, EngineError, FinishReason, Forecast, GenerationRequest, Health, ModelInfo,
+    PromptLimits, StageTimings, TokenEvent, TokenStream, Usage,
 };
 use crate::chat::ChatMessage;
 
@@ -267,8 +267,8 @@ impl Engine for ScriptedEngine {
         })
     }
 
-    fn load(&self) -> LoadSnapshot {
-        self.settings().load.clone()
+    fn forecast(&self, prompt_tokens: u32) -> Forecast {
+        self.settings().load.forecast(prompt_tokens)
     }
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {

@@ -411,6 +411,7 @@ mod tests {
             stop: Vec::new(),
             ignore_eos: false,
             span: tracing::Span::none(),
+            first_token_by: None,
         };
         ReplyKey::new(&request, "fast", Some(scope))
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this harness
 
 pub mod binary;
+pub mod upstream;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -54,6 +55,13 @@ impl TestServer {
     }
 
     pub async fn start(edit: impl FnOnce(&mut Config)) -> Self {
+        let server = Self::launch(edit).await;
+        server.wait_ready().await;
+        server
+    }
+
+    /// Like [`Self::start`], without waiting for `/ready` (for tiers meant to be down).
+    pub async fn launch(edit: impl FnOnce(&mut Config)) -> Self {
         let mut config = shipped_config();
         for model in &mut config.models {
             // Tests run two at a time on a 2-core machine: one thread per model keeps them
@@ -77,14 +85,12 @@ impl TestServer {
         let task = tokio::spawn(tiergate::server::run(listener, config, async {
             let _ = shutdown_rx.await;
         }));
-        let server = Self {
+        Self {
             base,
             client: reqwest::Client::new(),
             shutdown: Some(shutdown_tx),
             task,
-        };
-        server.wait_ready().await;
-        server
+        }
     }
 
     async fn wait_ready(&self) {

@@ -1,0 +1,464 @@
+//! One upstream endpoint's live state (requests in flight, observed time to first token,
+//! health, circuit breaker), and the pure choice of an endpoint for a request.
+//!
+//! The shape follows SGLang's router: a small picker over the endpoints that are healthy
+//! and whose breaker allows a call, and per-endpoint bookkeeping updated as each attempt
+//! ends (`sgl-router/src/policies`, `core/circuit_breaker.rs`).
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::RemoteConfig;
+use crate::engine::EndpointStatus;
+use crate::metrics::EndpointMetrics;
+
+/// Smoothing of the time-to-first-token average: each new measurement weighs this much.
+const EWMA_WEIGHT: f64 = 0.2;
+
+/// A circuit breaker over consecutive failures. Pure: the caller passes the time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// Taking traffic; `failures` in a row so far.
+    Closed { failures: u32 },
+    /// Ejected: no traffic until `until`.
+    Open { until: Instant },
+    /// The ejection ran out: one trial request decides (`trial_out` once it is sent).
+    HalfOpen { trial_out: bool },
+}
+
+impl Breaker {
+    /// Whether a request may be sent now.
+    pub fn admits(&self, now: Instant) -> bool {
+        match *self {
+            Breaker::Closed { .. } => true,
+            Breaker::Open { until } => now >= until,
+            Breaker::HalfOpen { trial_out } => !trial_out,
+        }
+    }
+
+    /// A request is being sent: after an ejection it is the one trial.
+    pub fn take(&mut self, now: Instant) {
+        match *self {
+            Breaker::Open { until } if now >= until => {
+                *self = Breaker::HalfOpen { trial_out: true };
+            }
+            Breaker::HalfOpen { trial_out: false } => *self = Breaker::HalfOpen { trial_out: true },
+            _ => {}
+        }
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Breaker::Closed { failures: 0 };
+    }
+
+    /// Returns true when this failure ejects the endpoint.
+    pub fn failed(&mut self, now: Instant, threshold: u32, eject_for: Duration) -> bool {
+        match *self {
+            Breaker::Closed { failures } if failures + 1 < threshold => {
+                *self = Breaker::Closed {
+                    failures: failures + 1,
+                };
+                false
+            }
+            Breaker::Closed { .. } | Breaker::HalfOpen { .. } => {
+                *self = Breaker::Open {
+                    until: now + eject_for,
+                };
+                true
+            }
+            // Already out (a request sent before the ejection failed late).
+            Breaker::Open { .. } => false,
+        }
+    }
+
+    /// A request ended without a verdict (its client left): the trial is free again.
+    pub fn abandoned(&mut self) {
+        if let Breaker::HalfOpen { trial_out: true } = self {
+            *self = Breaker::HalfOpen { trial_out: false };
+        }
+    }
+}
+
+/// What the endpoint's requests have shown, behind one lock.
+#[derive(Debug)]
+struct Observed {
+    breaker: Breaker,
+    /// The last active health check failed (or could not connect).
+    failing_checks: bool,
+    /// Smoothed seconds to first token, and the requests in flight (its own included)
+    /// when those were measured; `None` until one was.
+    ttft_s: Option<f64>,
+    ttft_at_outstanding: f64,
+    last_error: Option<String>,
+}
+
+/// One base URL of a fleet.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// As configured, without a trailing slash: `http://10.0.0.5:8000/v1`.
+    pub url: String,
+    pub chat_url: String,
+    /// The origin joined with the configured health path; `None`: no active checks.
+    pub health_url: Option<String>,
+    /// Requests sent and not yet ended. Read lock-free by the picker.
+    outstanding: AtomicU32,
+    observed: Mutex<Observed>,
+    /// Consecutive failures that eject it, and for how long.
+    failure_threshold: u32,
+    eject_for: Duration,
+    metrics: EndpointMetrics,
+}
+
+/// What an ended attempt says about its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered (tokens, or a well-formed refusal of the client's request).
+    Answered,
+    /// It failed: refused the connection, errored, stalled or broke the stream.
+    Failed(String),
+    /// The client left first: says nothing about the endpoint.
+    Abandoned,
+}
+
+impl Endpoint {
+    pub fn new(url: String, config: &RemoteConfig, metrics: EndpointMetrics) -> Self {
+        let health_path = &config.health_path;
+        let health_url = (!health_path.is_empty()).then(|| {
+            let origin = reqwest::Url::parse(&url)
+                .map(|u| u.origin().ascii_serialization())
+                .unwrap_or_else(|_| url.clone());
+            format!("{origin}{health_path}")
+        });
+        metrics.up.set(1);
+        Self {
+            chat_url: format!("{url}/chat/completions"),
+            url,
+            health_url,
+            outstanding: AtomicU32::new(0),
+            observed: Mutex::new(Observed {
+                breaker: Breaker::Closed { failures: 0 },
+                failing_checks: false,
+                ttft_s: None,
+                ttft_at_outstanding: 1.0,
+                last_error: None,
+            }),
+            failure_threshold: config.failure_threshold,
+            eject_for: Duration::from_millis(config.eject_ms),
+            metrics,
+        }
+    }
+
+    fn observed(&self) -> MutexGuard<'_, Observed> {
+        // Plain data: a poisoned lock still holds a consistent value.
+        self.observed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Healthy (or no active checks) and its breaker lets a request through now.
+    pub fn available(&self, now: Instant) -> bool {
+        let observed = self.observed();
+        !observed.failing_checks && observed.breaker.admits(now)
+    }
+
+    /// Expected time to first token with `outstanding` requests in flight: the measured
+    /// average, scaled by how many more are in flight now than when it was measured. A
+    /// batching engine does better than this, and the budget planner's calibration learns
+    /// by how much. Zero until measured.
+    pub fn predict_ttft(&self) -> Duration {
+        let observed = self.observed();
+        let Some(ttft_s) = observed.ttft_s else {
+            return Duration::ZERO;
+        };
+        let load = f64::from(self.outstanding() + 1) / observed.ttft_at_outstanding.max(1.0);
+        Duration::from_secs_f64(ttft_s * load.max(1.0))
+    }
+
+    /// A request is sent: counted in flight until the returned guard ends it.
+    pub fn begin(self: &std::sync::Arc<Self>) -> InFlight {
+        let in_flight = self.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.outstanding.set(i64::from(in_flight));
+        self.observed().breaker.take(Instant::now());
+        InFlight {
+            endpoint: self.clone(),
+            at_outstanding: in_flight,
+            verdict: None,
+        }
+    }
+
+    /// The result of an active health check.
+    pub fn checked(&self, healthy: Result<(), String>) {
+        let mut observed = self.observed();
+        observed.failing_checks = healthy.is_err();
+        if let Err(why) = healthy {
+            observed.last_error = Some(format!("health check: {why}"));
+        }
+        drop(observed);
+        self.publish(Instant::now());
+    }
+
+    /// Sets the `up` gauge from the state now (an ejection's end is not an event, so the
+    /// health loop calls this on its schedule as well).
+    pub fn publish(&self, now: Instant) {
+        self.metrics.up.set(i64::from(self.available(now)));
+    }
+
+    pub fn status(&self, now: Instant) -> EndpointStatus {
+        let observed = self.observed();
+        let state = if observed.failing_checks {
+            "failing_checks"
+        } else {
+            match observed.breaker {
+                Breaker::Closed { .. } => "healthy",
+                Breaker::Open { until } if now < until => "ejected",
+                Breaker::Open { .. } | Breaker::HalfOpen { .. } => "probing",
+            }
+        };
+        EndpointStatus {
+            url: self.url.clone(),
+            state,
+            outstanding: self.outstanding(),
+            ttft_ms: observed.ttft_s.map(|s| s * 1000.0),
+            last_error: observed.last_error.clone(),
+        }
+    }
+
+    fn record_ttft(&self, ttft: Duration, at_outstanding: u32) {
+        self.metrics.ttft.observe(ttft.as_secs_f64());
+        let mut observed = self.observed();
+        let (sample, at) = (ttft.as_secs_f64(), f64::from(at_outstanding));
+        match observed.ttft_s {
+            None => {
+                observed.ttft_s = Some(sample);
+                observed.ttft_at_outstanding = at;
+            }
+            Some(old) => {
+                observed.ttft_s = Some(old + EWMA_WEIGHT * (sample - old));
+                observed.ttft_at_outstanding += EWMA_WEIGHT * (at - observed.ttft_at_outstanding);
+            }
+        }
+    }
+}
+
+/// One request in flight on an endpoint. Ending it (or dropping it) gives its place back
+/// and tells the breaker what the attempt showed.
+pub struct InFlight {
+    endpoint: std::sync::Arc<Endpoint>,
+    /// Requests in flight when this one was sent, itself included.
+    at_outstanding: u32,
+    verdict: Option<(Verdict, &'static str)>,
+}
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The first token came after `ttft`.
+    pub fn first_token(&self, ttft: Duration) {
+        self.endpoint.record_ttft(ttft, self.at_outstanding);
+    }
+
+    /// How the attempt ended; `outcome` labels the request counter. The first call counts.
+    pub fn end(&mut self, verdict: Verdict, outcome: &'static str) {
+        self.verdict.get_or_insert((verdict, outcome));
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let endpoint = &self.endpoint;
+        let left = endpoint.outstanding.fetch_sub(1, Ordering::Relaxed) - 1;
+        endpoint.metrics.outstanding.set(i64::from(left));
+        let (verdict, outcome) = self
+            .verdict
+            .take()
+            .unwrap_or((Verdict::Abandoned, "client_closed"));
+        endpoint.metrics.requests(outcome).inc();
+        let now = Instant::now();
+        let mut observed = endpoint.observed();
+        match verdict {
+            Verdict::Answered => observed.breaker.succeeded(),
+            Verdict::Abandoned => observed.breaker.abandoned(),
+            Verdict::Failed(why) => {
+                let eject_for = endpoint.eject_for;
+                if observed
+                    .breaker
+                    .failed(now, endpoint.failure_threshold, eject_for)
+                {
+                    endpoint.metrics.ejections.inc();
+                    tracing::warn!(endpoint = %endpoint.url, %why, eject_s = eject_for.as_secs_f64(),
+                        "endpoint ejected after consecutive failures");
+                }
+                observed.last_error = Some(why);
+            }
+        }
+        drop(observed);
+        endpoint.publish(now);
+    }
+}
+
+/// An endpoint as the picker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub index: usize,
+    pub outstanding: u32,
+    pub predicted_ttft: Duration,
+    /// Its rendezvous rank for this request's affinity key (higher is preferred).
+    pub affinity_rank: u64,
+}
+
+/// The affinity's endpoint keeps its requests while it has at most this many more in
+/// flight than the least loaded one (or half as many again, when that is more): reusing
+/// a warm prefix saves a prefill, but not at any queueing cost. SGLang's cache-aware
+/// policy uses the same absolute-plus-relative test.
+const AFFINITY_SLACK: u32 = 2;
+
+/// Least requests in flight (then the lower predicted first token, then config order),
+/// except that a request with an affinity key goes to its rendezvous endpoint while that
+/// one is not much busier. `candidates` are the endpoints that may take a request now.
+pub fn pick(candidates: &[Candidate], with_affinity: bool) -> Option<usize> {
+    let least = candidates
+        .iter()
+        .min_by_key(|c| (c.outstanding, c.predicted_ttft, c.index))?;
+    if with_affinity {
+        let preferred = candidates.iter().max_by_key(|c| c.affinity_rank)?;
+        let slack = AFFINITY_SLACK.max(least.outstanding / 2);
+        if preferred.outstanding <= least.outstanding + slack {
+            return Some(preferred.index);
+        }
+    }
+    Some(least.index)
+}
+
+/// Rendezvous (highest random weight) rank of `url` for `key`: each key prefers one
+/// endpoint, and removing an endpoint moves only the keys that preferred it.
+pub fn affinity_rank(key: u64, url: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    url.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What decides where a conversation's KV cache lives upstream: its first message (the
+/// system prompt, or the opening user turn), which every later turn repeats.
+pub fn affinity_key(first_message: &str, role: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    role.hash(&mut hasher);
+    first_message.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(index: usize, outstanding: u32, affinity_rank: u64) -> Candidate {
+        Candidate {
+            index,
+            outstanding,
+            predicted_ttft: Duration::ZERO,
+            affinity_rank,
+        }
+    }
+
+    #[test]
+    fn the_least_loaded_endpoint_wins_without_affinity() {
+        let endpoints = [candidate(0, 3, 9), candidate(1, 1, 0), candidate(2, 1, 5)];
+        assert_eq!(pick(&endpoints, false), Some(1));
+        assert_eq!(pick(&[], false), None);
+    }
+
+    #[test]
+    fn ties_go_to_the_faster_endpoint() {
+        let mut slow = candidate(0, 0, 0);
+        slow.predicted_ttft = Duration::from_millis(300);
+        let mut fast = candidate(1, 0, 0);
+        fast.predicted_ttft = Duration::from_millis(100);
+        assert_eq!(pick(&[slow, fast], false), Some(1));
+    }
+
+    #[test]
+    fn affinity_holds_while_the_preferred_endpoint_is_not_much_busier() {
+        // Preferred (rank 9) has 2 more in flight than the least loaded: within the slack.
+        let near = [candidate(0, 2, 9), candidate(1, 0, 1)];
+        assert_eq!(pick(&near, true), Some(0));
+        // Three more: the request goes to the least loaded.
+        let far = [candidate(0, 3, 9), candidate(1, 0, 1)];
+        assert_eq!(pick(&far, true), Some(1));
+        // At higher load the slack is half the least load: 20 against 14 stays.
+        let busy = [candidate(0, 20, 9), candidate(1, 14, 1)];
+        assert_eq!(pick(&busy, true), Some(0));
+        let busier = [candidate(0, 22, 9), candidate(1, 14, 1)];
+        assert_eq!(pick(&busier, true), Some(1));
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_keys_of_a_removed_endpoint() {
+        let urls = ["http://a/v1", "http://b/v1", "http://c/v1"];
+        let best = |key: u64, urls: &[&str]| {
+            urls.iter()
+                .max_by_key(|u| affinity_rank(key, u))
+                .map(|u| u.to_string())
+        };
+        let mut moved = 0;
+        let mut spread = std::collections::HashMap::new();
+        for key in 0..300u64 {
+            let before = best(key, &urls).expect("one");
+            *spread.entry(before.clone()).or_insert(0) += 1;
+            let after = best(key, &urls[..2]).expect("one");
+            if before != after {
+                assert_eq!(before, urls[2], "only c's keys move");
+                moved += 1;
+            }
+        }
+        assert!(moved > 50, "c held a fair share: {moved}");
+        assert!(spread.values().all(|&n| n > 50), "{spread:?}");
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_one_trial_decides_after_the_wait() {
+        let start = Instant::now();
+        let eject = Duration::from_secs(10);
+        let mut breaker = Breaker::Closed { failures: 0 };
+        assert!(!breaker.failed(start, 3, eject));
+        assert!(!breaker.failed(start, 3, eject));
+        assert!(breaker.admits(start));
+        assert!(breaker.failed(start, 3, eject), "the third ejects");
+        assert!(!breaker.admits(start + Duration::from_secs(9)));
+        let later = start + eject;
+        assert!(breaker.admits(later));
+        breaker.take(later);
+        assert_eq!(breaker, Breaker::HalfOpen { trial_out: true });
+        assert!(!breaker.admits(later), "one trial at a time");
+        // The trial fails: out again for the whole wait.
+        assert!(breaker.failed(later, 3, eject));
+        assert!(!breaker.admits(later + Duration::from_secs(9)));
+        let again = later + eject;
+        breaker.take(again);
+        breaker.succeeded();
+        assert_eq!(breaker, Breaker::Closed { failures: 0 });
+    }
+
+    #[test]
+    fn a_success_resets_the_count_and_an_abandoned_trial_frees_the_slot() {
+        let now = Instant::now();
+        let mut breaker = Breaker::Closed { failures: 0 };
+        breaker.failed(now, 2, Duration::from_secs(1));
+        breaker.succeeded();
+        assert!(
+            !breaker.failed(now, 2, Duration::from_secs(1)),
+            "count restarted"
+        );
+
+        let mut trial = Breaker::HalfOpen { trial_out: true };
+        trial.abandoned();
+        assert!(trial.admits(now));
+    }
+}

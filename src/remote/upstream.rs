@@ -1,0 +1,440 @@
+//! One attempt on one endpoint: send the chat request, read its SSE stream, and turn each
+//! chunk into the token events every tiergate reply is built from (so the client gets
+//! tiergate's own chunks: one id, its model name, its role chunk, its usage).
+//!
+//! The attempt never retries by itself; it reports how it ended and the fleet decides.
+//! Before the first token, a failure is [`Attempt::Retry`]: nothing reached the client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource as _;
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::endpoint::{InFlight, Verdict};
+use crate::chat::SamplingParams;
+use crate::engine::{
+    EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,
+};
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The reply was delivered, or the upstream's refusal of it (a client error).
+    Done,
+    /// The client left; the upstream request was closed by dropping it.
+    ClientGone,
+    /// Failed before any token reached the client: another endpoint may take it.
+    Retry(String),
+}
+
+/// The body sent upstream: the request as the client made it, with the fleet's name for
+/// the model, always streamed (a non-streaming client gets the collected reply).
+#[derive(Serialize)]
+struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<MessageBody<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    /// Not OpenAI's, but llama-server, vLLM and SGLang take it. Sent only when the request
+    /// changed it from llama.cpp's default, so other engines keep their own default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u32>,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    stop: &'a [String],
+    /// llama-server's and vLLM's extension, sent only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ignore_eos: bool,
+}
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The serialized upstream body of `request`, sent as is on every attempt.
+pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> Bytes {
+    let SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        presence_penalty,
+        frequency_penalty,
+    } = request.sampling;
+    let body = ChatBody {
+        model,
+        messages: request
+            .messages
+            .iter()
+            .map(|m| MessageBody {
+                role: m.role.as_str(),
+                content: &m.content,
+            })
+            .collect(),
+        stream: true,
+        stream_options: StreamOptions {
+            include_usage: true,
+        },
+        max_tokens,
+        temperature,
+        top_p,
+        top_k: (top_k != SamplingParams::default().top_k).then_some(top_k),
+        seed,
+        presence_penalty,
+        frequency_penalty,
+        stop: &request.stop,
+        ignore_eos: request.ignore_eos,
+    };
+    // Strings and numbers only: serializing cannot fail.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// The parts of an OpenAI stream chunk that matter here; anything else is ignored.
+#[derive(Deserialize, Debug, Default)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<ChunkUsage>,
+    /// Some servers put an error object in a data line instead of an `error` event.
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: ChunkDelta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct ChunkDelta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ChunkUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize, Debug)]
+struct PromptDetails {
+    cached_tokens: Option<u32>,
+}
+
+/// The message of an OpenAI error body (`{"error":{"message":...}}`), else the text.
+pub fn error_message(body: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        let error = v.get("error").unwrap_or(v);
+        error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .or_else(|| error.as_str())
+            .map(str::to_owned)
+    });
+    let text = message.unwrap_or_else(|| body.trim().to_owned());
+    // Bounded: it goes into logs, metrics' last_error and the client's message.
+    text.chars().take(300).collect()
+}
+
+/// Statuses whose refusal is about the request itself: any endpoint would answer the same.
+fn is_client_error(status: u16) -> bool {
+    matches!(status, 400 | 413 | 422)
+}
+
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        // `stop`, and what tiergate has no name for (`content_filter`, `tool_calls`).
+        _ => FinishReason::Stop,
+    }
+}
+
+/// Where one attempt is when it ends, for its verdict and its events.
+pub struct Call<'a> {
+    pub client: &'a reqwest::Client,
+    pub api_key: Option<&'a str>,
+    pub body: Bytes,
+    pub events: &'a mpsc::UnboundedSender<TokenEvent>,
+    /// The first token must come by then, or the attempt is abandoned for another endpoint.
+    pub first_token_by: Instant,
+    /// Longest wait for the next chunk once streaming.
+    pub idle_timeout: Duration,
+    /// Our count, reported when the upstream sends no usage.
+    pub prompt_tokens: u32,
+    /// Called once, just before the first text event is sent.
+    pub on_first_token: &'a (dyn Fn(&str) + Sync),
+}
+
+/// Sends the request to `in_flight`'s endpoint and relays its reply. Whatever happens, the
+/// verdict is recorded on `in_flight` before it returns.
+pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
+    let sent_at = Instant::now();
+    let endpoint = in_flight.endpoint();
+    let url = endpoint.url.clone();
+    let mut request = call
+        .client
+        .post(&endpoint.chat_url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .body(call.body.clone());
+    if let Some(key) = call.api_key {
+        request = request.bearer_auth(key);
+    }
+    let mut fail = |outcome: &'static str, why: String| {
+        in_flight.end(Verdict::Failed(why.clone()), outcome);
+        Attempt::Retry(why)
+    };
+    let response = tokio::select! {
+        biased;
+        () = call.events.closed() => return Attempt::ClientGone,
+        sent = tokio::time::timeout_at(call.first_token_by, request.send()) => sent,
+    };
+    let response = match response {
+        Err(_) => {
+            let waited = sent_at.elapsed().as_millis();
+            return fail(
+                "first_token_timeout",
+                format!("no response within {waited} ms"),
+            );
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            return fail("connect_error", format!("cannot connect: {e}"))
+        }
+        Ok(Err(e)) => return fail("send_error", format!("the request failed: {e}")),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        let body = tokio::time::timeout(Duration::from_secs(2), response.text()).await;
+        let message = error_message(&body.ok().and_then(Result::ok).unwrap_or_default());
+        if is_client_error(status) {
+            in_flight.end(Verdict::Answered, "rejected");
+            let _ = call
+                .events
+                .send(TokenEvent::Failed(EngineError::UpstreamRejected {
+                    status,
+                    message,
+                }));
+            return Attempt::Done;
+        }
+        let outcome = match status {
+            429 => "http_429",
+            500 => "http_500",
+            502 => "http_502",
+            503 => "http_503",
+            504 => "http_504",
+            _ => "http_other",
+        };
+        return fail(outcome, format!("answered {status}: {message}"));
+    }
+    let headers_at = Instant::now();
+    let mut stream = response.bytes_stream().eventsource();
+    let mut first_token_at: Option<Instant> = None;
+    let mut pieces = 0u32;
+    let mut finish: Option<FinishReason> = None;
+    let mut usage: Option<ChunkUsage> = None;
+    // Once text has reached the client, a failure ends the reply with an error event.
+    let broken = |in_flight: &mut InFlight, outcome: &'static str, why: String| {
+        in_flight.end(Verdict::Failed(why.clone()), outcome);
+        let _ = call
+            .events
+            .send(TokenEvent::Failed(EngineError::Upstream(format!(
+                "{url}: {why}"
+            ))));
+        Attempt::Done
+    };
+    loop {
+        let wait_until = match first_token_at {
+            None => call.first_token_by,
+            Some(_) => Instant::now() + call.idle_timeout,
+        };
+        let next = tokio::select! {
+            biased;
+            () = call.events.closed() => return Attempt::ClientGone,
+            next = tokio::time::timeout_at(wait_until, stream.next()) => next,
+        };
+        let streaming = first_token_at.is_some();
+        let event = match next {
+            Err(_) if !streaming => {
+                let waited = sent_at.elapsed().as_millis();
+                in_flight.end(
+                    Verdict::Failed(format!("no first token within {waited} ms")),
+                    "first_token_timeout",
+                );
+                return Attempt::Retry(format!("no first token within {waited} ms"));
+            }
+            Err(_) => {
+                let idle = call.idle_timeout.as_millis();
+                return broken(
+                    in_flight,
+                    "stalled",
+                    format!("no chunk for {idle} ms mid-reply"),
+                );
+            }
+            Ok(Some(Ok(event))) => event,
+            // The connection ended: fine after the last chunk, a failure before it.
+            Ok(None) | Ok(Some(Err(_))) if finish.is_some() => break,
+            Ok(None) | Ok(Some(Err(_))) if !streaming => {
+                in_flight.end(
+                    Verdict::Failed("closed the stream before any token".into()),
+                    "dropped_mid_stream",
+                );
+                return Attempt::Retry("closed the stream before any token".into());
+            }
+            Ok(None) | Ok(Some(Err(_))) => {
+                return broken(
+                    in_flight,
+                    "dropped_mid_stream",
+                    format!("the connection closed mid-reply after {pieces} pieces"),
+                );
+            }
+        };
+        if event.event == "error" {
+            let why = format!("sent an error: {}", error_message(&event.data));
+            if !streaming {
+                in_flight.end(Verdict::Failed(why.clone()), "error_event");
+                return Attempt::Retry(why);
+            }
+            return broken(in_flight, "error_event", why);
+        }
+        if event.data.trim() == "[DONE]" {
+            break;
+        }
+        let chunk: Chunk = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let why = format!("sent a chunk that is not OpenAI's ({e})");
+                if !streaming {
+                    in_flight.end(Verdict::Failed(why.clone()), "malformed");
+                    return Attempt::Retry(why);
+                }
+                return broken(in_flight, "malformed", why);
+            }
+        };
+        if let Some(error) = chunk.error {
+            let why = format!("sent an error: {}", error_message(&error.to_string()));
+            if !streaming {
+                in_flight.end(Verdict::Failed(why.clone()), "error_event");
+                return Attempt::Retry(why);
+            }
+            return broken(in_flight, "error_event", why);
+        }
+        for choice in chunk.choices {
+            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                if first_token_at.is_none() {
+                    let now = Instant::now();
+                    first_token_at = Some(now);
+                    in_flight.first_token(now - sent_at);
+                    (call.on_first_token)(&url);
+                }
+                pieces += 1;
+                if call.events.send(TokenEvent::Text(text)).is_err() {
+                    return Attempt::ClientGone;
+                }
+            }
+            if let Some(reason) = choice.finish_reason {
+                finish = Some(finish_reason(&reason));
+            }
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    in_flight.end(Verdict::Answered, "ok");
+    let ended_at = Instant::now();
+    let first = first_token_at.unwrap_or(ended_at);
+    let usage = match usage {
+        Some(u) => Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        },
+        // Without usage from upstream: our prompt count and a token per piece (a lower
+        // bound: servers send one or more tokens per chunk).
+        None => Usage {
+            prompt_tokens: call.prompt_tokens,
+            completion_tokens: pieces,
+            cached_prompt_tokens: None,
+        },
+    };
+    let _ = call.events.send(TokenEvent::Finished {
+        finish_reason: finish.unwrap_or(FinishReason::Stop),
+        usage,
+        timings: StageTimings {
+            // Until the upstream answered with its headers: connecting and its queue.
+            queue: headers_at - sent_at,
+            prefill: first - headers_at,
+            decode: ended_at - first,
+        },
+    });
+    Attempt::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatMessage;
+
+    #[test]
+    fn error_messages_come_from_openai_bodies_or_the_text() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad thing","type":"x"}}"#),
+            "bad thing"
+        );
+        assert_eq!(error_message(r#"{"error":"plain"}"#), "plain");
+        assert_eq!(
+            error_message("  Service Unavailable \n"),
+            "Service Unavailable"
+        );
+    }
+
+    #[test]
+    fn the_upstream_body_streams_with_usage_and_keeps_the_clients_settings() {
+        let request = GenerationRequest {
+            messages: vec![ChatMessage::user("hi")],
+            sampling: SamplingParams {
+                temperature: 0.0,
+                seed: Some(7),
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(5),
+            max_tokens_cap: None,
+            stop: vec!["\n".into()],
+            ignore_eos: false,
+            span: tracing::Span::none(),
+            first_token_by: None,
+        };
+        let body: serde_json::Value =
+            serde_json::from_slice(&chat_body(&request, "served-name", 5)).expect("json");
+        assert_eq!(body["model"], "served-name");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["messages"][0]["role"], "user");
+        assert_eq!(body["max_tokens"], 5);
+        assert_eq!(body["seed"], 7);
+        assert_eq!(body["stop"][0], "\n");
+        // Left to each engine's own default when the client did not change it.
+        assert!(body.get("top_k").is_none());
+        assert!(body.get("ignore_eos").is_none());
+    }
+}

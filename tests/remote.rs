@@ -1,0 +1,664 @@
+//! Remote tiers: a fleet of OpenAI-compatible endpoints behind the same routing, budgets
+//! and metrics. The real path runs against a second tiergate process on the fast model;
+//! the faults (no first token, 500s, a cut stream, slow tokens, refused connections, a
+//! client that leaves) come from a scripted upstream inside the test.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::binary::BinaryServer;
+use common::upstream::{refused_url, Script, ScriptedUpstream};
+use common::{fixture, header, parse_sse, streamed_text, wait_until, TestServer, FAST};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tiergate::config::Config;
+use tiergate::remote::endpoint::{affinity_key, affinity_rank};
+
+/// A config of two remote tiers, `fast` and `full`, over these endpoints, with quick
+/// health checks and ejections so that tests see them happen. `extra` is added to both.
+fn fleet_config(fast: &[&str], full: &[&str], extra: &str) -> Config {
+    let list = |urls: &[&str]| {
+        urls.iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = format!(
+        r#"
+[router]
+policies = ["{policy}"]
+watch = false
+
+[[model]]
+id = "fleet-fast"
+tier = "fast"
+endpoints = [{fast}]
+health_interval_ms = 100
+{extra}
+
+[[model]]
+id = "fleet-full"
+tier = "full"
+endpoints = [{full}]
+upstream_model = "served-name"
+health_interval_ms = 100
+{extra}
+"#,
+        policy = fixture("fleet.toml").display(),
+        fast = list(fast),
+        full = list(full),
+    );
+    Config::parse(Path::new("/tmp/fleet.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn fleet(fast: &[&str], full: &[&str], extra: &str) -> TestServer {
+    let config = fleet_config(fast, full, extra);
+    TestServer::start(move |c| *c = config).await
+}
+
+/// A user message whose conversation prefers `url` over `others` by prefix affinity.
+fn prompt_preferring(url: &str, others: &[&str]) -> String {
+    (0..)
+        .map(|i| format!("question number {i}"))
+        .find(|prompt| {
+            let key = affinity_key(prompt, "user");
+            others
+                .iter()
+                .all(|o| affinity_rank(key, url) > affinity_rank(key, o))
+        })
+        .expect("some prompt prefers it")
+}
+
+fn ask(content: &str) -> Value {
+    json!({"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 16})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_streams_tiergates_own_chunks_and_names_the_endpoint() {
+    let fast = ScriptedUpstream::start(Script::tokens(5, 5)).await;
+    let full = ScriptedUpstream::start(Script::tokens(5, 5)).await;
+    let server = fleet(&[&fast.url], &[&full.url], "").await;
+
+    let mut body = ask("hello");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(full.url.as_str())
+    );
+    assert_eq!(header(&response, "x-tiergate-model"), Some("fleet-full"));
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("json"))
+        .collect();
+    let id = chunks[0]["id"].as_str().expect("id");
+    assert!(
+        id.starts_with("chatcmpl-") && id != "chatcmpl-upstream",
+        "{id}"
+    );
+    for chunk in &chunks {
+        assert_eq!(chunk["id"], id, "one id for every chunk");
+        assert_eq!(
+            chunk["model"], "fleet-full",
+            "the model that answered, as configured"
+        );
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+    }
+    // tiergate's own role chunk (sent once the first token is in hand), then the text.
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "word0 ");
+    assert_eq!(streamed_text(&payloads), "word0 word1 word2 word3 word4 ");
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert_eq!(usage["prompt_tokens"], 11, "the upstream's own count");
+    assert_eq!(usage["completion_tokens"], 5);
+    let sent = full
+        .seen
+        .last_body
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("a body");
+    assert_eq!(sent["model"], "served-name");
+    assert_eq!(sent["stream"], true);
+    assert_eq!(sent["max_tokens"], 16);
+
+    // Non-streaming: the same reply, collected.
+    let response = server.post_chat(&ask("hello")).await;
+    assert_eq!(response.status(), 200);
+    let reply: Value = response.json().await.expect("json");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "word0 word1 word2 word3 word4 "
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+    assert_eq!(reply["model"], "fleet-full");
+
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, full.url);
+    server
+        .wait_for_metric(
+            &format!(r#"tiergate_upstream_requests_total{{{labels},outcome="ok"}}"#),
+            2.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    let ttft_count = format!("tiergate_upstream_time_to_first_token_seconds_count{{{labels}}}");
+    assert_eq!(server.metric(&ttft_count).await, Some(2.0));
+    let up = format!("tiergate_upstream_up{{{labels}}}");
+    assert_eq!(server.metric(&up).await, Some(1.0));
+    assert_eq!(fast.requests(), 0, "routed to full");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_the_first_token_move_to_another_endpoint_and_eject_the_failing_one() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let bad = ScriptedUpstream::start(Script::Status(500)).await;
+    let good = ScriptedUpstream::start(Script::tokens(3, 1)).await;
+    let server = fleet(
+        &[&fast.url],
+        &[&bad.url, &good.url],
+        "failure_threshold = 2\neject_ms = 60000",
+    )
+    .await;
+    let preferring_bad = prompt_preferring(&bad.url, &[&good.url]);
+    for i in 0..4 {
+        let response = server
+            .post_chat(&ask(&format!("{preferring_bad} {i}")))
+            .await;
+        // Each prompt differs; all of them still reach a working endpoint.
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-tiergate-endpoint"),
+            Some(good.url.as_str())
+        );
+        assert_eq!(header(&response, "x-tiergate-degraded"), None);
+    }
+    // The same conversation start prefers `bad` every time: two failures eject it, and
+    // no request reaches it after that.
+    let key_prompt = preferring_bad;
+    let response = server.post_chat(&ask(&key_prompt)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(bad.requests(), 2, "ejected after two failures");
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, bad.url);
+    assert_eq!(
+        server
+            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        server
+            .metric(&format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="http_500"}}"#
+            ))
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        server
+            .metric(&format!("tiergate_upstream_up{{{labels}}}"))
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        server
+            .metric(r#"tiergate_upstream_retries_total{model="fleet-full",tier="full"}"#)
+            .await,
+        Some(2.0)
+    );
+    let ready: Value = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("ready")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["status"], "ready", "one endpoint is enough: {ready}");
+    let states = &ready["endpoints"]["fleet-full"];
+    assert_eq!(states[0]["state"], "ejected", "{ready}");
+    assert!(states[0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("500")));
+    assert_eq!(states[1]["state"], "healthy");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_endpoint_gets_one_trial_request_after_its_wait_and_comes_back() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let flaky = ScriptedUpstream::start(Script::Status(503)).await;
+    let good = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let server = fleet(
+        &[&fast.url],
+        &[&flaky.url, &good.url],
+        "failure_threshold = 1\neject_ms = 400",
+    )
+    .await;
+    let prompt = prompt_preferring(&flaky.url, &[&good.url]);
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(good.url.as_str())
+    );
+    // Ejected: the same conversation goes to `good` while the wait lasts.
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(good.url.as_str())
+    );
+    assert_eq!(flaky.requests(), 1);
+
+    flaky.set_script(Script::tokens(2, 1));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(flaky.url.as_str()),
+        "the trial request goes to the recovered endpoint"
+    );
+    let ready: Value = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("ready")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        ready["endpoints"]["fleet-full"][0]["state"], "healthy",
+        "{ready}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_first_token_moves_to_another_endpoint_and_closes_the_abandoned_request() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let stuck = ScriptedUpstream::start(Script::NoFirstToken).await;
+    let good = ScriptedUpstream::start(Script::tokens(3, 1)).await;
+    let server = fleet(&[&fast.url], &[&stuck.url, &good.url], "").await;
+    let prompt = prompt_preferring(&stuck.url, &[&good.url]);
+    let started = Instant::now();
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(response.status(), 200);
+    // Within the same tier: the fleet gave the stuck endpoint half the budget.
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(good.url.as_str())
+    );
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("full"));
+    assert_eq!(header(&response, "x-tiergate-degraded"), None);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stuck.requests(), 1);
+    wait_until(Duration::from_secs(3), || async {
+        stuck.disconnects() == 1
+    })
+    .await;
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, stuck.url);
+    assert_eq!(
+        server
+            .metric(&format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="first_token_timeout"}}"#
+            ))
+            .await,
+        Some(1.0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_with_no_first_token_in_time_degrades_to_the_smaller_tier() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let stuck = ScriptedUpstream::start(Script::NoFirstToken).await;
+    let server = fleet(&[&fast.url], &[&stuck.url], "").await;
+    let response = server.post_chat(&ask("anything")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=ttft_watchdog")
+    );
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(fast.url.as_str())
+    );
+    // The watchdog dropped the stream; the fleet closed the upstream request.
+    wait_until(Duration::from_secs(3), || async {
+        stuck.disconnects() == 1
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_stream_ends_the_reply_with_an_error_event_and_is_counted() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let cut = ScriptedUpstream::start(Script::DropAfter(2)).await;
+    let server = fleet(&[&fast.url], &[&cut.url], "").await;
+    let mut body = ask("anything");
+    body["stream"] = json!(true);
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200, "the stream had started");
+    let header_tier = header(&response, "x-tiergate-tier").map(str::to_owned);
+    let raw = response.text().await.expect("body");
+    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let (last, pieces) = events.split_last().expect("events");
+    assert_eq!(
+        header_tier,
+        Some("full".to_owned()),
+        "not degraded: text had been sent"
+    );
+    assert_eq!(
+        pieces.len(),
+        3,
+        "the role chunk and both pieces before the cut: {raw}"
+    );
+    let error = last
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("an SSE error event last: {raw}"));
+    let error: Value = serde_json::from_str(error).expect("json");
+    assert_eq!(error["error"]["type"], "server_error");
+    assert_eq!(error["error"]["code"], "upstream_error");
+    assert!(
+        !raw.contains("[DONE]"),
+        "a failed stream does not end as if complete"
+    );
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, cut.url);
+    server
+        .wait_for_metric(
+            &format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="dropped_mid_stream"}}"#
+            ),
+            1.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    let failed = r#"tiergate_requests_total{model="fleet-full",tier="full",status="stream_error",finish_reason="error"}"#;
+    server
+        .wait_for_metric(failed, 1.0, Duration::from_secs(2))
+        .await;
+    assert_eq!(cut.requests(), 1, "never retried once text was sent");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tokens_reach_the_client_as_they_come() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let slow = ScriptedUpstream::start(Script::tokens(4, 300)).await;
+    let server = fleet(&[&fast.url], &[&slow.url], "").await;
+    let mut body = ask("anything");
+    body["stream"] = json!(true);
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut raw = String::new();
+    while let Some(bytes) = stream.next().await {
+        let bytes = bytes.expect("bytes");
+        let text = String::from_utf8_lossy(&bytes);
+        if text.contains("word") {
+            arrivals.push(Instant::now());
+        }
+        raw.push_str(&text);
+    }
+    assert_eq!(streamed_text(&parse_sse(&raw)), "word0 word1 word2 word3 ");
+    assert_eq!(
+        arrivals.len(),
+        4,
+        "one chunk per piece, none held back: {raw}"
+    );
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(250),
+            "relayed as they came: {gap:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_elsewhere_and_a_fleet_with_none_left_degrades() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let good = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let refused = refused_url().await;
+    // No active checks: the refusal is found by a request, and retried on `good`.
+    let server = fleet(&[&fast.url], &[&refused, &good.url], "health_path = \"\"").await;
+    let prompt = prompt_preferring(&refused, &[&good.url]);
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(good.url.as_str())
+    );
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{refused}""#);
+    assert_eq!(
+        server
+            .metric(&format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="connect_error"}}"#
+            ))
+            .await,
+        Some(1.0)
+    );
+    server.stop().await;
+
+    // A fleet whose only endpoint refuses: its health check marks it down, and requests
+    // routed to it are served by the smaller tier.
+    let config = fleet_config(&[&fast.url], &[&refused], "");
+    let server = TestServer::launch(move |c| *c = config).await;
+    wait_until(Duration::from_secs(5), || async {
+        let ready = server.client.get(server.url("/ready")).send().await;
+        let Ok(ready) = ready else { return false };
+        let ready: Value = ready.json().await.unwrap_or_default();
+        ready["endpoints"]["fleet-full"][0]["state"] == "failing_checks"
+            && ready["endpoints"]["fleet-fast"][0]["state"] == "healthy"
+    })
+    .await;
+    let ready = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 503, "a fleet with no endpoint is down");
+    let response = server.post_chat(&ask("anything")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=unavailable")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_closes_the_upstream_request() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let long = ScriptedUpstream::start(Script::tokens(100, 50)).await;
+    let server = fleet(&[&fast.url], &[&long.url], "").await;
+    let mut body = ask("anything");
+    body["stream"] = json!(true);
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.expect("a chunk").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("word0"));
+    drop(stream);
+    wait_until(Duration::from_secs(3), || async { long.disconnects() == 1 }).await;
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, long.url);
+    server
+        .wait_for_metric(
+            &format!("tiergate_upstream_outstanding_requests{{{labels}}}"),
+            0.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert_eq!(
+        server
+            .metric(&format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="client_closed"}}"#
+            ))
+            .await,
+        Some(1.0)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_400_is_the_clients_error_and_is_not_retried() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let one = ScriptedUpstream::start(Script::Status(400)).await;
+    let two = ScriptedUpstream::start(Script::Status(400)).await;
+    let server = fleet(&[&fast.url], &[&one.url, &two.url], "").await;
+    let response = server.post_chat(&ask("anything")).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert_eq!(error["error"]["code"], "upstream_rejected");
+    assert!(error["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("scripted failure")));
+    assert_eq!(
+        one.requests() + two.requests(),
+        1,
+        "the same request fails anywhere"
+    );
+    assert_eq!(fast.requests(), 0, "a client error does not degrade");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_stays_on_one_endpoint_and_conversations_spread() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let a = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let b = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let server = fleet(&[&fast.url], &[&a.url, &b.url], "").await;
+    let mut seen = std::collections::HashSet::new();
+    for system in 0..12 {
+        let mut endpoints = std::collections::HashSet::new();
+        for question in 0..3 {
+            let body = json!({"model": "auto", "max_tokens": 8, "messages": [
+                {"role": "system", "content": format!("You are assistant number {system}.")},
+                {"role": "user", "content": format!("question {question}")},
+            ]});
+            let response = server.post_chat(&body).await;
+            assert_eq!(response.status(), 200);
+            let endpoint = header(&response, "x-tiergate-endpoint").expect("endpoint");
+            endpoints.insert(endpoint.to_owned());
+        }
+        assert_eq!(
+            endpoints.len(),
+            1,
+            "one system prompt, one endpoint: {endpoints:?}"
+        );
+        seen.extend(endpoints);
+    }
+    assert_eq!(seen.len(), 2, "twelve system prompts use both endpoints");
+    server.stop().await;
+}
+
+/// A remote `full` model on `url`, counting with the SmolLM2 vocabulary in `gguf`.
+fn server_config_model(url: &str, gguf: &str) -> tiergate::config::ModelConfig {
+    let text = format!(
+        r#"
+[[model]]
+id = "remote-smollm"
+tier = "full"
+endpoints = ["{url}"]
+upstream_model = "{FAST}"
+tokenizer = "{gguf}"
+context = 1024
+"#
+    );
+    let mut config =
+        Config::parse(Path::new("/tmp/remote.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    config.models.remove(0)
+}
+
+/// The real path: a second tiergate process on the fast model is the upstream of a
+/// remote tier, beside a local tier in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_tiergate_process_serves_a_remote_tier_beside_a_local_one() {
+    let upstream = BinaryServer::start(|_| {}).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let gguf = format!("{root}/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let upstream_url = format!("{}/v1", upstream.base);
+    let remote = server_config_model(&upstream_url, &gguf);
+    let server = TestServer::start(|config| {
+        config.models.retain(|m| m.id == FAST);
+        config.models.push(remote);
+        config.router.policies = vec![fixture("fleet.toml")];
+        config.embedding = None;
+    })
+    .await;
+    let question = "Name a primary colour.";
+    let greedy = |model: &str| {
+        json!({"model": model, "temperature": 0, "max_tokens": 12,
+               "messages": [{"role": "user", "content": question}]})
+    };
+    // Directly from the upstream, then through the remote tier: the same greedy reply.
+    let direct: Value = server
+        .client
+        .post(format!("{upstream_url}/chat/completions"))
+        .json(&greedy(FAST))
+        .send()
+        .await
+        .expect("direct")
+        .json()
+        .await
+        .expect("json");
+    let mut body = greedy("auto");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("full"));
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(upstream_url.as_str())
+    );
+    let payloads = parse_sse(&response.text().await.expect("body"));
+    let direct_text = direct["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(!direct_text.is_empty());
+    assert_eq!(streamed_text(&payloads), direct_text);
+    let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).expect("usage");
+    assert_eq!(
+        usage["usage"], direct["usage"],
+        "the upstream's usage, passed on"
+    );
+    assert_eq!(usage["model"], "remote-smollm");
+
+    // The remote tier counts prompts (for routing and budgets) with its tokenizer: the
+    // same count as the upstream's own.
+    let remote_config = server_config_model(&upstream_url, &gguf);
+    let prompter = tiergate::remote::load_tokenizer(&remote_config)
+        .expect("tokenizer")
+        .expect("configured");
+    let messages = [tiergate::chat::ChatMessage::user(question)];
+    assert_eq!(
+        json!(prompter.count(&messages).expect("count")),
+        direct["usage"]["prompt_tokens"]
+    );
+
+    // The local tier is still local: no endpoint header.
+    let response = server.post_chat(&greedy("fast")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-endpoint"), None);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
+    server.stop().await;
+    drop(upstream);
+}
