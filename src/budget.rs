@@ -173,11 +173,12 @@ impl Source {
         })
     }
 
-    /// The remote endpoint generating this reply (not known to followers and replays).
+    /// The remote endpoint generating this reply (none for a replay from the cache).
     pub fn endpoint(&self) -> Option<String> {
         match self {
             Source::Engine(tokens) => tokens.endpoint().map(str::to_owned),
-            Source::Shared(_) | Source::Replay(_) => None,
+            Source::Shared(follower) => follower.endpoint(),
+            Source::Replay(_) => None,
         }
     }
 }
@@ -540,7 +541,10 @@ impl Planner<'_> {
             match tokio::time::timeout_at(watchdog_at, source.next_event()).await {
                 // A fleet finds out only after `submit` that no endpoint could take it.
                 Ok(TokenEvent::Failed(err)) if is_load_refusal(&err) => {
-                    left_because = Some(DegradeReason::Unavailable);
+                    left_because = Some(match err {
+                        EngineError::QueueFull { .. } => DegradeReason::QueueFull,
+                        _ => DegradeReason::Unavailable,
+                    });
                     shortest_overrun.get_or_insert(Duration::from_secs(1));
                     pass(err.to_string());
                     continue;

@@ -13,7 +13,7 @@
 //! A shared generation is cancelled (its sequence leaves the engine) as soon as its last
 //! follower goes away, so a timed-out or disconnected client never keeps a slot busy.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
@@ -388,7 +388,9 @@ fn start_generation(
     submit: impl FnOnce() -> Result<TokenStream, EngineError>,
 ) -> Result<(Arc<SharedGeneration>, Follower, TokenStream), EngineError> {
     let tokens = submit()?;
-    let shared = Arc::new(SharedGeneration::new(tokens.prompt_tokens));
+    let mut shared = SharedGeneration::new(tokens.prompt_tokens);
+    shared.answered_by = tokens.endpoint_slot();
+    let shared = Arc::new(shared);
     let follower = shared
         .follow()
         .unwrap_or_else(|| Follower::detached(tokens.prompt_tokens));
@@ -402,6 +404,8 @@ pub struct SharedGeneration {
     appended: Notify,
     /// Woken when the last follower leaves (the pump waits on it).
     abandoned: Notify,
+    /// The remote endpoint generating it, once known (`None` for a local model).
+    answered_by: Option<Arc<OnceLock<String>>>,
 }
 
 struct EventLog {
@@ -425,6 +429,7 @@ impl SharedGeneration {
             }),
             appended: Notify::new(),
             abandoned: Notify::new(),
+            answered_by: None,
         }
     }
 
@@ -510,6 +515,12 @@ pub struct Follower {
 }
 
 impl Follower {
+    /// The remote endpoint generating the shared reply, once it has sent text.
+    pub fn endpoint(&self) -> Option<String> {
+        let slot = self.shared.as_ref()?.answered_by.as_ref()?;
+        slot.get().cloned()
+    }
+
     /// A follower of nothing (only if a fresh generation was abandoned before its leader
     /// could follow it, which cannot happen; kept total instead of panicking).
     fn detached(prompt_tokens: u32) -> Self {

@@ -742,10 +742,12 @@ fn validate_remote(
             None
         }
     });
+    // Bounded above too: a deadline a day away is no deadline, and a larger one would
+    // overflow the clock's arithmetic.
     let positive = |found: &mut Found<'_>, field: &str, value: Option<u64>, default: u64| {
         let value = value.unwrap_or(default);
-        if value == 0 {
-            found.add(key(field), "must be at least 1");
+        if !(1..=86_400_000).contains(&value) {
+            found.add(key(field), "must be between 1 and 86400000");
         }
         value
     };

@@ -137,6 +137,11 @@ impl TokenStream {
         self.answered_by.as_ref()?.get().map(String::as_str)
     }
 
+    /// Where the endpoint that answers will be recorded, for readers of a shared copy.
+    pub fn endpoint_slot(&self) -> Option<Arc<OnceLock<String>>> {
+        self.answered_by.clone()
+    }
+
     pub async fn next_event(&mut self) -> Option<TokenEvent> {
         self.events.recv().await
     }

@@ -7,7 +7,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -40,60 +40,100 @@ impl Breaker {
         }
     }
 
-    /// A request is being sent: after an ejection it is the one trial.
-    pub fn take(&mut self, now: Instant) {
+    /// Claims the right to send a request now: `Some(true)` for the one trial after an
+    /// ejection, `Some(false)` for ordinary traffic, `None` when refused.
+    pub fn claim(&mut self, now: Instant) -> Option<bool> {
         match *self {
-            Breaker::Open { until } if now >= until => {
+            Breaker::Closed { .. } => Some(false),
+            Breaker::Open { until } if now < until => None,
+            Breaker::HalfOpen { trial_out: true } => None,
+            Breaker::Open { .. } | Breaker::HalfOpen { trial_out: false } => {
                 *self = Breaker::HalfOpen { trial_out: true };
+                Some(true)
             }
-            Breaker::HalfOpen { trial_out: false } => *self = Breaker::HalfOpen { trial_out: true },
+        }
+    }
+
+    /// A request answered. Only the trial closes an ejected endpoint's breaker: a request
+    /// sent before the ejection says nothing about now.
+    pub fn succeeded(&mut self, trial: bool) {
+        match self {
+            Breaker::Closed { .. } => *self = Breaker::Closed { failures: 0 },
+            Breaker::HalfOpen { .. } if trial => *self = Breaker::Closed { failures: 0 },
             _ => {}
         }
     }
 
-    pub fn succeeded(&mut self) {
-        *self = Breaker::Closed { failures: 0 };
-    }
-
-    /// Returns true when this failure ejects the endpoint.
-    pub fn failed(&mut self, now: Instant, threshold: u32, eject_for: Duration) -> bool {
-        match *self {
+    /// A request failed; returns true when this failure ejects the endpoint.
+    pub fn failed(
+        &mut self,
+        now: Instant,
+        threshold: u32,
+        eject_for: Duration,
+        trial: bool,
+    ) -> bool {
+        let eject = match *self {
             Breaker::Closed { failures } if failures + 1 < threshold => {
                 *self = Breaker::Closed {
                     failures: failures + 1,
                 };
                 false
             }
-            Breaker::Closed { .. } | Breaker::HalfOpen { .. } => {
-                *self = Breaker::Open {
-                    until: now + eject_for,
-                };
-                true
-            }
-            // Already out (a request sent before the ejection failed late).
+            Breaker::Closed { .. } => true,
+            Breaker::HalfOpen { .. } => trial,
+            // Already out: a request sent before the ejection failed late.
             Breaker::Open { .. } => false,
+        };
+        if eject {
+            *self = Breaker::Open {
+                until: now + eject_for,
+            };
         }
+        eject
     }
 
-    /// A request ended without a verdict (its client left): the trial is free again.
-    pub fn abandoned(&mut self) {
-        if let Breaker::HalfOpen { trial_out: true } = self {
+    /// A request ended without a verdict (its client left): a trial's turn is free again.
+    pub fn abandoned(&mut self, trial: bool) {
+        if trial && *self == (Breaker::HalfOpen { trial_out: true }) {
             *self = Breaker::HalfOpen { trial_out: false };
         }
     }
 }
 
+/// Failed health checks in a row that take an endpoint out of rotation: one slow answer
+/// from a busy server must not.
+const FAILED_CHECKS_TO_FAIL: u32 = 2;
+
 /// What the endpoint's requests have shown, behind one lock.
 #[derive(Debug)]
 struct Observed {
     breaker: Breaker,
-    /// The last active health check failed (or could not connect).
-    failing_checks: bool,
+    /// Active health checks failed in a row.
+    failed_checks: u32,
     /// Smoothed seconds to first token, and the requests in flight (its own included)
     /// when those were measured; `None` until one was.
     ttft_s: Option<f64>,
     ttft_at_outstanding: f64,
     last_error: Option<String>,
+}
+
+impl Observed {
+    fn failing_checks(&self) -> bool {
+        self.failed_checks >= FAILED_CHECKS_TO_FAIL
+    }
+
+    fn fold_ttft(&mut self, sample: f64, at: f64) {
+        match self.ttft_s {
+            None => {
+                self.ttft_s = Some(sample);
+                self.ttft_at_outstanding = at;
+            }
+            Some(old) => {
+                self.ttft_s = Some(old + EWMA_WEIGHT * (sample - old));
+                self.ttft_at_outstanding += EWMA_WEIGHT * (at - self.ttft_at_outstanding);
+            }
+        }
+    }
 }
 
 /// One base URL of a fleet.
@@ -102,9 +142,11 @@ pub struct Endpoint {
     /// As configured, without a trailing slash: `http://10.0.0.5:8000/v1`.
     pub url: String,
     pub chat_url: String,
-    /// The origin joined with the configured health path; `None`: no active checks.
+    /// The configured health path on the endpoint's base (its URL less a trailing `/v1`);
+    /// `None`: no active checks.
     pub health_url: Option<String>,
-    /// Requests sent and not yet ended. Read lock-free by the picker.
+    /// Requests sent and not yet ended. Read lock-free by the picker; changed under the
+    /// `observed` lock so that claims cannot pass `max_outstanding` together.
     outstanding: AtomicU32,
     observed: Mutex<Observed>,
     /// Consecutive failures that eject it, and for how long.
@@ -118,8 +160,12 @@ pub struct Endpoint {
 pub enum Verdict {
     /// It answered (tokens, or a well-formed refusal of the client's request).
     Answered,
-    /// It failed: refused the connection, errored, stalled or broke the stream.
+    /// It failed: refused the connection, errored, broke the stream, or no first token
+    /// within the fleet's own `first_token_timeout_ms`.
     Failed(String),
+    /// Too slow for this request's budget, or it said it is overloaded (429): evidence
+    /// for the TTFT prediction, not a fault that ejects it.
+    Late,
     /// The client left first: says nothing about the endpoint.
     Abandoned,
 }
@@ -128,10 +174,8 @@ impl Endpoint {
     pub fn new(url: String, config: &RemoteConfig, metrics: EndpointMetrics) -> Self {
         let health_path = &config.health_path;
         let health_url = (!health_path.is_empty()).then(|| {
-            let origin = reqwest::Url::parse(&url)
-                .map(|u| u.origin().ascii_serialization())
-                .unwrap_or_else(|_| url.clone());
-            format!("{origin}{health_path}")
+            let base = url.strip_suffix("/v1").unwrap_or(&url);
+            format!("{base}{health_path}")
         });
         metrics.up.set(1);
         Self {
@@ -141,7 +185,7 @@ impl Endpoint {
             outstanding: AtomicU32::new(0),
             observed: Mutex::new(Observed {
                 breaker: Breaker::Closed { failures: 0 },
-                failing_checks: false,
+                failed_checks: 0,
                 ttft_s: None,
                 ttft_at_outstanding: 1.0,
                 last_error: None,
@@ -161,10 +205,10 @@ impl Endpoint {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// Healthy (or no active checks) and its breaker lets a request through now.
+    /// Passing its health checks (or not checked) and its breaker lets a request through.
     pub fn available(&self, now: Instant) -> bool {
         let observed = self.observed();
-        !observed.failing_checks && observed.breaker.admits(now)
+        !observed.failing_checks() && observed.breaker.admits(now)
     }
 
     /// Expected time to first token with `outstanding` requests in flight: the measured
@@ -180,24 +224,38 @@ impl Endpoint {
         Duration::from_secs_f64(ttft_s * load.max(1.0))
     }
 
-    /// A request is sent: counted in flight until the returned guard ends it.
-    pub fn begin(self: &std::sync::Arc<Self>) -> InFlight {
+    /// Sends a request if the endpoint may take one now (available, under
+    /// `max_outstanding`): checked and claimed under one lock, so two requests cannot
+    /// both become an ejected endpoint's trial or pass the cap together.
+    pub fn try_begin(self: &Arc<Self>, max_outstanding: u32) -> Option<InFlight> {
+        let now = Instant::now();
+        let mut observed = self.observed();
+        if observed.failing_checks() || self.outstanding() >= max_outstanding {
+            return None;
+        }
+        let trial = observed.breaker.claim(now)?;
         let in_flight = self.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
-        self.metrics.outstanding.set(i64::from(in_flight));
-        self.observed().breaker.take(Instant::now());
-        InFlight {
+        drop(observed);
+        self.metrics.outstanding.inc();
+        Some(InFlight {
             endpoint: self.clone(),
             at_outstanding: in_flight,
+            sent_at: now,
+            trial,
+            answered: false,
             verdict: None,
-        }
+        })
     }
 
     /// The result of an active health check.
     pub fn checked(&self, healthy: Result<(), String>) {
         let mut observed = self.observed();
-        observed.failing_checks = healthy.is_err();
-        if let Err(why) = healthy {
-            observed.last_error = Some(format!("health check: {why}"));
+        match healthy {
+            Ok(()) => observed.failed_checks = 0,
+            Err(why) => {
+                observed.failed_checks += 1;
+                observed.last_error = Some(format!("health check: {why}"));
+            }
         }
         drop(observed);
         self.publish(Instant::now());
@@ -211,7 +269,7 @@ impl Endpoint {
 
     pub fn status(&self, now: Instant) -> EndpointStatus {
         let observed = self.observed();
-        let state = if observed.failing_checks {
+        let state = if observed.failing_checks() {
             "failing_checks"
         } else {
             match observed.breaker {
@@ -228,30 +286,19 @@ impl Endpoint {
             last_error: observed.last_error.clone(),
         }
     }
-
-    fn record_ttft(&self, ttft: Duration, at_outstanding: u32) {
-        self.metrics.ttft.observe(ttft.as_secs_f64());
-        let mut observed = self.observed();
-        let (sample, at) = (ttft.as_secs_f64(), f64::from(at_outstanding));
-        match observed.ttft_s {
-            None => {
-                observed.ttft_s = Some(sample);
-                observed.ttft_at_outstanding = at;
-            }
-            Some(old) => {
-                observed.ttft_s = Some(old + EWMA_WEIGHT * (sample - old));
-                observed.ttft_at_outstanding += EWMA_WEIGHT * (at - observed.ttft_at_outstanding);
-            }
-        }
-    }
 }
 
 /// One request in flight on an endpoint. Ending it (or dropping it) gives its place back
 /// and tells the breaker what the attempt showed.
 pub struct InFlight {
-    endpoint: std::sync::Arc<Endpoint>,
+    endpoint: Arc<Endpoint>,
     /// Requests in flight when this one was sent, itself included.
     at_outstanding: u32,
+    sent_at: Instant,
+    /// The one request that decides whether an ejected endpoint is back.
+    trial: bool,
+    /// Its first token came (and the breaker was told at once).
+    answered: bool,
     verdict: Option<(Verdict, &'static str)>,
 }
 
@@ -260,9 +307,18 @@ impl InFlight {
         &self.endpoint
     }
 
-    /// The first token came after `ttft`.
-    pub fn first_token(&self, ttft: Duration) {
-        self.endpoint.record_ttft(ttft, self.at_outstanding);
+    /// The first token came: the endpoint works (a trial closes the breaker now, not
+    /// when a long reply ends), and the wait is a TTFT measurement.
+    pub fn first_token(&mut self) {
+        let ttft = self.sent_at.elapsed();
+        let endpoint = &self.endpoint;
+        endpoint.metrics.ttft.observe(ttft.as_secs_f64());
+        let mut observed = endpoint.observed();
+        observed.fold_ttft(ttft.as_secs_f64(), f64::from(self.at_outstanding));
+        observed.breaker.succeeded(self.trial);
+        drop(observed);
+        self.answered = true;
+        endpoint.publish(Instant::now());
     }
 
     /// How the attempt ended; `outcome` labels the request counter. The first call counts.
@@ -274,23 +330,31 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let endpoint = &self.endpoint;
-        let left = endpoint.outstanding.fetch_sub(1, Ordering::Relaxed) - 1;
-        endpoint.metrics.outstanding.set(i64::from(left));
+        let now = Instant::now();
         let (verdict, outcome) = self
             .verdict
             .take()
             .unwrap_or((Verdict::Abandoned, "client_closed"));
         endpoint.metrics.requests(outcome).inc();
-        let now = Instant::now();
         let mut observed = endpoint.observed();
+        endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
         match verdict {
-            Verdict::Answered => observed.breaker.succeeded(),
-            Verdict::Abandoned => observed.breaker.abandoned(),
+            Verdict::Answered => observed.breaker.succeeded(self.trial),
+            Verdict::Late | Verdict::Abandoned => {
+                // No first token after this long: a lower bound on this endpoint's TTFT,
+                // taken when it says more than the average does.
+                let waited = (now - self.sent_at).as_secs_f64();
+                if !self.answered && observed.ttft_s.is_none_or(|t| waited > t) {
+                    observed.fold_ttft(waited, f64::from(self.at_outstanding));
+                }
+                observed.breaker.abandoned(self.trial);
+            }
             Verdict::Failed(why) => {
                 let eject_for = endpoint.eject_for;
+                let threshold = endpoint.failure_threshold;
                 if observed
                     .breaker
-                    .failed(now, endpoint.failure_threshold, eject_for)
+                    .failed(now, threshold, eject_for, self.trial)
                 {
                     endpoint.metrics.ejections.inc();
                     tracing::warn!(endpoint = %endpoint.url, %why, eject_s = eject_for.as_secs_f64(),
@@ -300,6 +364,7 @@ impl Drop for InFlight {
             }
         }
         drop(observed);
+        endpoint.metrics.outstanding.dec();
         endpoint.publish(now);
     }
 }
@@ -427,38 +492,45 @@ mod tests {
         let start = Instant::now();
         let eject = Duration::from_secs(10);
         let mut breaker = Breaker::Closed { failures: 0 };
-        assert!(!breaker.failed(start, 3, eject));
-        assert!(!breaker.failed(start, 3, eject));
-        assert!(breaker.admits(start));
-        assert!(breaker.failed(start, 3, eject), "the third ejects");
-        assert!(!breaker.admits(start + Duration::from_secs(9)));
+        assert!(!breaker.failed(start, 3, eject, false));
+        assert!(!breaker.failed(start, 3, eject, false));
+        assert_eq!(breaker.claim(start), Some(false));
+        assert!(breaker.failed(start, 3, eject, false), "the third ejects");
+        assert_eq!(breaker.claim(start + Duration::from_secs(9)), None);
         let later = start + eject;
         assert!(breaker.admits(later));
-        breaker.take(later);
+        assert_eq!(breaker.claim(later), Some(true), "the trial");
+        assert_eq!(breaker.claim(later), None, "one trial at a time");
+        // A request sent before the ejection ends well: it says nothing about now.
+        breaker.succeeded(false);
         assert_eq!(breaker, Breaker::HalfOpen { trial_out: true });
-        assert!(!breaker.admits(later), "one trial at a time");
         // The trial fails: out again for the whole wait.
-        assert!(breaker.failed(later, 3, eject));
-        assert!(!breaker.admits(later + Duration::from_secs(9)));
+        assert!(breaker.failed(later, 3, eject, true));
+        assert_eq!(breaker.claim(later + Duration::from_secs(9)), None);
         let again = later + eject;
-        breaker.take(again);
-        breaker.succeeded();
+        assert_eq!(breaker.claim(again), Some(true));
+        breaker.succeeded(true);
         assert_eq!(breaker, Breaker::Closed { failures: 0 });
     }
 
     #[test]
-    fn a_success_resets_the_count_and_an_abandoned_trial_frees_the_slot() {
+    fn a_success_resets_the_count_and_an_abandoned_trial_frees_the_turn() {
         let now = Instant::now();
         let mut breaker = Breaker::Closed { failures: 0 };
-        breaker.failed(now, 2, Duration::from_secs(1));
-        breaker.succeeded();
+        breaker.failed(now, 2, Duration::from_secs(1), false);
+        breaker.succeeded(false);
         assert!(
-            !breaker.failed(now, 2, Duration::from_secs(1)),
+            !breaker.failed(now, 2, Duration::from_secs(1), false),
             "count restarted"
         );
 
         let mut trial = Breaker::HalfOpen { trial_out: true };
-        trial.abandoned();
+        trial.abandoned(false);
+        assert!(!trial.admits(now), "only the trial's own end frees it");
+        trial.abandoned(true);
         assert!(trial.admits(now));
+        // A late failure of an older request does not re-eject a probing endpoint.
+        let mut probing = Breaker::HalfOpen { trial_out: true };
+        assert!(!probing.failed(now, 1, Duration::from_secs(1), false));
     }
 }

@@ -147,8 +147,9 @@ impl Fleet {
     /// Checks every endpoint at once, then again every `health_interval_ms`, forever.
     async fn check_health(self: Arc<Self>) {
         let interval = Duration::from_millis(self.config.health_interval_ms);
-        // A health check answers in milliseconds; one that does not is as good as down.
-        let timeout = interval.min(Duration::from_secs(2));
+        // A health check answers in milliseconds; one that takes longer than this is as good
+        // as down (and two in a row take the endpoint out).
+        let timeout = Duration::from_secs(2);
         loop {
             let checks = self.endpoints.iter().map(|endpoint| async {
                 if let Some(url) = &endpoint.health_url {
@@ -210,6 +211,27 @@ impl Fleet {
             .collect()
     }
 
+    /// Why no endpoint is left to try: all full (a load refusal like a full local queue),
+    /// or every one out or failed.
+    fn none_left(&self, tried: &[usize], failures: &[String]) -> EngineError {
+        let now = Instant::now();
+        let untried_full = self.endpoints.iter().enumerate().any(|(index, e)| {
+            !tried.contains(&index)
+                && e.available(now)
+                && e.outstanding() >= self.config.max_outstanding
+        });
+        if untried_full && failures.is_empty() {
+            return EngineError::QueueFull {
+                model: self.info.id.clone(),
+                capacity: self.config.max_outstanding as usize * self.endpoints.len(),
+            };
+        }
+        self.unavailable(match failures.is_empty() {
+            true => "every endpoint is ejected or failing its health check".to_owned(),
+            false => format!("every endpoint tried failed: {}", failures.join("; ")),
+        })
+    }
+
     fn unavailable(&self, reason: String) -> EngineError {
         EngineError::Unavailable {
             model: self.info.id.clone(),
@@ -241,37 +263,38 @@ impl Fleet {
         loop {
             let candidates = self.candidates(&tried, affinity);
             let Some(index) = endpoint::pick(&candidates, affinity.is_some()) else {
-                let reason = if failures.is_empty() {
-                    "every endpoint is ejected, failing its health check or full".to_owned()
-                } else {
-                    format!("every endpoint tried failed: {}", failures.join("; "))
-                };
-                let _ = events.send(TokenEvent::Failed(self.unavailable(reason)));
+                let _ = events.send(TokenEvent::Failed(self.none_left(&tried, &failures)));
                 return;
             };
-            if !tried.is_empty() {
-                self.retries.inc();
-            }
             tried.push(index);
             let endpoint = &self.endpoints[index];
+            // Another request may have taken its last place (or its trial) meanwhile.
+            let Some(mut in_flight) = endpoint.try_begin(self.config.max_outstanding) else {
+                continue;
+            };
+            if !failures.is_empty() {
+                self.retries.inc();
+            }
             // With another endpoint to go to, this one gets half of what is left of the
             // budget (or twice its own predicted first token, when that is more). The
             // last one waits until the budget's watchdog gives up on the tier, which
             // drops the stream and so closes the request.
             let now = Instant::now();
             let mut first_token_by = now + first_token_timeout;
+            let mut deadline_is_budget = false;
             if let Some(by) = request.first_token_by.filter(|_| candidates.len() > 1) {
                 let left = by.saturating_duration_since(now);
                 let share = (left / 2).max(endpoint.predict_ttft() * 2).min(left);
+                deadline_is_budget = now + share < first_token_by;
                 first_token_by = first_token_by.min(now + share);
             }
-            let mut in_flight = endpoint.begin();
             let call = Call {
                 client: &self.client,
                 api_key: self.config.api_key.as_deref(),
                 body: body.clone(),
                 events: &events,
                 first_token_by,
+                deadline_is_budget,
                 idle_timeout: Duration::from_millis(self.config.idle_timeout_ms),
                 prompt_tokens,
                 on_first_token: &on_first_token,

@@ -106,38 +106,46 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
-/// The parts of an OpenAI stream chunk that matter here; anything else is ignored.
+/// The parts of an OpenAI stream chunk that matter here; anything else is ignored, and
+/// so is a `null` where an object or list should be (servers differ in these).
 #[derive(Deserialize, Debug, Default)]
 struct Chunk {
     #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    usage: Option<ChunkUsage>,
+    choices: Option<Vec<ChunkChoice>>,
+    /// Read field by field ([`usage_of`]): a usage this parser cannot read is not a
+    /// reason to fail a reply that was delivered.
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
     /// Some servers put an error object in a data line instead of an `error` event.
+    #[serde(default)]
     error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Debug)]
 struct ChunkChoice {
     #[serde(default)]
-    delta: ChunkDelta,
+    delta: Option<ChunkDelta>,
+    #[serde(default)]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
 struct ChunkDelta {
+    #[serde(default)]
     content: Option<String>,
 }
 
-#[derive(Deserialize, Debug)]
-struct ChunkUsage {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    prompt_tokens_details: Option<PromptDetails>,
-}
-
-#[derive(Deserialize, Debug)]
-struct PromptDetails {
-    cached_tokens: Option<u32>,
+/// The token counts of an upstream `usage` object, when it has the two that matter.
+fn usage_of(usage: &serde_json::Value) -> Option<Usage> {
+    let count = |v: &serde_json::Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    Some(Usage {
+        prompt_tokens: count(usage.get("prompt_tokens")?)?,
+        completion_tokens: count(usage.get("completion_tokens")?)?,
+        cached_prompt_tokens: usage
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(count),
+    })
 }
 
 /// The message of an OpenAI error body (`{"error":{"message":...}}`), else the text.
@@ -161,12 +169,34 @@ fn is_client_error(status: u16) -> bool {
     matches!(status, 400 | 413 | 422)
 }
 
-fn finish_reason(reason: &str) -> FinishReason {
+/// How the upstream says its reply ended: `Err` for an ending that is a failure (vLLM's
+/// and SGLang's `abort`, `error`), which must not pass for a complete reply.
+fn finish_reason(reason: &str) -> Result<FinishReason, String> {
     match reason {
-        "length" => FinishReason::Length,
-        // `stop`, and what tiergate has no name for (`content_filter`, `tool_calls`).
-        _ => FinishReason::Stop,
+        "length" => Ok(FinishReason::Length),
+        "abort" | "error" => Err(format!("ended the reply with finish_reason `{reason}`")),
+        // `stop`, and endings tiergate has no name for (`content_filter`, `tool_calls`).
+        _ => Ok(FinishReason::Stop),
     }
+}
+
+/// At most this much of an error body is read: it only feeds a message.
+const ERROR_BODY_LIMIT: usize = 16 << 10;
+
+/// The start of an error response's body, read for at most two seconds.
+async fn error_body(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() >= ERROR_BODY_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    body.truncate(ERROR_BODY_LIMIT);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// Where one attempt is when it ends, for its verdict and its events.
@@ -177,6 +207,9 @@ pub struct Call<'a> {
     pub events: &'a mpsc::UnboundedSender<TokenEvent>,
     /// The first token must come by then, or the attempt is abandoned for another endpoint.
     pub first_token_by: Instant,
+    /// `first_token_by` is this endpoint's share of the request's budget, not the fleet's
+    /// own `first_token_timeout_ms`: missing it makes the endpoint late, not faulty.
+    pub deadline_is_budget: bool,
     /// Longest wait for the next chunk once streaming.
     pub idle_timeout: Duration,
     /// Our count, reported when the upstream sends no usage.
@@ -200,6 +233,11 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     if let Some(key) = call.api_key {
         request = request.bearer_auth(key);
     }
+    // No first token by the deadline: faulty past the fleet's own timeout, late otherwise.
+    let late = |why: String| match call.deadline_is_budget {
+        true => (Verdict::Late, "first_token_late", why),
+        false => (Verdict::Failed(why.clone()), "first_token_timeout", why),
+    };
     let mut fail = |outcome: &'static str, why: String| {
         in_flight.end(Verdict::Failed(why.clone()), outcome);
         Attempt::Retry(why)
@@ -212,10 +250,9 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     let response = match response {
         Err(_) => {
             let waited = sent_at.elapsed().as_millis();
-            return fail(
-                "first_token_timeout",
-                format!("no response within {waited} ms"),
-            );
+            let (verdict, outcome, why) = late(format!("no response within {waited} ms"));
+            in_flight.end(verdict, outcome);
+            return Attempt::Retry(why);
         }
         Ok(Err(e)) if e.is_connect() => {
             return fail("connect_error", format!("cannot connect: {e}"))
@@ -225,8 +262,7 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     };
     let status = response.status().as_u16();
     if !response.status().is_success() {
-        let body = tokio::time::timeout(Duration::from_secs(2), response.text()).await;
-        let message = error_message(&body.ok().and_then(Result::ok).unwrap_or_default());
+        let message = error_message(&error_body(response).await);
         if is_client_error(status) {
             in_flight.end(Verdict::Answered, "rejected");
             let _ = call
@@ -237,8 +273,12 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
                 }));
             return Attempt::Done;
         }
+        if status == 429 {
+            // Overloaded, not broken: another endpoint may take it, and this one stays in.
+            in_flight.end(Verdict::Late, "http_429");
+            return Attempt::Retry(format!("answered 429: {message}"));
+        }
         let outcome = match status {
-            429 => "http_429",
             500 => "http_500",
             502 => "http_502",
             503 => "http_503",
@@ -252,7 +292,7 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     let mut first_token_at: Option<Instant> = None;
     let mut pieces = 0u32;
     let mut finish: Option<FinishReason> = None;
-    let mut usage: Option<ChunkUsage> = None;
+    let mut usage: Option<Usage> = None;
     // Once text has reached the client, a failure ends the reply with an error event.
     let broken = |in_flight: &mut InFlight, outcome: &'static str, why: String| {
         in_flight.end(Verdict::Failed(why.clone()), outcome);
@@ -275,13 +315,13 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         };
         let streaming = first_token_at.is_some();
         let event = match next {
+            // The reply had ended; only the usage or `[DONE]` was still to come.
+            Err(_) if finish.is_some() => break,
             Err(_) if !streaming => {
                 let waited = sent_at.elapsed().as_millis();
-                in_flight.end(
-                    Verdict::Failed(format!("no first token within {waited} ms")),
-                    "first_token_timeout",
-                );
-                return Attempt::Retry(format!("no first token within {waited} ms"));
+                let (verdict, outcome, why) = late(format!("no first token within {waited} ms"));
+                in_flight.end(verdict, outcome);
+                return Attempt::Retry(why);
             }
             Err(_) => {
                 let idle = call.idle_timeout.as_millis();
@@ -339,12 +379,12 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             }
             return broken(in_flight, "error_event", why);
         }
-        for choice in chunk.choices {
-            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+        for choice in chunk.choices.unwrap_or_default() {
+            let text = choice.delta.and_then(|d| d.content);
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
                 if first_token_at.is_none() {
-                    let now = Instant::now();
-                    first_token_at = Some(now);
-                    in_flight.first_token(now - sent_at);
+                    first_token_at = Some(Instant::now());
+                    in_flight.first_token();
                     (call.on_first_token)(&url);
                 }
                 pieces += 1;
@@ -352,31 +392,35 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
                     return Attempt::ClientGone;
                 }
             }
-            if let Some(reason) = choice.finish_reason {
-                finish = Some(finish_reason(&reason));
+            match choice.finish_reason.as_deref().map(finish_reason) {
+                Some(Ok(reason)) => finish = Some(reason),
+                Some(Err(why)) if first_token_at.is_none() => {
+                    in_flight.end(Verdict::Failed(why.clone()), "aborted");
+                    return Attempt::Retry(why);
+                }
+                Some(Err(why)) => return broken(in_flight, "aborted", why),
+                None => {}
             }
         }
-        if chunk.usage.is_some() {
-            usage = chunk.usage;
+        if let Some(read) = chunk.usage.as_ref().and_then(usage_of) {
+            usage = Some(read);
         }
     }
     in_flight.end(Verdict::Answered, "ok");
+    if first_token_at.is_none() {
+        // An empty reply still names who gave it.
+        in_flight.first_token();
+        (call.on_first_token)(&url);
+    }
     let ended_at = Instant::now();
     let first = first_token_at.unwrap_or(ended_at);
-    let usage = match usage {
-        Some(u) => Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cached_prompt_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
-        },
-        // Without usage from upstream: our prompt count and a token per piece (a lower
-        // bound: servers send one or more tokens per chunk).
-        None => Usage {
-            prompt_tokens: call.prompt_tokens,
-            completion_tokens: pieces,
-            cached_prompt_tokens: None,
-        },
-    };
+    // Without usage from upstream: our prompt count and a token per piece (a lower bound:
+    // servers send one or more tokens per chunk).
+    let usage = usage.unwrap_or(Usage {
+        prompt_tokens: call.prompt_tokens,
+        completion_tokens: pieces,
+        cached_prompt_tokens: None,
+    });
     let _ = call.events.send(TokenEvent::Finished {
         finish_reason: finish.unwrap_or(FinishReason::Stop),
         usage,
@@ -406,6 +450,40 @@ mod tests {
             error_message("  Service Unavailable \n"),
             "Service Unavailable"
         );
+    }
+
+    #[test]
+    fn chunks_with_nulls_and_odd_usage_still_parse() {
+        let chunk: Chunk = serde_json::from_str(
+            r#"{"choices":[{"delta":null,"finish_reason":null}],"usage":{"prompt_tokens":3}}"#,
+        )
+        .expect("lenient");
+        assert!(chunk.choices.expect("choices")[0].delta.is_none());
+        assert_eq!(
+            chunk.usage.as_ref().and_then(usage_of),
+            None,
+            "half a usage is none"
+        );
+        let chunk: Chunk = serde_json::from_str(r#"{"choices":null}"#).expect("null choices");
+        assert!(chunk.choices.is_none());
+        let usage = serde_json::json!({"prompt_tokens": 3, "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": 1}});
+        assert_eq!(
+            usage_of(&usage),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 2,
+                cached_prompt_tokens: Some(1)
+            })
+        );
+    }
+
+    #[test]
+    fn an_aborted_reply_is_a_failure_not_a_stop() {
+        assert_eq!(finish_reason("length"), Ok(FinishReason::Length));
+        assert_eq!(finish_reason("content_filter"), Ok(FinishReason::Stop));
+        assert!(finish_reason("abort").is_err());
+        assert!(finish_reason("error").is_err());
     }
 
     #[test]

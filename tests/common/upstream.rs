@@ -28,6 +28,17 @@ pub enum Script {
     Status(u16),
     /// Streams this many pieces, then cuts the connection without finishing.
     DropAfter(usize),
+    /// Streams `count` pieces `gap` apart, each the Unix time in nanoseconds at which it
+    /// was sent (for measuring what a proxy adds to each chunk's latency).
+    Stamped { count: usize, gap: Duration },
+}
+
+/// Nanoseconds since the Unix epoch: what [`Script::Stamped`] pieces carry.
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 impl Script {
@@ -195,6 +206,29 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     item
                 })
+                .boxed()
+        }
+        Script::Stamped { count, gap } => {
+            guard.finished = true;
+            let pieces = futures::stream::iter(0..count).then(move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                Ok(chunk(
+                    json!({"content": format!("{} ", unix_nanos())}),
+                    None,
+                ))
+            });
+            let tail = Bytes::from(
+                [
+                    chunk(json!({}), Some("stop")),
+                    Bytes::from_static(b"data: [DONE]\n\n"),
+                ]
+                .concat(),
+            );
+            futures::stream::once(async move { Ok(role) })
+                .chain(pieces)
+                .chain(futures::stream::once(async move { Ok(tail) }))
                 .boxed()
         }
         Script::Tokens { pieces, gap } => {
