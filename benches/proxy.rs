@@ -6,9 +6,11 @@
 //! `TIERGATE_PROXY_CHUNKS` pieces (default 16) `TIERGATE_PROXY_GAP_MS` apart (default
 //! 20), each carrying the time it was sent, so the client measures every chunk's latency
 //! from the upstream's send to its own receipt. The same client, upstream and request
-//! go direct and through a gateway whose only tier is a fleet of that one endpoint.
-//! Everything shares this machine's cores, so at high concurrency the figures include
-//! the contention of client, gateway and upstream with each other.
+//! go direct and through a gateway (the `tiergate` binary, in a process of its own) whose
+//! only tier is a fleet of that one endpoint.
+//! Streams start spread over one stream's length, then each worker starts its next as
+//! soon as one ends. Everything shares this machine's cores, so at high concurrency the
+//! figures include the contention of client, gateway and upstream with each other.
 //!
 //!     cargo bench --bench proxy                      # 1, 64 and 512 streams
 //!     TIERGATE_PROXY_STREAMS=1,16 cargo bench --bench proxy
@@ -17,14 +19,12 @@
 #[allow(dead_code)] // the fault scripts serve the tests
 mod upstream;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
 use serde_json::{json, Value};
-use tiergate::config::Config;
 use tokio::sync::Mutex;
 use upstream::{unix_nanos, Script, ScriptedUpstream};
 
@@ -59,13 +59,14 @@ async fn run() -> anyhow::Result<()> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let upstream = ScriptedUpstream::start(Script::Stamped { count: chunks, gap }).await;
-    let (gateway, stop) = start_gateway(&upstream.url).await?;
+    let stream_time = gap * chunks as u32;
+    let gateway = Gateway::start(&upstream.url).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
         .tcp_nodelay(true)
         .build()?;
     let direct_url = format!("{}/chat/completions", upstream.url);
-    let via_url = format!("{gateway}/v1/chat/completions");
+    let via_url = format!("{}/v1/chat/completions", gateway.base);
     println!(
         "proxy overhead: {chunks} chunks {} ms apart per stream; ms; \"added\" is the \
          gateway's figure minus the direct one",
@@ -75,13 +76,17 @@ async fn run() -> anyhow::Result<()> {
         "{:>7} {:>8} {:>8} | {:>9} {:>9} | {:>9} {:>9} | {:>6}",
         "streams", "path", "requests", "ttft p50", "ttft p99", "chunk p50", "chunk p99", "errors"
     );
+    let mut cpu = Vec::new();
     for &concurrency in &streams {
         let requests = (concurrency * 4).max(200);
         // Warm both paths' connection pools at this concurrency first.
-        measure(&client, &direct_url, concurrency, concurrency).await;
-        measure(&client, &via_url, concurrency, concurrency).await;
-        let direct = measure(&client, &direct_url, concurrency, requests).await;
-        let via = measure(&client, &via_url, concurrency, requests).await;
+        measure(&client, &direct_url, concurrency, concurrency, stream_time).await;
+        measure(&client, &via_url, concurrency, concurrency, stream_time).await;
+        let direct = measure(&client, &direct_url, concurrency, requests, stream_time).await;
+        let cpu_before = gateway.cpu_time();
+        let via = measure(&client, &via_url, concurrency, requests, stream_time).await;
+        let gateway_cpu = gateway.cpu_time().saturating_sub(cpu_before);
+        cpu.push((concurrency, gateway_cpu, requests, via.chunk.len()));
         for (path, sample) in [("direct", &direct), ("tiergate", &via)] {
             println!(
                 "{concurrency:>7} {path:>8} {requests:>8} | {:>9.3} {:>9.3} | {:>9.3} {:>9.3} | {:>6}",
@@ -105,16 +110,51 @@ async fn run() -> anyhow::Result<()> {
             added(|s| &s.chunk, 0.99),
         );
     }
-    let _ = stop.send(());
+    // What the gateway's own process spent: per request, and per request and chunk
+    // together spread over the chunks (the two cannot be told apart from outside).
+    println!("gateway CPU (its own process, user + system):");
+    for (concurrency, spent, requests, chunks) in cpu {
+        println!(
+            "{concurrency:>7} streams: {:.0} ms for {requests} requests and {chunks} chunks: \
+             {:.0} µs a request, {:.1} µs a chunk",
+            ms(spent),
+            spent.as_secs_f64() * 1e6 / requests as f64,
+            spent.as_secs_f64() * 1e6 / chunks.max(1) as f64,
+        );
+    }
     Ok(())
 }
 
-/// A gateway on a free port whose one tier is a fleet of the upstream at `url`.
-async fn start_gateway(url: &str) -> anyhow::Result<(String, tokio::sync::oneshot::Sender<()>)> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let text = format!(
-        r#"
+/// The `tiergate` binary, serving on a free port with one tier: a fleet of the upstream
+/// at `url`. A process of its own, so that its CPU time can be read apart from the
+/// client's and the upstream's.
+struct Gateway {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    async fn start(url: &str) -> anyhow::Result<Self> {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("tiergate.toml");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        std::fs::write(
+            &config,
+            format!(
+                r#"
 [server]
+listen = "127.0.0.1:{port}"
 max_connections = 4096
 
 [router]
@@ -127,40 +167,69 @@ tier = "fast"
 endpoints = ["{url}"]
 max_outstanding = 4096
 "#
-    );
-    let config = Config::parse(Path::new("/tmp/proxy-bench.toml"), &text)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tiergate::server::run(listener, config, async {
-        let _ = stop_rx.await;
-    }));
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        let ready = client.get(format!("{base}/ready")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            return Ok((base, stop_tx));
+            ),
+        )?;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let gateway = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            let ready = client.get(format!("{}/ready", gateway.base)).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Ok(gateway);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        anyhow::bail!("the gateway was not ready within 10 s")
     }
-    anyhow::bail!("the gateway was not ready within 5 s")
+
+    /// CPU time (user and system) the gateway process has used so far.
+    fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and
+        // 13th of them, in USER_HZ (100 a second on Linux).
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
 }
 
-/// `requests` streams, `concurrency` at a time.
+/// `requests` streams, `concurrency` at a time. The workers start `stream_time /
+/// concurrency` apart, so that streams begin and end spread over time as real traffic
+/// does, instead of all at once in lockstep (which measures one burst's queue).
 async fn measure(
     client: &reqwest::Client,
     url: &str,
     concurrency: usize,
     requests: usize,
+    stream_time: Duration,
 ) -> Sample {
     let sample = Arc::new(Mutex::new(Sample::default()));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stagger = stream_time / concurrency as u32;
     let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|worker| {
             let (client, url, sample, next) =
                 (client.clone(), url.to_owned(), sample.clone(), next.clone());
             tokio::spawn(async move {
+                tokio::time::sleep(stagger * worker as u32).await;
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
                     let result = one_stream(&client, &url).await;
                     let mut sample = sample.lock().await;

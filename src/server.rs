@@ -240,6 +240,11 @@ pub async fn serve(
                 },
                 () = &mut shutdown => return,
             };
+            // Each streamed chunk is a small write soon after the one before: with Nagle's
+            // algorithm it would wait for the client's (possibly delayed) ACK of that one.
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(%err, "cannot set TCP_NODELAY");
+            }
             let header_read_timeout = options.header_read_timeout;
             let service = TowerToHyperService::new(app.clone());
             let builder = builder.clone();

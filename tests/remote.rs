@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::binary::BinaryServer;
-use common::upstream::{refused_url, Script, ScriptedUpstream};
+use common::upstream::{closing_endpoint, refused_url, Script, ScriptedUpstream};
 use common::{fixture, header, parse_sse, streamed_text, wait_until, TestServer, FAST};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -474,6 +474,50 @@ async fn a_refused_connection_is_retried_elsewhere_and_a_fleet_with_none_left_de
     assert_eq!(
         header(&response, "x-tiergate-degraded"),
         Some("full->fast; reason=unavailable")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let (closing, connections) = closing_endpoint().await;
+    let server = fleet(&[&fast.url], &[&closing], "health_path = \"\"").await;
+    let response = server.post_chat(&ask("anything")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=unavailable")
+    );
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "sent, then resent once on a new connection"
+    );
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{closing}""#);
+    assert_eq!(
+        server
+            .metric(&format!(
+                r#"tiergate_upstream_requests_total{{{labels},outcome="send_error"}}"#
+            ))
+            .await,
+        Some(2.0)
+    );
+    // The first closed connection is the pool's race; the second counts against it.
+    let ready: Value = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("ready")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        ready["endpoints"]["fleet-full"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the request failed")),
+        "{ready}"
     );
     server.stop().await;
 }

@@ -316,6 +316,8 @@ impl InFlight {
         let mut observed = endpoint.observed();
         observed.fold_ttft(ttft.as_secs_f64(), f64::from(self.at_outstanding));
         observed.breaker.succeeded(self.trial);
+        // It serves: a health check that timed out while it was busy is outweighed.
+        observed.failed_checks = 0;
         drop(observed);
         self.answered = true;
         endpoint.publish(Instant::now());
@@ -380,10 +382,11 @@ pub struct Candidate {
 }
 
 /// The affinity's endpoint keeps its requests while it has at most this many more in
-/// flight than the least loaded one (or half as many again, when that is more): reusing
-/// a warm prefix saves a prefill, but not at any queueing cost. SGLang's cache-aware
-/// policy uses the same absolute-plus-relative test.
-const AFFINITY_SLACK: u32 = 2;
+/// flight than the least loaded one (or a quarter more, when that is more): reusing a
+/// warm prefix saves a prefill, but a request queued behind a replica's full slots waits
+/// a whole reply. SGLang's cache-aware policy uses the same absolute-plus-relative test,
+/// with thresholds sized for vLLM's large batches; llama-server replicas have few slots.
+const AFFINITY_SLACK: u32 = 1;
 
 /// Least requests in flight (then the lower predicted first token, then config order),
 /// except that a request with an affinity key goes to its rendezvous endpoint while that
@@ -394,7 +397,7 @@ pub fn pick(candidates: &[Candidate], with_affinity: bool) -> Option<usize> {
         .min_by_key(|c| (c.outstanding, c.predicted_ttft, c.index))?;
     if with_affinity {
         let preferred = candidates.iter().max_by_key(|c| c.affinity_rank)?;
-        let slack = AFFINITY_SLACK.max(least.outstanding / 2);
+        let slack = AFFINITY_SLACK.max(least.outstanding / 4);
         if preferred.outstanding <= least.outstanding + slack {
             return Some(preferred.index);
         }
@@ -451,16 +454,16 @@ mod tests {
 
     #[test]
     fn affinity_holds_while_the_preferred_endpoint_is_not_much_busier() {
-        // Preferred (rank 9) has 2 more in flight than the least loaded: within the slack.
-        let near = [candidate(0, 2, 9), candidate(1, 0, 1)];
+        // Preferred (rank 9) has 1 more in flight than the least loaded: within the slack.
+        let near = [candidate(0, 1, 9), candidate(1, 0, 1)];
         assert_eq!(pick(&near, true), Some(0));
-        // Three more: the request goes to the least loaded.
-        let far = [candidate(0, 3, 9), candidate(1, 0, 1)];
+        // Two more: the request goes to the least loaded.
+        let far = [candidate(0, 2, 9), candidate(1, 0, 1)];
         assert_eq!(pick(&far, true), Some(1));
-        // At higher load the slack is half the least load: 20 against 14 stays.
-        let busy = [candidate(0, 20, 9), candidate(1, 14, 1)];
+        // At higher load the slack is a quarter of the least load: 24 against 20 stays.
+        let busy = [candidate(0, 24, 9), candidate(1, 20, 1)];
         assert_eq!(pick(&busy, true), Some(0));
-        let busier = [candidate(0, 22, 9), candidate(1, 14, 1)];
+        let busier = [candidate(0, 26, 9), candidate(1, 20, 1)];
         assert_eq!(pick(&busier, true), Some(1));
     }
 

@@ -100,6 +100,9 @@ impl RemoteEngine {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
             .tcp_nodelay(true)
+            // Below the 5 s after which llama-server and uvicorn (vLLM, SGLang) close an
+            // idle connection: a request rarely meets a connection closing under it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .context("cannot build the HTTP client")?;
         let endpoints = config
@@ -260,6 +263,8 @@ impl Fleet {
         };
         let mut tried = Vec::new();
         let mut failures: Vec<String> = Vec::new();
+        // One resend on a fresh connection per request: a second is a real failure.
+        let mut resent = false;
         loop {
             let candidates = self.candidates(&tried, affinity);
             let Some(index) = endpoint::pick(&candidates, affinity.is_some()) else {
@@ -295,12 +300,20 @@ impl Fleet {
                 events: &events,
                 first_token_by,
                 deadline_is_budget,
+                may_resend: !resent,
                 idle_timeout: Duration::from_millis(self.config.idle_timeout_ms),
                 prompt_tokens,
                 on_first_token: &on_first_token,
             };
             match upstream::attempt(call, &mut in_flight).await {
                 Attempt::Done | Attempt::ClientGone => return,
+                Attempt::Resend(why) => {
+                    resent = true;
+                    tracing::debug!(model = %self.info.id, endpoint = %endpoint.url, %why,
+                        "resending on a new connection");
+                    self.retries.inc();
+                    tried.pop();
+                }
                 Attempt::Retry(why) => {
                     tracing::warn!(model = %self.info.id, endpoint = %endpoint.url, %why,
                         "upstream attempt failed before its first token");

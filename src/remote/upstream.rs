@@ -29,6 +29,10 @@ pub enum Attempt {
     ClientGone,
     /// Failed before any token reached the client: another endpoint may take it.
     Retry(String),
+    /// The request could not be sent on a kept-alive connection the endpoint had just
+    /// closed (a race every HTTP/1.1 pool has): the same endpoint may take it at once on
+    /// a new connection.
+    Resend(String),
 }
 
 /// The body sent upstream: the request as the client made it, with the fleet's name for
@@ -210,6 +214,8 @@ pub struct Call<'a> {
     /// `first_token_by` is this endpoint's share of the request's budget, not the fleet's
     /// own `first_token_timeout_ms`: missing it makes the endpoint late, not faulty.
     pub deadline_is_budget: bool,
+    /// A failure to send is answered with [`Attempt::Resend`] (not yet resent once).
+    pub may_resend: bool,
     /// Longest wait for the next chunk once streaming.
     pub idle_timeout: Duration,
     /// Our count, reported when the upstream sends no usage.
@@ -256,6 +262,11 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         }
         Ok(Err(e)) if e.is_connect() => {
             return fail("connect_error", format!("cannot connect: {e}"))
+        }
+        Ok(Err(e)) if call.may_resend && e.is_request() && !e.is_timeout() => {
+            let why = format!("the request failed: {e}");
+            in_flight.end(Verdict::Late, "send_error");
+            return Attempt::Resend(why);
         }
         Ok(Err(e)) => return fail("send_error", format!("the request failed: {e}")),
         Ok(Ok(response)) => response,

@@ -97,6 +97,10 @@ impl ScriptedUpstream {
             .await
             .expect("bind port 0");
         let url = format!("http://{}/v1", listener.local_addr().expect("address"));
+        // As a real server would: each chunk leaves at once instead of after an ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -271,4 +275,25 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream))
         .expect("a response")
+}
+
+/// An endpoint that accepts each connection, reads the request and closes without a
+/// word, as a server does to a kept-alive connection it has just timed out; with the
+/// number of connections it has taken.
+pub async fn closing_endpoint() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let url = format!("http://{}/v1", listener.local_addr().expect("address"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buffer = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buffer).await;
+            drop(socket);
+        }
+    });
+    (url, accepted)
 }
