@@ -49,6 +49,14 @@ soak minutes="10": models build
 bench-embedding: models
     cargo bench --locked --bench embedding
 
+# What proxying a remote tier adds: TTFT and per-chunk latency, direct vs through tiergate, at 1, 64 and 512 streams.
+bench-proxy: build
+    cargo bench --locked --bench proxy
+
+# llama-server replicas behind tiergate against one called directly (LLAMA_SERVER: path to a llama-server binary).
+bench-fleet llama_server tier="fast": models build
+    benches/fleet.sh {{llama_server}} {{tier}}
+
 # Routing agreement on the held-out labelled prompts, with and without the example rules.
 eval-routing *ARGS: models build
     target/release/tiergate eval-routing {{ARGS}}

@@ -37,9 +37,11 @@ llama_server_on() {
   wait_ready "http://127.0.0.1:$1/health" 900
 }
 
-# gateway_over URL...: a tiergate whose tier is a fleet of these llama-servers.
+# gateway_over SLOTS URL...: a tiergate whose tier is a fleet of these llama-servers,
+# each with SLOTS slots.
 gateway_over() {
-  local port endpoints
+  local port endpoints slots=$1
+  shift
   port=$(free_port)
   endpoints=$(printf '"%s/v1",' "$@")
   cat >"$workdir/tiergate.toml" <<EOF
@@ -53,6 +55,7 @@ id = "$tier-fleet"
 tier = "fast"
 endpoints = [${endpoints%,}]
 upstream_model = "$tier"
+slots = $slots
 EOF
   "$bin" serve --config "$workdir/tiergate.toml" 2>"$workdir/tiergate-$port.log" &
   pids+=($!)
@@ -75,7 +78,7 @@ llama_server_on "$one" "$cores" 16
 run_load "http://127.0.0.1:$one" "$tier"
 
 echo "== the same llama-server behind tiergate" >&2
-gateway_over "http://127.0.0.1:$one"
+gateway_over 16 "http://127.0.0.1:$one"
 run_load "$gateway" fast
 cleanup
 
@@ -84,7 +87,7 @@ a=$(free_port)
 llama_server_on "$a" "$half" 8
 b=$(free_port)
 llama_server_on "$b" "$half" 8
-gateway_over "http://127.0.0.1:$a" "http://127.0.0.1:$b"
+gateway_over 8 "http://127.0.0.1:$a" "http://127.0.0.1:$b"
 run_load "$gateway" fast
 echo "== requests per endpoint" >&2
 curl -s "$gateway/metrics" | grep '^tiergate_upstream_requests_total' >&2

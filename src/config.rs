@@ -151,6 +151,10 @@ pub struct RemoteConfig {
     /// Requests one endpoint may have in flight; when every endpoint has this many, the
     /// tier is full (503 or degrade, like a full local queue).
     pub max_outstanding: u32,
+    /// Requests one endpoint runs at once (llama-server's `--parallel`, vLLM's
+    /// `max_num_seqs`), if known: one with a free slot is preferred, even over prefix
+    /// affinity, since beyond its slots a request waits a whole reply in its queue.
+    pub slots: Option<u32>,
     /// GET this path on each endpoint's origin every `health_interval_ms` (empty: no
     /// active checks, passive ones only).
     pub health_path: String,
@@ -266,7 +270,6 @@ struct RawModel {
     // remote model setting one is told it has no effect there.
     path: Option<PathBuf>,
     n_ctx: Option<u32>,
-    slots: Option<u32>,
     batch: Option<u32>,
     prefill_chunk: Option<u32>,
     prefix_cache: Option<bool>,
@@ -276,7 +279,8 @@ struct RawModel {
     kv_unified: Option<bool>,
     fault_step_delay_ms: Option<u64>,
     fault_panic_after_steps: Option<u64>,
-    // Both kinds.
+    // Both kinds. `slots`: sequences decoded together here, or the endpoints' own.
+    slots: Option<u32>,
     #[serde(default)]
     chat_template: Option<String>,
     #[serde(default = "defaults::max_tokens")]
@@ -688,7 +692,6 @@ fn validate_remote(
 ) -> ModelConfig {
     for (field, set) in [
         ("n_ctx", raw.n_ctx.is_some()),
-        ("slots", raw.slots.is_some()),
         ("batch", raw.batch.is_some()),
         ("prefill_chunk", raw.prefill_chunk.is_some()),
         ("prefix_cache", raw.prefix_cache.is_some()),
@@ -773,6 +776,12 @@ fn validate_remote(
         raw.failure_threshold.map(u64::from),
         3,
     ) as u32;
+    if raw.slots == Some(0) {
+        found.add(
+            key("slots"),
+            "must be at least 1 (leave it out when not known)",
+        );
+    }
     if raw.context == Some(0) {
         found.add(
             key("context"),
@@ -814,6 +823,7 @@ fn validate_remote(
             first_token_timeout_ms,
             idle_timeout_ms,
             max_outstanding,
+            slots: raw.slots,
             health_path,
             health_interval_ms,
             failure_threshold,
@@ -977,10 +987,10 @@ endpoints = ["http://10.0.0.5:8000/v1/", "https://gpu-2.internal/v1"]
         let problems = parse(&both).expect_err("both").0;
         assert_eq!(problems[0].key, "model[0].path", "{problems:?}");
 
-        let slots_on_remote = format!("{REMOTE}slots = 4\n");
-        let problems = parse(&slots_on_remote).expect_err("local key").0;
+        let batch_on_remote = format!("{REMOTE}batch = 4\n");
+        let problems = parse(&batch_on_remote).expect_err("local key").0;
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!(problems[0].key, "model[0].slots");
+        assert_eq!(problems[0].key, "model[0].batch");
         assert_eq!(problems[0].line, Some(6));
 
         let endpoint_key_on_local = format!("{MINIMAL}eject_ms = 5\n");

@@ -379,6 +379,9 @@ pub struct Candidate {
     pub predicted_ttft: Duration,
     /// Its rendezvous rank for this request's affinity key (higher is preferred).
     pub affinity_rank: u64,
+    /// Fewer in flight than its configured `slots` (always, when none are configured): a
+    /// new request would start at once instead of waiting in that server's own queue.
+    pub has_room: bool,
 }
 
 /// The affinity's endpoint keeps its requests while it has at most this many more in
@@ -390,13 +393,15 @@ const AFFINITY_SLACK: u32 = 1;
 
 /// Least requests in flight (then the lower predicted first token, then config order),
 /// except that a request with an affinity key goes to its rendezvous endpoint while that
-/// one is not much busier. `candidates` are the endpoints that may take a request now.
+/// one is not much busier. Endpoints with a free slot go first: a request sent to a full
+/// one waits in its queue for a whole reply. `candidates` are the endpoints that may
+/// take a request now.
 pub fn pick(candidates: &[Candidate], with_affinity: bool) -> Option<usize> {
-    let least = candidates
-        .iter()
-        .min_by_key(|c| (c.outstanding, c.predicted_ttft, c.index))?;
+    let any_room = candidates.iter().any(|c| c.has_room);
+    let pool = || candidates.iter().filter(move |c| c.has_room || !any_room);
+    let least = pool().min_by_key(|c| (c.outstanding, c.predicted_ttft, c.index))?;
     if with_affinity {
-        let preferred = candidates.iter().max_by_key(|c| c.affinity_rank)?;
+        let preferred = pool().max_by_key(|c| c.affinity_rank)?;
         let slack = AFFINITY_SLACK.max(least.outstanding / 4);
         if preferred.outstanding <= least.outstanding + slack {
             return Some(preferred.index);
@@ -433,7 +438,20 @@ mod tests {
             outstanding,
             predicted_ttft: Duration::ZERO,
             affinity_rank,
+            has_room: true,
         }
+    }
+
+    #[test]
+    fn endpoints_with_a_free_slot_go_first_even_against_affinity() {
+        let mut full = candidate(0, 8, 9);
+        full.has_room = false;
+        let other = candidate(1, 8, 1);
+        assert_eq!(pick(&[full, other], true), Some(1));
+        // All full: least in flight, as without slots.
+        let mut other_full = candidate(1, 9, 1);
+        other_full.has_room = false;
+        assert_eq!(pick(&[full, other_full], false), Some(0));
     }
 
     #[test]

@@ -210,6 +210,10 @@ impl Fleet {
                 outstanding: e.outstanding(),
                 predicted_ttft: e.predict_ttft(),
                 affinity_rank: affinity.map_or(0, |key| affinity_rank(key, &e.url)),
+                has_room: self
+                    .config
+                    .slots
+                    .is_none_or(|slots| e.outstanding() < slots),
             })
             .collect()
     }
