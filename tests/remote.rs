@@ -280,23 +280,22 @@ async fn no_first_token_moves_to_another_endpoint_and_closes_the_abandoned_reque
     let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
     let stuck = ScriptedUpstream::start(Script::NoFirstToken).await;
     let good = ScriptedUpstream::start(Script::tokens(3, 1)).await;
-    let server = fleet(&[&fast.url], &[&stuck.url, &good.url], "").await;
+    let server = fleet(
+        &[&fast.url],
+        &[&stuck.url, &good.url],
+        "failure_threshold = 2\neject_ms = 60000",
+    )
+    .await;
     let prompt = prompt_preferring(&stuck.url, &[&good.url], 0);
-    let started = Instant::now();
     let response = server.post_chat(&ask(&prompt)).await;
     assert_eq!(response.status(), 200);
-    // Within the same tier: the fleet gave the stuck endpoint half the budget.
+    // Within the same tier: the fleet gave the stuck endpoint part of the budget.
     assert_eq!(
         header(&response, "x-tiergate-endpoint"),
         Some(good.url.as_str())
     );
     assert_eq!(header(&response, "x-tiergate-tier"), Some("full"));
     assert_eq!(header(&response, "x-tiergate-degraded"), None);
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(stuck.requests(), 1);
     wait_until(Duration::from_secs(3), || async {
         stuck.disconnects() == 1
@@ -308,6 +307,26 @@ async fn no_first_token_moves_to_another_endpoint_and_closes_the_abandoned_reque
             .metric(&format!(
                 r#"tiergate_upstream_requests_total{{{labels},outcome="first_token_late"}}"#
             ))
+            .await,
+        Some(1.0)
+    );
+    // Late is not a fault, but a replica that never answers must not keep taking
+    // requests: a second late attempt in a row (the threshold) ejects it, each request
+    // still answered by the other endpoint within its budget.
+    for salt in 1..3 {
+        let prompt = prompt_preferring(&stuck.url, &[&good.url], salt);
+        let response = server.post_chat(&ask(&prompt)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-tiergate-degraded"), None);
+        assert_eq!(
+            header(&response, "x-tiergate-endpoint"),
+            Some(good.url.as_str())
+        );
+    }
+    assert_eq!(stuck.requests(), 2, "ejected after two late attempts");
+    assert_eq!(
+        server
+            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
             .await,
         Some(1.0)
     );
@@ -415,13 +434,16 @@ async fn slow_tokens_reach_the_client_as_they_come() {
         4,
         "one chunk per piece, none held back: {raw}"
     );
+    // Sent 300 ms apart: relayed as they came, not collected (a loaded machine may delay
+    // one chunk, so each gap is held to half that, and the whole span to most of it).
     for pair in arrivals.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(
-            gap >= Duration::from_millis(250),
+            gap >= Duration::from_millis(150),
             "relayed as they came: {gap:?}"
         );
     }
+    assert!(arrivals[3] - arrivals[0] >= Duration::from_millis(750));
     server.stop().await;
 }
 
@@ -482,7 +504,12 @@ async fn a_refused_connection_is_retried_elsewhere_and_a_fleet_with_none_left_de
 async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over() {
     let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
     let (closing, connections) = closing_endpoint().await;
-    let server = fleet(&[&fast.url], &[&closing], "health_path = \"\"").await;
+    let server = fleet(
+        &[&fast.url],
+        &[&closing],
+        "health_path = \"\"\nfailure_threshold = 2",
+    )
+    .await;
     let response = server.post_chat(&ask("anything")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -503,7 +530,14 @@ async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over()
             .await,
         Some(2.0)
     );
-    // The first closed connection is the pool's race; the second counts against it.
+    // The first closed connection is the pool's race; only the second counts against it,
+    // so two in a row do not reach the threshold of two.
+    assert_eq!(
+        server
+            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .await,
+        Some(0.0)
+    );
     let ready: Value = server
         .client
         .get(server.url("/ready"))
@@ -519,6 +553,115 @@ async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over()
             .is_some_and(|e| e.contains("the request failed")),
         "{ready}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_moves_the_request_without_ejecting_the_busy_endpoint() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let busy = ScriptedUpstream::start(Script::Status(429)).await;
+    let good = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let server = fleet(
+        &[&fast.url],
+        &[&busy.url, &good.url],
+        "failure_threshold = 1",
+    )
+    .await;
+    for salt in 0..2 {
+        let prompt = prompt_preferring(&busy.url, &[&good.url], salt);
+        let response = server.post_chat(&ask(&prompt)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-tiergate-endpoint"),
+            Some(good.url.as_str())
+        );
+    }
+    assert_eq!(busy.requests(), 2, "still picked: busy is not broken");
+    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, busy.url);
+    assert_eq!(
+        server
+            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .await,
+        Some(0.0)
+    );
+    // With every endpoint busy, the tier is full (queue_full), not down.
+    good.set_script(Script::Status(429));
+    let response = server.post_chat(&ask("anything")).await;
+    assert_eq!(
+        header(&response, "x-tiergate-degraded"),
+        Some("full->fast; reason=queue_full")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_reply_is_a_failure_not_a_finished_one() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let aborting = ScriptedUpstream::start(Script::AbortAfter(0)).await;
+    let good = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let server = fleet(&[&fast.url], &[&aborting.url, &good.url], "").await;
+    // Aborted before any text: retried on the other endpoint.
+    let prompt = prompt_preferring(&aborting.url, &[&good.url], 0);
+    let response = server.post_chat(&ask(&prompt)).await;
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(good.url.as_str())
+    );
+    // Aborted after text: the stream ends with an error event, not a `stop`.
+    aborting.set_script(Script::AbortAfter(2));
+    let prompt = prompt_preferring(&aborting.url, &[&good.url], 1);
+    let mut body = ask(&prompt);
+    body["stream"] = json!(true);
+    let response = server.post_chat(&body).await;
+    assert_eq!(
+        header(&response, "x-tiergate-endpoint"),
+        Some(aborting.url.as_str())
+    );
+    let raw = response.text().await.expect("body");
+    assert!(raw.contains("event: error"), "{raw}");
+    assert!(!raw.contains(r#""finish_reason":"stop""#), "{raw}");
+    assert!(!raw.contains("[DONE]"), "{raw}");
+    let labels = format!(
+        r#"model="fleet-full",tier="full",endpoint="{}""#,
+        aborting.url
+    );
+    server
+        .wait_for_metric(
+            &format!(r#"tiergate_upstream_requests_total{{{labels},outcome="aborted"}}"#),
+            2.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_remote_reply_names_its_endpoint_when_generated_and_not_when_replayed() {
+    let fast = ScriptedUpstream::start(Script::tokens(2, 1)).await;
+    let full = ScriptedUpstream::start(Script::tokens(3, 1)).await;
+    let mut config = fleet_config(&[&fast.url], &[&full.url], "");
+    config.router.policies = vec![fixture("fleet-cached.toml")];
+    let server = TestServer::start(move |c| *c = config).await;
+    let body = json!({"model": "auto", "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "cache me"}]});
+    let generated = server.post_chat(&body).await;
+    assert_eq!(header(&generated, "x-tiergate-cache"), Some("miss"));
+    assert_eq!(
+        header(&generated, "x-tiergate-endpoint"),
+        Some(full.url.as_str()),
+        "the generation is shared through the cache, and still names its endpoint"
+    );
+    let text = generated.text().await.expect("body");
+    let replayed = server.post_chat(&body).await;
+    assert_eq!(header(&replayed, "x-tiergate-cache"), Some("hit"));
+    assert_eq!(header(&replayed, "x-tiergate-endpoint"), None);
+    let replayed: Value = replayed.json().await.expect("json");
+    let generated: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        replayed["choices"][0]["message"]["content"],
+        generated["choices"][0]["message"]["content"]
+    );
+    assert_eq!(full.requests(), 1);
     server.stop().await;
 }
 

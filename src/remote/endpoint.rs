@@ -110,6 +110,8 @@ struct Observed {
     breaker: Breaker,
     /// Active health checks failed in a row.
     failed_checks: u32,
+    /// `Late` attempts in a row with no first token between them.
+    late_streak: u32,
     /// Smoothed seconds to first token, and the requests in flight (its own included)
     /// when those were measured; `None` until one was.
     ttft_s: Option<f64>,
@@ -163,10 +165,16 @@ pub enum Verdict {
     /// It failed: refused the connection, errored, broke the stream, or no first token
     /// within the fleet's own `first_token_timeout_ms`.
     Failed(String),
-    /// Too slow for this request's budget, or it said it is overloaded (429): evidence
-    /// for the TTFT prediction, not a fault that ejects it.
+    /// No first token within this request's share of its budget: the wait is a lower
+    /// bound on its TTFT. Not a fault by itself (a busy replica is slow, not broken), but
+    /// `failure_threshold` of them in a row with no first token between eject it: a
+    /// replica that accepts requests and never answers must not keep taking them.
     Late,
-    /// The client left first: says nothing about the endpoint.
+    /// Said it is overloaded (429), or the connection closed as the request was sent
+    /// (resent): neither a fault nor a measurement.
+    Busy,
+    /// The client left first (or the planner's watchdog gave up on the tier): a wait
+    /// longer than the average is a lower bound on its TTFT; nothing else is learnt.
     Abandoned,
 }
 
@@ -185,7 +193,10 @@ impl Endpoint {
             outstanding: AtomicU32::new(0),
             observed: Mutex::new(Observed {
                 breaker: Breaker::Closed { failures: 0 },
-                failed_checks: 0,
+                // Until its first check passes, one failure takes it out: an endpoint that
+                // is down at start-up is not reported ready for a health interval.
+                failed_checks: FAILED_CHECKS_TO_FAIL - 1,
+                late_streak: 0,
                 ttft_s: None,
                 ttft_at_outstanding: 1.0,
                 last_error: None,
@@ -318,6 +329,7 @@ impl InFlight {
         observed.breaker.succeeded(self.trial);
         // It serves: a health check that timed out while it was busy is outweighed.
         observed.failed_checks = 0;
+        observed.late_streak = 0;
         drop(observed);
         self.answered = true;
         endpoint.publish(Instant::now());
@@ -340,30 +352,49 @@ impl Drop for InFlight {
         endpoint.metrics.requests(outcome).inc();
         let mut observed = endpoint.observed();
         endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
-        match verdict {
-            Verdict::Answered => observed.breaker.succeeded(self.trial),
-            Verdict::Late | Verdict::Abandoned => {
-                // No first token after this long: a lower bound on this endpoint's TTFT,
-                // taken when it says more than the average does.
-                let waited = (now - self.sent_at).as_secs_f64();
-                if !self.answered && observed.ttft_s.is_none_or(|t| waited > t) {
+        let waited = (now - self.sent_at).as_secs_f64();
+        let (threshold, eject_for) = (endpoint.failure_threshold, endpoint.eject_for);
+        // A failure, with the consecutive failures that eject for it.
+        let failure = match verdict {
+            Verdict::Answered => {
+                observed.breaker.succeeded(self.trial);
+                None
+            }
+            Verdict::Failed(why) => Some((why, threshold)),
+            Verdict::Late => {
+                // No first token by a deadline: a lower bound on its TTFT.
+                if observed.ttft_s.is_none_or(|t| waited > t) {
                     observed.fold_ttft(waited, f64::from(self.at_outstanding));
                 }
-                observed.breaker.abandoned(self.trial);
+                observed.late_streak += 1;
+                let streak = observed.late_streak;
+                (streak >= threshold)
+                    .then(|| (format!("no first token in {streak} attempts in a row"), 1))
             }
-            Verdict::Failed(why) => {
-                let eject_for = endpoint.eject_for;
-                let threshold = endpoint.failure_threshold;
-                if observed
-                    .breaker
-                    .failed(now, threshold, eject_for, self.trial)
-                {
-                    endpoint.metrics.ejections.inc();
-                    tracing::warn!(endpoint = %endpoint.url, %why, eject_s = eject_for.as_secs_f64(),
-                        "endpoint ejected after consecutive failures");
+            Verdict::Busy => None,
+            Verdict::Abandoned => {
+                // Only a wait longer than what is known says something (a client that
+                // leaves at once says nothing).
+                if !self.answered && observed.ttft_s.is_some_and(|t| waited > t) {
+                    observed.fold_ttft(waited, f64::from(self.at_outstanding));
                 }
-                observed.last_error = Some(why);
+                None
             }
+        };
+        if let Some((why, threshold)) = failure {
+            if observed
+                .breaker
+                .failed(now, threshold, eject_for, self.trial)
+            {
+                observed.late_streak = 0;
+                endpoint.metrics.ejections.inc();
+                tracing::warn!(endpoint = %endpoint.url, %why, eject_s = eject_for.as_secs_f64(),
+                    "endpoint ejected after consecutive failures");
+            }
+            observed.last_error = Some(why);
+        } else {
+            // A trial that ended without a verdict (late, busy, left) frees the turn.
+            observed.breaker.abandoned(self.trial);
         }
         drop(observed);
         endpoint.metrics.outstanding.dec();

@@ -218,16 +218,16 @@ impl Fleet {
             .collect()
     }
 
-    /// Why no endpoint is left to try: all full (a load refusal like a full local queue),
-    /// or every one out or failed.
-    fn none_left(&self, tried: &[usize], failures: &[String]) -> EngineError {
+    /// Why no endpoint is left to try: all full or overloaded (a load refusal, like a
+    /// full local queue), or every one out or failed.
+    fn none_left(&self, tried: &[usize], failures: &[String], found_full: bool) -> EngineError {
         let now = Instant::now();
         let untried_full = self.endpoints.iter().enumerate().any(|(index, e)| {
             !tried.contains(&index)
                 && e.available(now)
                 && e.outstanding() >= self.config.max_outstanding
         });
-        if untried_full && failures.is_empty() {
+        if (found_full || untried_full) && failures.is_empty() {
             return EngineError::QueueFull {
                 model: self.info.id.clone(),
                 capacity: self.config.max_outstanding as usize * self.endpoints.len(),
@@ -265,27 +265,35 @@ impl Fleet {
         let on_first_token = |url: &str| {
             let _ = answered_by.set(url.to_owned());
         };
+        // Endpoints attempted, or found full when claimed: not picked again.
         let mut tried = Vec::new();
+        // Why each attempt failed; an endpoint that was full or said 429 is not a failure.
         let mut failures: Vec<String> = Vec::new();
+        let mut found_full = false;
+        let mut attempts = 0u32;
         // One resend on a fresh connection per request: a second is a real failure.
         let mut resent = false;
         loop {
             let candidates = self.candidates(&tried, affinity);
             let Some(index) = endpoint::pick(&candidates, affinity.is_some()) else {
-                let _ = events.send(TokenEvent::Failed(self.none_left(&tried, &failures)));
+                let none_left = self.none_left(&tried, &failures, found_full);
+                let _ = events.send(TokenEvent::Failed(none_left));
                 return;
             };
             tried.push(index);
             let endpoint = &self.endpoints[index];
             // Another request may have taken its last place (or its trial) meanwhile.
             let Some(mut in_flight) = endpoint.try_begin(self.config.max_outstanding) else {
+                found_full = true;
                 continue;
             };
-            if !failures.is_empty() {
+            if attempts > 0 {
                 self.retries.inc();
             }
+            attempts += 1;
             // With another endpoint to go to, this one gets half of what is left of the
-            // budget (or twice its own predicted first token, when that is more). The
+            // budget, or twice its own predicted first token when that is more, but never
+            // more than three quarters: the next one must still have time to answer. The
             // last one waits until the budget's watchdog gives up on the tier, which
             // drops the stream and so closes the request.
             let now = Instant::now();
@@ -293,7 +301,9 @@ impl Fleet {
             let mut deadline_is_budget = false;
             if let Some(by) = request.first_token_by.filter(|_| candidates.len() > 1) {
                 let left = by.saturating_duration_since(now);
-                let share = (left / 2).max(endpoint.predict_ttft() * 2).min(left);
+                let share = (left / 2)
+                    .max(endpoint.predict_ttft() * 2)
+                    .min(left * 3 / 4);
                 deadline_is_budget = now + share < first_token_by;
                 first_token_by = first_token_by.min(now + share);
             }
@@ -314,9 +324,13 @@ impl Fleet {
                 Attempt::Resend(why) => {
                     resent = true;
                     tracing::debug!(model = %self.info.id, endpoint = %endpoint.url, %why,
-                        "resending on a new connection");
-                    self.retries.inc();
+                        "resending");
                     tried.pop();
+                }
+                Attempt::Overloaded(why) => {
+                    tracing::debug!(model = %self.info.id, endpoint = %endpoint.url, %why,
+                        "upstream overloaded: trying another endpoint");
+                    found_full = true;
                 }
                 Attempt::Retry(why) => {
                     tracing::warn!(model = %self.info.id, endpoint = %endpoint.url, %why,
@@ -409,7 +423,9 @@ impl Engine for RemoteEngine {
         match best {
             Some(best) => Forecast {
                 ttft: best.predicted_ttft,
-                starts_at_once: best.outstanding == 0,
+                // A free slot when slots are known; else nothing in flight there.
+                starts_at_once: best.has_room
+                    && (self.fleet.config.slots.is_some() || best.outstanding == 0),
                 stalled_for: Duration::ZERO,
             },
             None => Forecast::default(),

@@ -29,10 +29,12 @@ pub enum Attempt {
     ClientGone,
     /// Failed before any token reached the client: another endpoint may take it.
     Retry(String),
-    /// The request could not be sent on a kept-alive connection the endpoint had just
-    /// closed (a race every HTTP/1.1 pool has): the same endpoint may take it at once on
-    /// a new connection.
+    /// The request could not be sent, or its connection closed before any answer (as
+    /// when a pooled kept-alive connection was closed by the server at that moment, a
+    /// race every HTTP/1.1 pool has): worth sending once more, to any endpoint.
     Resend(String),
+    /// The endpoint answered 429: busy, not broken; another endpoint may take it.
+    Overloaded(String),
 }
 
 /// The body sent upstream: the request as the client made it, with the fleet's name for
@@ -187,8 +189,9 @@ fn finish_reason(reason: &str) -> Result<FinishReason, String> {
 /// At most this much of an error body is read: it only feeds a message.
 const ERROR_BODY_LIMIT: usize = 16 << 10;
 
-/// The start of an error response's body, read for at most two seconds.
-async fn error_body(mut response: reqwest::Response) -> String {
+/// The start of an error response's body, read for at most two seconds and not past the
+/// attempt's deadline (by much: a body already sent takes a moment to read).
+async fn error_body(mut response: reqwest::Response, deadline: Instant) -> String {
     let mut body = Vec::new();
     let read = async {
         while let Ok(Some(chunk)) = response.chunk().await {
@@ -198,7 +201,9 @@ async fn error_body(mut response: reqwest::Response) -> String {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    let now = Instant::now();
+    let until = (now + Duration::from_secs(2)).min(deadline.max(now + Duration::from_millis(50)));
+    let _ = tokio::time::timeout_at(until, read).await;
     body.truncate(ERROR_BODY_LIMIT);
     String::from_utf8_lossy(&body).into_owned()
 }
@@ -265,7 +270,7 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         }
         Ok(Err(e)) if call.may_resend && e.is_request() && !e.is_timeout() => {
             let why = format!("the request failed: {e}");
-            in_flight.end(Verdict::Late, "send_error");
+            in_flight.end(Verdict::Busy, "send_error");
             return Attempt::Resend(why);
         }
         Ok(Err(e)) => return fail("send_error", format!("the request failed: {e}")),
@@ -273,7 +278,7 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     };
     let status = response.status().as_u16();
     if !response.status().is_success() {
-        let message = error_message(&error_body(response).await);
+        let message = error_message(&error_body(response, call.first_token_by).await);
         if is_client_error(status) {
             in_flight.end(Verdict::Answered, "rejected");
             let _ = call
@@ -286,8 +291,8 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         }
         if status == 429 {
             // Overloaded, not broken: another endpoint may take it, and this one stays in.
-            in_flight.end(Verdict::Late, "http_429");
-            return Attempt::Retry(format!("answered 429: {message}"));
+            in_flight.end(Verdict::Busy, "http_429");
+            return Attempt::Overloaded(format!("answered 429: {message}"));
         }
         let outcome = match status {
             500 => "http_500",

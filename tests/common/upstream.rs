@@ -28,6 +28,9 @@ pub enum Script {
     Status(u16),
     /// Streams this many pieces, then cuts the connection without finishing.
     DropAfter(usize),
+    /// Streams this many pieces, then ends with `finish_reason: "abort"` (vLLM's and
+    /// SGLang's word for a reply they gave up on) and `[DONE]`.
+    AbortAfter(usize),
     /// Streams `count` pieces `gap` apart, each the Unix time in nanoseconds at which it
     /// was sent (for measuring what a proxy adds to each chunk's latency).
     Stamped { count: usize, gap: Duration },
@@ -205,6 +208,20 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
                 .collect();
             guard.finished = true;
             // Paced, so each piece is flushed to the client before the cut.
+            futures::stream::iter(pieces)
+                .then(|item| async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    item
+                })
+                .boxed()
+        }
+        Script::AbortAfter(n) => {
+            guard.finished = true;
+            let pieces: Vec<Result<Bytes, std::io::Error>> = std::iter::once(Ok(role))
+                .chain((0..n).map(|i| Ok(chunk(json!({"content": format!("word{i} ")}), None))))
+                .chain(std::iter::once(Ok(chunk(json!({}), Some("abort")))))
+                .chain(std::iter::once(Ok(Bytes::from_static(b"data: [DONE]\n\n"))))
+                .collect();
             futures::stream::iter(pieces)
                 .then(|item| async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
