@@ -590,6 +590,60 @@ fn validate_models(
     models
 }
 
+impl RawModel {
+    /// The keys only a local model takes, each with whether it is set.
+    fn local_keys(&self) -> [(&'static str, bool); 10] {
+        [
+            ("n_ctx", self.n_ctx.is_some()),
+            ("batch", self.batch.is_some()),
+            ("prefill_chunk", self.prefill_chunk.is_some()),
+            ("prefix_cache", self.prefix_cache.is_some()),
+            ("n_gpu_layers", self.n_gpu_layers.is_some()),
+            ("threads", self.threads.is_some()),
+            ("queue_capacity", self.queue_capacity.is_some()),
+            ("kv_unified", self.kv_unified.is_some()),
+            ("fault_step_delay_ms", self.fault_step_delay_ms.is_some()),
+            (
+                "fault_panic_after_steps",
+                self.fault_panic_after_steps.is_some(),
+            ),
+        ]
+    }
+
+    /// The keys only a remote model takes, each with whether it is set.
+    fn remote_keys(&self) -> [(&'static str, bool); 12] {
+        [
+            ("upstream_model", self.upstream_model.is_some()),
+            ("api_key_env", self.api_key_env.is_some()),
+            ("tokenizer", self.tokenizer.is_some()),
+            ("context", self.context.is_some()),
+            ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+            (
+                "first_token_timeout_ms",
+                self.first_token_timeout_ms.is_some(),
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms.is_some()),
+            ("max_outstanding", self.max_outstanding.is_some()),
+            ("health_path", self.health_path.is_some()),
+            ("health_interval_ms", self.health_interval_ms.is_some()),
+            ("failure_threshold", self.failure_threshold.is_some()),
+            ("eject_ms", self.eject_ms.is_some()),
+        ]
+    }
+}
+
+/// Reports each of `keys` that is set as a problem: it belongs to the other kind of model.
+fn refuse_keys(
+    found: &mut Found<'_>,
+    key: &dyn Fn(&str) -> String,
+    keys: &[(&'static str, bool)],
+    why: &str,
+) {
+    for (field, _) in keys.iter().filter(|(_, set)| *set) {
+        found.add(key(field), why);
+    }
+}
+
 /// A GGUF run by llama.cpp in this process.
 fn validate_local(
     raw: RawModel,
@@ -597,30 +651,12 @@ fn validate_local(
     base_dir: &Path,
     found: &mut Found<'_>,
 ) -> ModelConfig {
-    for (field, set) in [
-        ("upstream_model", raw.upstream_model.is_some()),
-        ("api_key_env", raw.api_key_env.is_some()),
-        ("tokenizer", raw.tokenizer.is_some()),
-        ("context", raw.context.is_some()),
-        ("connect_timeout_ms", raw.connect_timeout_ms.is_some()),
-        (
-            "first_token_timeout_ms",
-            raw.first_token_timeout_ms.is_some(),
-        ),
-        ("idle_timeout_ms", raw.idle_timeout_ms.is_some()),
-        ("max_outstanding", raw.max_outstanding.is_some()),
-        ("health_path", raw.health_path.is_some()),
-        ("health_interval_ms", raw.health_interval_ms.is_some()),
-        ("failure_threshold", raw.failure_threshold.is_some()),
-        ("eject_ms", raw.eject_ms.is_some()),
-    ] {
-        if set {
-            found.add(
-                key(field),
-                "applies to remote models (`endpoints`) only; this one has a `path`",
-            );
-        }
-    }
+    refuse_keys(
+        found,
+        key,
+        &raw.remote_keys(),
+        "applies to remote models (`endpoints`) only; this one has a `path`",
+    );
     let n_ctx = raw.n_ctx.unwrap_or_else(defaults::n_ctx);
     let slots = raw.slots.unwrap_or_else(defaults::slots);
     let batch = raw.batch.unwrap_or_else(defaults::batch);
@@ -690,28 +726,12 @@ fn validate_remote(
     base_dir: &Path,
     found: &mut Found<'_>,
 ) -> ModelConfig {
-    for (field, set) in [
-        ("n_ctx", raw.n_ctx.is_some()),
-        ("batch", raw.batch.is_some()),
-        ("prefill_chunk", raw.prefill_chunk.is_some()),
-        ("prefix_cache", raw.prefix_cache.is_some()),
-        ("n_gpu_layers", raw.n_gpu_layers.is_some()),
-        ("threads", raw.threads.is_some()),
-        ("queue_capacity", raw.queue_capacity.is_some()),
-        ("kv_unified", raw.kv_unified.is_some()),
-        ("fault_step_delay_ms", raw.fault_step_delay_ms.is_some()),
-        (
-            "fault_panic_after_steps",
-            raw.fault_panic_after_steps.is_some(),
-        ),
-    ] {
-        if set {
-            found.add(
-                key(field),
-                "applies to local models (`path`) only; the endpoints' servers set their own",
-            );
-        }
-    }
+    refuse_keys(
+        found,
+        key,
+        &raw.local_keys(),
+        "applies to local models (`path`) only; the endpoints' servers set their own",
+    );
     let mut endpoints = Vec::new();
     for url in raw.endpoints.unwrap_or_default() {
         let trimmed = url.trim_end_matches('/').to_owned();

@@ -72,6 +72,22 @@ fn prompt_preferring(url: &str, others: &[&str], salt: usize) -> String {
         .expect("some prompt prefers it")
 }
 
+/// One sample of a `fleet-full` endpoint's metric, e.g. `upstream_ejections_total`,
+/// with the attempt outcome when the metric has one.
+fn sample(metric: &str, url: &str, outcome: Option<&str>) -> String {
+    let outcome = outcome.map_or_else(String::new, |o| format!(r#",outcome="{o}""#));
+    format!(r#"tiergate_{metric}{{model="fleet-full",tier="full",endpoint="{url}"{outcome}}}"#)
+}
+
+/// `/ready`'s body.
+async fn ready_body(server: &TestServer) -> Value {
+    let response = server.client.get(server.url("/ready")).send().await;
+    let Ok(response) = response else {
+        return Value::Null;
+    };
+    response.json().await.unwrap_or_default()
+}
+
 fn ask(content: &str) -> Value {
     json!({"model": "auto", "messages": [{"role": "user", "content": content}], "max_tokens": 16})
 }
@@ -140,17 +156,20 @@ async fn a_fleet_streams_tiergates_own_chunks_and_names_the_endpoint() {
     assert_eq!(reply["choices"][0]["finish_reason"], "stop");
     assert_eq!(reply["model"], "fleet-full");
 
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, full.url);
     server
         .wait_for_metric(
-            &format!(r#"tiergate_upstream_requests_total{{{labels},outcome="ok"}}"#),
+            &sample("upstream_requests_total", &full.url, Some("ok")),
             2.0,
             Duration::from_secs(2),
         )
         .await;
-    let ttft_count = format!("tiergate_upstream_time_to_first_token_seconds_count{{{labels}}}");
+    let ttft_count = sample(
+        "upstream_time_to_first_token_seconds_count",
+        &full.url,
+        None,
+    );
     assert_eq!(server.metric(&ttft_count).await, Some(2.0));
-    let up = format!("tiergate_upstream_up{{{labels}}}");
+    let up = sample("upstream_up", &full.url, None);
     assert_eq!(server.metric(&up).await, Some(1.0));
     assert_eq!(fast.requests(), 0, "routed to full");
     server.stop().await;
@@ -180,25 +199,24 @@ async fn failures_before_the_first_token_move_to_another_endpoint_and_eject_the_
         assert_eq!(header(&response, "x-tiergate-degraded"), None);
     }
     assert_eq!(bad.requests(), 2, "ejected after two failures");
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, bad.url);
     assert_eq!(
         server
-            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .metric(&sample("upstream_ejections_total", &bad.url, None))
             .await,
         Some(1.0)
     );
     assert_eq!(
         server
-            .metric(&format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="http_500"}}"#
+            .metric(&sample(
+                "upstream_requests_total",
+                &bad.url,
+                Some("http_500")
             ))
             .await,
         Some(2.0)
     );
     assert_eq!(
-        server
-            .metric(&format!("tiergate_upstream_up{{{labels}}}"))
-            .await,
+        server.metric(&sample("upstream_up", &bad.url, None)).await,
         Some(0.0)
     );
     assert_eq!(
@@ -207,15 +225,7 @@ async fn failures_before_the_first_token_move_to_another_endpoint_and_eject_the_
             .await,
         Some(2.0)
     );
-    let ready: Value = server
-        .client
-        .get(server.url("/ready"))
-        .send()
-        .await
-        .expect("ready")
-        .json()
-        .await
-        .expect("json");
+    let ready = ready_body(&server).await;
     assert_eq!(ready["status"], "ready", "one endpoint is enough: {ready}");
     let states = &ready["endpoints"]["fleet-full"];
     assert_eq!(states[0]["state"], "ejected", "{ready}");
@@ -259,15 +269,7 @@ async fn an_ejected_endpoint_gets_one_trial_request_after_its_wait_and_comes_bac
         Some(flaky.url.as_str()),
         "the trial request goes to the recovered endpoint"
     );
-    let ready: Value = server
-        .client
-        .get(server.url("/ready"))
-        .send()
-        .await
-        .expect("ready")
-        .json()
-        .await
-        .expect("json");
+    let ready = ready_body(&server).await;
     assert_eq!(
         ready["endpoints"]["fleet-full"][0]["state"], "healthy",
         "{ready}"
@@ -301,11 +303,12 @@ async fn no_first_token_moves_to_another_endpoint_and_closes_the_abandoned_reque
         stuck.disconnects() == 1
     })
     .await;
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, stuck.url);
     assert_eq!(
         server
-            .metric(&format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="first_token_late"}}"#
+            .metric(&sample(
+                "upstream_requests_total",
+                &stuck.url,
+                Some("first_token_late")
             ))
             .await,
         Some(1.0)
@@ -326,7 +329,7 @@ async fn no_first_token_moves_to_another_endpoint_and_closes_the_abandoned_reque
     assert_eq!(stuck.requests(), 2, "ejected after two late attempts");
     assert_eq!(
         server
-            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .metric(&sample("upstream_ejections_total", &stuck.url, None))
             .await,
         Some(1.0)
     );
@@ -390,11 +393,12 @@ async fn a_connection_cut_mid_stream_ends_the_reply_with_an_error_event_and_is_c
         !raw.contains("[DONE]"),
         "a failed stream does not end as if complete"
     );
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, cut.url);
     server
         .wait_for_metric(
-            &format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="dropped_mid_stream"}}"#
+            &sample(
+                "upstream_requests_total",
+                &cut.url,
+                Some("dropped_mid_stream"),
             ),
             1.0,
             Duration::from_secs(2),
@@ -461,11 +465,12 @@ async fn a_refused_connection_is_retried_elsewhere_and_a_fleet_with_none_left_de
         header(&response, "x-tiergate-endpoint"),
         Some(good.url.as_str())
     );
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{refused}""#);
     assert_eq!(
         server
-            .metric(&format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="connect_error"}}"#
+            .metric(&sample(
+                "upstream_requests_total",
+                &refused,
+                Some("connect_error")
             ))
             .await,
         Some(1.0)
@@ -477,9 +482,7 @@ async fn a_refused_connection_is_retried_elsewhere_and_a_fleet_with_none_left_de
     let config = fleet_config(&[&fast.url], &[&refused], "");
     let server = TestServer::launch(move |c| *c = config).await;
     wait_until(Duration::from_secs(5), || async {
-        let ready = server.client.get(server.url("/ready")).send().await;
-        let Ok(ready) = ready else { return false };
-        let ready: Value = ready.json().await.unwrap_or_default();
+        let ready = ready_body(&server).await;
         ready["endpoints"]["fleet-full"][0]["state"] == "failing_checks"
             && ready["endpoints"]["fleet-fast"][0]["state"] == "healthy"
     })
@@ -521,11 +524,12 @@ async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over()
         2,
         "sent, then resent once on a new connection"
     );
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{closing}""#);
     assert_eq!(
         server
-            .metric(&format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="send_error"}}"#
+            .metric(&sample(
+                "upstream_requests_total",
+                &closing,
+                Some("send_error")
             ))
             .await,
         Some(2.0)
@@ -534,19 +538,11 @@ async fn a_connection_closed_under_the_request_is_resent_once_then_failed_over()
     // so two in a row do not reach the threshold of two.
     assert_eq!(
         server
-            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .metric(&sample("upstream_ejections_total", &closing, None))
             .await,
         Some(0.0)
     );
-    let ready: Value = server
-        .client
-        .get(server.url("/ready"))
-        .send()
-        .await
-        .expect("ready")
-        .json()
-        .await
-        .expect("json");
+    let ready = ready_body(&server).await;
     assert!(
         ready["endpoints"]["fleet-full"][0]["last_error"]
             .as_str()
@@ -577,10 +573,9 @@ async fn a_429_moves_the_request_without_ejecting_the_busy_endpoint() {
         );
     }
     assert_eq!(busy.requests(), 2, "still picked: busy is not broken");
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, busy.url);
     assert_eq!(
         server
-            .metric(&format!("tiergate_upstream_ejections_total{{{labels}}}"))
+            .metric(&sample("upstream_ejections_total", &busy.url, None))
             .await,
         Some(0.0)
     );
@@ -621,13 +616,9 @@ async fn an_aborted_reply_is_a_failure_not_a_finished_one() {
     assert!(raw.contains("event: error"), "{raw}");
     assert!(!raw.contains(r#""finish_reason":"stop""#), "{raw}");
     assert!(!raw.contains("[DONE]"), "{raw}");
-    let labels = format!(
-        r#"model="fleet-full",tier="full",endpoint="{}""#,
-        aborting.url
-    );
     server
         .wait_for_metric(
-            &format!(r#"tiergate_upstream_requests_total{{{labels},outcome="aborted"}}"#),
+            &sample("upstream_requests_total", &aborting.url, Some("aborted")),
             2.0,
             Duration::from_secs(2),
         )
@@ -679,18 +670,19 @@ async fn a_client_that_leaves_closes_the_upstream_request() {
     assert!(String::from_utf8_lossy(&first).contains("word0"));
     drop(stream);
     wait_until(Duration::from_secs(3), || async { long.disconnects() == 1 }).await;
-    let labels = format!(r#"model="fleet-full",tier="full",endpoint="{}""#, long.url);
     server
         .wait_for_metric(
-            &format!("tiergate_upstream_outstanding_requests{{{labels}}}"),
+            &sample("upstream_outstanding_requests", &long.url, None),
             0.0,
             Duration::from_secs(2),
         )
         .await;
     assert_eq!(
         server
-            .metric(&format!(
-                r#"tiergate_upstream_requests_total{{{labels},outcome="client_closed"}}"#
+            .metric(&sample(
+                "upstream_requests_total",
+                &long.url,
+                Some("client_closed")
             ))
             .await,
         Some(1.0)
