@@ -309,9 +309,13 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
     let mut pieces = 0u32;
     let mut finish: Option<FinishReason> = None;
     let mut usage: Option<Usage> = None;
-    // Once text has reached the client, a failure ends the reply with an error event.
-    let broken = |in_flight: &mut InFlight, outcome: &'static str, why: String| {
+    // A failure: before any text reached the client, another endpoint may take the
+    // request; after, the reply ends with an error event.
+    let failed = |in_flight: &mut InFlight, text_sent: bool, outcome: &'static str, why: String| {
         in_flight.end(Verdict::Failed(why.clone()), outcome);
+        if !text_sent {
+            return Attempt::Retry(why);
+        }
         let _ = call
             .events
             .send(TokenEvent::Failed(EngineError::Upstream(format!(
@@ -341,8 +345,9 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             }
             Err(_) => {
                 let idle = call.idle_timeout.as_millis();
-                return broken(
+                return failed(
                     in_flight,
+                    true,
                     "stalled",
                     format!("no chunk for {idle} ms mid-reply"),
                 );
@@ -350,28 +355,17 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             Ok(Some(Ok(event))) => event,
             // The connection ended: fine after the last chunk, a failure before it.
             Ok(None) | Ok(Some(Err(_))) if finish.is_some() => break,
-            Ok(None) | Ok(Some(Err(_))) if !streaming => {
-                in_flight.end(
-                    Verdict::Failed("closed the stream before any token".into()),
-                    "dropped_mid_stream",
-                );
-                return Attempt::Retry("closed the stream before any token".into());
-            }
             Ok(None) | Ok(Some(Err(_))) => {
-                return broken(
-                    in_flight,
-                    "dropped_mid_stream",
-                    format!("the connection closed mid-reply after {pieces} pieces"),
-                );
+                let why = match streaming {
+                    false => "closed the stream before any token".to_owned(),
+                    true => format!("the connection closed mid-reply after {pieces} pieces"),
+                };
+                return failed(in_flight, streaming, "dropped_mid_stream", why);
             }
         };
         if event.event == "error" {
             let why = format!("sent an error: {}", error_message(&event.data));
-            if !streaming {
-                in_flight.end(Verdict::Failed(why.clone()), "error_event");
-                return Attempt::Retry(why);
-            }
-            return broken(in_flight, "error_event", why);
+            return failed(in_flight, streaming, "error_event", why);
         }
         if event.data.trim() == "[DONE]" {
             break;
@@ -380,20 +374,12 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             Ok(chunk) => chunk,
             Err(e) => {
                 let why = format!("sent a chunk that is not OpenAI's ({e})");
-                if !streaming {
-                    in_flight.end(Verdict::Failed(why.clone()), "malformed");
-                    return Attempt::Retry(why);
-                }
-                return broken(in_flight, "malformed", why);
+                return failed(in_flight, streaming, "malformed", why);
             }
         };
         if let Some(error) = chunk.error {
             let why = format!("sent an error: {}", error_message(&error.to_string()));
-            if !streaming {
-                in_flight.end(Verdict::Failed(why.clone()), "error_event");
-                return Attempt::Retry(why);
-            }
-            return broken(in_flight, "error_event", why);
+            return failed(in_flight, streaming, "error_event", why);
         }
         for choice in chunk.choices.unwrap_or_default() {
             let text = choice.delta.and_then(|d| d.content);
@@ -410,11 +396,9 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             }
             match choice.finish_reason.as_deref().map(finish_reason) {
                 Some(Ok(reason)) => finish = Some(reason),
-                Some(Err(why)) if first_token_at.is_none() => {
-                    in_flight.end(Verdict::Failed(why.clone()), "aborted");
-                    return Attempt::Retry(why);
+                Some(Err(why)) => {
+                    return failed(in_flight, first_token_at.is_some(), "aborted", why)
                 }
-                Some(Err(why)) => return broken(in_flight, "aborted", why),
                 None => {}
             }
         }
