@@ -53,9 +53,17 @@ bench-embedding: models
 bench-proxy: build
     cargo bench --locked --bench proxy
 
+# Reply-cache hits against a bare axum handler returning the same bytes (wrk -t1 -c16; needs wrk).
+bench-hit: models build
+    cargo bench --locked --bench hit_path
+
 # llama-server replicas behind tiergate against one called directly (LLAMA_SERVER: path to a llama-server binary).
 bench-fleet llama_server tier="fast": models build
     benches/fleet.sh {{llama_server}} {{tier}}
+
+# Follow-up turns: C conversations x M turns, TTFT by turn, tiergate beside llama-server (LLAMA_SERVER: its binary).
+bench-chat llama_server *tiers: models build
+    benches/chat.sh {{llama_server}} {{tiers}}
 
 # Routing agreement on the held-out labelled prompts, with and without the example rules.
 eval-routing *ARGS: models build

@@ -97,7 +97,8 @@ pub struct ModelConfig {
     /// a long prefill in the same step delays every running stream's next token.
     pub prefill_chunk: u32,
     /// Keep a finished sequence's KV cells and reuse them for a prompt that starts with
-    /// the same tokens (off by itself for unified KV and sliding-window models).
+    /// the same tokens (off by itself for unified KV). Sliding-window models reuse a
+    /// prefix only while the slot still holds the window before the cut.
     pub prefix_cache: bool,
     pub n_gpu_layers: u32,
     /// CPU threads for decoding; defaults to the cores available.
@@ -120,6 +121,9 @@ pub struct ModelConfig {
     /// Fault injection: the model thread panics on this decode step that serves requests
     /// (counting from 1), to drill a tier going down under traffic. 0 (off) in production.
     pub fault_panic_after_steps: u64,
+    /// Fault injection for tests, not read from files: reuse a cached prefix even when the
+    /// sliding window before the cut is gone, to show that the tests catch the damage.
+    pub fault_reuse_past_window: bool,
     /// `Some`: a fleet of OpenAI-compatible endpoints serves this model, not llama.cpp in
     /// this process. Validation refuses the local-only keys on such a model, and `path`
     /// is empty.
@@ -715,6 +719,7 @@ fn validate_local(
         kv_unified,
         fault_step_delay_ms: raw.fault_step_delay_ms.unwrap_or(0),
         fault_panic_after_steps: raw.fault_panic_after_steps.unwrap_or(0),
+        fault_reuse_past_window: false,
         remote: None,
     }
 }
@@ -833,6 +838,7 @@ fn validate_remote(
         kv_unified: false,
         fault_step_delay_ms: 0,
         fault_panic_after_steps: 0,
+        fault_reuse_past_window: false,
         remote: Some(RemoteConfig {
             endpoints,
             upstream_model,

@@ -29,6 +29,8 @@ use rand_distr::Exp;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub mod chat;
+
 /// Prompts of roughly 32 tokens once templated, asking for long answers so that most
 /// requests run to `max_tokens` (the llama.cpp batched-bench reference shape).
 const DEFAULT_PROMPTS: [&str; 8] = [
@@ -121,6 +123,13 @@ impl BenchOptions {
             seed: None,
             progress: false,
         }
+    }
+}
+
+impl BenchOptions {
+    /// The `messages` of request `index`: the prompts in turn.
+    fn prompt(&self, index: usize) -> &Value {
+        &self.prompts[index % self.prompts.len()]
     }
 }
 
@@ -266,6 +275,11 @@ struct RequestSample {
     tier: Option<String>,
     cache: Option<String>,
     degraded: Option<String>,
+    /// The reply's text, for a conversation to carry into its next turn.
+    content: String,
+    /// `usage.prompt_tokens` and `usage.prompt_tokens_details.cached_tokens`, when sent.
+    prompt_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
 }
 
 impl RequestSample {
@@ -280,6 +294,9 @@ impl RequestSample {
             tier: None,
             cache: None,
             degraded: None,
+            content: String::new(),
+            prompt_tokens: None,
+            cached_tokens: None,
         }
     }
 }
@@ -289,6 +306,25 @@ struct Shared {
     client: reqwest::Client,
     options: BenchOptions,
     endpoint: String,
+}
+
+impl Shared {
+    fn new(options: BenchOptions) -> anyhow::Result<Arc<Self>> {
+        let client = reqwest::Client::builder()
+            .timeout(options.timeout)
+            // A fresh connection per request, as from many independent users. Reusing idle
+            // keep-alive connections races servers that close them (llama-server does): the
+            // request then fails with "connection closed before message completed", an
+            // artefact of the tool rather than the server's fault.
+            .pool_max_idle_per_host(0)
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Arc::new(Self {
+            client,
+            endpoint: chat_endpoint(&options.url),
+            options,
+        }))
+    }
 }
 
 pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
@@ -305,20 +341,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
             ),
         }
     }
-    let client = reqwest::Client::builder()
-        .timeout(options.timeout)
-        // A fresh connection per request, as from many independent users. Reusing idle
-        // keep-alive connections races servers that close them (llama-server does): the
-        // request then fails with "connection closed before message completed", an
-        // artefact of the tool rather than the server's fault.
-        .pool_max_idle_per_host(0)
-        .build()
-        .context("cannot build the HTTP client")?;
-    let shared = Arc::new(Shared {
-        client,
-        endpoint: chat_endpoint(&options.url),
-        options,
-    });
+    let shared = Shared::new(options)?;
     let mut models = Vec::new();
     for model in &shared.options.models {
         let mut levels = Vec::new();
@@ -415,7 +438,7 @@ async fn closed_loop(
             if !limit.allows(index) {
                 return samples;
             }
-            let sample = one_request(shared, model, index).await;
+            let sample = one_request(shared, model, shared.options.prompt(index)).await;
             note_progress(progress, &failures, &sample);
             samples.push(sample);
         }
@@ -453,7 +476,7 @@ async fn open_loop(
         let (shared, model) = (shared.clone(), model.to_owned());
         let (progress, failures) = (progress.clone(), failures.clone());
         in_flight.push(tokio::spawn(async move {
-            let sample = one_request(&shared, &model, index).await;
+            let sample = one_request(&shared, &model, shared.options.prompt(index)).await;
             note_progress(&progress, &failures, &sample);
             sample
         }));
@@ -552,9 +575,8 @@ fn summarize(
 }
 
 /// One streaming request.
-async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSample {
+async fn one_request(shared: &Shared, model: &str, messages: &Value) -> RequestSample {
     let options = &shared.options;
-    let messages = &options.prompts[index % options.prompts.len()];
     let mut body = json!({
         "model": model,
         "messages": messages,
@@ -634,12 +656,22 @@ async fn one_request(shared: &Shared, model: &str, index: usize) -> RequestSampl
                     sample.error = Some(format!("error event: {}", error["message"]));
                     return sample;
                 }
-                if let Some(tokens) = chunk["usage"]["completion_tokens"].as_u64() {
+                let usage = &chunk["usage"];
+                if let Some(tokens) = usage["completion_tokens"].as_u64() {
                     sample.completion_tokens = tokens;
+                }
+                if let Some(tokens) = usage["prompt_tokens"].as_u64() {
+                    sample.prompt_tokens = Some(tokens);
+                }
+                if let Some(tokens) = usage["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                    sample.cached_tokens = Some(tokens);
                 }
                 let has_content = chunk["choices"][0]["delta"]["content"]
                     .as_str()
                     .is_some_and(|c| !c.is_empty());
+                if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+                    sample.content.push_str(content);
+                }
                 if has_content {
                     let now = Instant::now();
                     content_chunks += 1;

@@ -46,6 +46,9 @@ enum Command {
     },
     /// Load-test an OpenAI-compatible server with streaming requests; prints JSON.
     Bench(BenchArgs),
+    /// Replay multi-turn conversations against one or more OpenAI-compatible servers;
+    /// prints TTFT by turn, the servers side by side.
+    BenchChat(BenchChatArgs),
     /// Validate the config and every routing policy; lists all problems, exits 1 on any.
     Check {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -160,6 +163,36 @@ struct BenchArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct BenchChatArgs {
+    /// A server to replay against, `LABEL=URL` (repeatable; run one after the other).
+    #[arg(long = "target", required = true)]
+    targets: Vec<loadgen::chat::Target>,
+    /// Sent as `model` (a tier name for tiergate; llama-server ignores it).
+    #[arg(long, default_value = "fast")]
+    model: String,
+    /// Concurrent conversations, one run per entry.
+    #[arg(long, value_delimiter = ',', default_values_t = [4, 16])]
+    conversations: Vec<usize>,
+    /// Turns per conversation; each resends the history with a new user message.
+    #[arg(long, default_value_t = 6)]
+    turns: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// 0 is greedy: the same conversations on every server, up to rounding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Let replies stop at end-of-sequence instead of running to --max-tokens.
+    #[arg(long)]
+    allow_eos: bool,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_header(raw: &str) -> Result<(String, String), String> {
     let (name, value) = raw
         .split_once(':')
@@ -208,7 +241,9 @@ impl BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match cli.command {
-        Command::Serve { .. } | Command::Bench(_) => telemetry::SERVER_FILTER,
+        Command::Serve { .. } | Command::Bench(_) | Command::BenchChat(_) => {
+            telemetry::SERVER_FILTER
+        }
         Command::Check { .. }
         | Command::Route(_)
         | Command::EvalRouting { .. }
@@ -222,6 +257,7 @@ fn main() -> ExitCode {
             policies,
         } => serve(config, listen, policies),
         Command::Bench(args) => bench(args),
+        Command::BenchChat(args) => bench_chat(args),
         Command::Check { config } => check(&config),
         Command::Route(args) => route(args),
         Command::EvalRouting {
@@ -301,6 +337,43 @@ fn bench(args: BenchArgs) -> ExitCode {
             serde_json::to_string_pretty(&report)?
         } else {
             loadgen::table(&report).to_string()
+        })
+    });
+    match rendered {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_chat(args: BenchChatArgs) -> ExitCode {
+    let json = args.json;
+    let options = loadgen::chat::ChatBenchOptions {
+        targets: args.targets,
+        model: args.model,
+        conversations: args.conversations,
+        turns: args.turns,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        ignore_eos: !args.allow_eos,
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let rendered = runtime().and_then(|runtime| {
+        let report = runtime.block_on(loadgen::chat::run(options))?;
+        Ok(if json {
+            serde_json::to_string_pretty(&report)?
+        } else {
+            format!(
+                "model {} · {} tokens a reply\n{}",
+                report.model,
+                report.max_tokens,
+                loadgen::chat::table(&report)
+            )
         })
     });
     match rendered {

@@ -5,8 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, FAST};
+use common::{TestServer, FAST, FULL};
 use serde_json::{json, Value};
+use tiergate::config::Config;
 
 /// The numbers appear in the text in order: a sound count, whatever its format.
 fn counts(text: &str, numbers: std::ops::RangeInclusive<u32>) -> bool {
@@ -91,4 +92,128 @@ async fn a_repeated_prefix_is_not_prefilled_again_and_replies_stay_sound() {
         .expect("content");
     assert!(counts(text, 11..=13), "{text}");
     server.stop().await;
+}
+
+/// One Gemma 3 slot of 2048 cells, batch 512: its sliding-window layers (window 512) get
+/// a 1024-cell cache, so a history past that overwrites its own oldest window cells.
+fn one_gemma_slot(prefix_cache: bool, reuse_past_window: bool) -> impl FnOnce(&mut Config) {
+    move |config: &mut Config| {
+        config.models.retain(|m| m.id == FULL);
+        config.router.policies = vec![common::fixture("full-only.toml")];
+        let model = &mut config.models[0];
+        model.slots = 1;
+        model.n_ctx = 2048;
+        model.batch = 512;
+        model.prefix_cache = prefix_cache;
+        model.fault_reuse_past_window = reuse_past_window;
+    }
+}
+
+/// A system prompt of about 700 tokens: facts a reply can draw on, each line different.
+fn ledger() -> String {
+    let cities = [
+        "Oslo", "Lima", "Pune", "Kobe", "Graz", "Cork", "Fez", "Perth",
+    ];
+    let goods = [
+        "copper", "tea", "wool", "salt", "glass", "rice", "cork", "tin",
+    ];
+    let mut text = String::from("You keep the ledger of a shipping company. Facts:\n");
+    for i in 0..48 {
+        text.push_str(&format!(
+            "Crate {i} from {} holds {} kg of {}.\n",
+            cities[i % 8],
+            17 * i + 5,
+            goods[(i * 3) % 8]
+        ));
+    }
+    text
+}
+
+/// A user message of about 1100 tokens: enough, after the ledger, to overwrite the start
+/// of the window cache.
+fn long_question() -> String {
+    let mut text = String::from("Here is the log of last week:\n");
+    for day in 0..60 {
+        text.push_str(&format!(
+            "Day {day}: the ship left port at {}:{:02} with {} crates.\n",
+            6 + day % 12,
+            (day * 7) % 60,
+            3 + day % 9
+        ));
+    }
+    text.push_str("Which crate holds the most copper?");
+    text
+}
+
+fn gemma_chat(messages: Value) -> Value {
+    json!({"model": "full", "messages": messages, "max_tokens": 16, "temperature": 0})
+}
+
+fn reply_and_cached(response: &Value) -> (String, u64) {
+    let text = response["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content: {response}"))
+        .to_owned();
+    let cached = response["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens: {response}"));
+    (text, cached)
+}
+
+/// Prefix reuse on a sliding-window model must give the reply a cold prefill gives. The
+/// history (about 1800 tokens) overflows the 1024-cell window cache, so a cut early in
+/// it finds the window before the cut overwritten and must prefill cold, while the next
+/// turn, cut at the history's end, still has its window and reuses it all. A wrong
+/// position changes the reply after a reuse; a lost window changes it after the early
+/// cut, which the last part shows by turning the window check off.
+#[tokio::test]
+async fn gemma_reuses_a_prefix_only_while_its_window_is_held_and_replies_as_cold() {
+    let system = json!({"role": "system", "content": ledger()});
+    let history = json!([system, {"role": "user", "content": long_question()}]);
+    let short = json!([system, {"role": "user", "content": "Which crate comes from Graz?"}]);
+
+    let warm = TestServer::start(one_gemma_slot(true, false)).await;
+    let (first, _) = reply_and_cached(&warm.complete(gemma_chat(history.clone())).await);
+    let mut next_turn = history.as_array().expect("array").clone();
+    next_turn.push(json!({"role": "assistant", "content": first}));
+    next_turn.push(json!({"role": "user", "content": "And which holds the most tea?"}));
+    let next_turn = Value::Array(next_turn);
+    let (follow_up, follow_up_cached) =
+        reply_and_cached(&warm.complete(gemma_chat(next_turn.clone())).await);
+    // The follow-up's slot now holds it whole; the short prompt shares the ledger only,
+    // and the window before that cut was overwritten long ago.
+    let (early_cut, early_cut_cached) =
+        reply_and_cached(&warm.complete(gemma_chat(short.clone())).await);
+    warm.stop().await;
+
+    let cold = TestServer::start(one_gemma_slot(false, false)).await;
+    let (follow_up_cold, _) = reply_and_cached(&cold.complete(gemma_chat(next_turn)).await);
+    let (early_cut_cold, _) = reply_and_cached(&cold.complete(gemma_chat(short.clone())).await);
+    cold.stop().await;
+
+    assert!(
+        follow_up_cached > 1500,
+        "the follow-up reused {follow_up_cached} tokens, not the whole history"
+    );
+    assert_eq!(
+        follow_up, follow_up_cold,
+        "a reused history must reply as a cold one"
+    );
+    assert_eq!(
+        early_cut_cached, 0,
+        "a cut behind the lost window must not reuse"
+    );
+    assert_eq!(early_cut, early_cut_cold);
+
+    // Without the window check the early cut reuses the ledger's cells (the full-attention
+    // layers still hold them), and the sliding-window layers read nothing before it.
+    let broken = TestServer::start(one_gemma_slot(true, true)).await;
+    broken.complete(gemma_chat(history)).await;
+    let (damaged, damaged_cached) = reply_and_cached(&broken.complete(gemma_chat(short)).await);
+    broken.stop().await;
+    assert!(damaged_cached > 600, "reused {damaged_cached}");
+    assert_ne!(
+        damaged, early_cut_cold,
+        "a lost window must show in the reply, or this test cannot catch it"
+    );
 }

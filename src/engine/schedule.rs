@@ -189,6 +189,23 @@ pub struct Limits {
     pub prefill_chunk: usize,
     /// Keep a leaving sequence's cells as a prefix for the next prompt in its slot.
     pub prefix_cache: bool,
+    /// The model's attention window on sliding-window layers (Gemma 3: 512), if it has one.
+    /// A cached prefix is reused only while its slot still holds the window before the cut.
+    pub sliding_window: Option<u32>,
+}
+
+/// What a free slot's cells still hold for the next prompt.
+#[derive(Debug, Clone, Default)]
+struct CachedPrefix {
+    /// The tokens at positions 0.. (empty: nothing kept, the cells were cleared).
+    tokens: Vec<LlamaToken>,
+    /// The lowest position a sliding-window layer still holds cells for. llama.cpp
+    /// overwrites a window's oldest cells only when its cache runs short, so short
+    /// conversations keep them all (0) and long ones lose their start.
+    window_start: i32,
+    /// When the prefix was last written or reused, on [`Scheduler::clock`]: the least
+    /// recently used prefix is the one evicted when nothing else decides.
+    last_used: u64,
 }
 
 pub struct Scheduler<P> {
@@ -197,8 +214,10 @@ pub struct Scheduler<P> {
     reserved_cells: u32,
     /// Ordered, so `pop_first` hands out the lowest free id: see [`Scheduler::plan`].
     free_seq_ids: BTreeSet<SeqId>,
-    /// Per seq id: the tokens a free slot's cells still hold (empty while in use).
-    cached_prefix: Vec<Vec<LlamaToken>>,
+    /// Per seq id: what a free slot's cells still hold (nothing while in use).
+    cached_prefix: Vec<CachedPrefix>,
+    /// Counts releases, to order cached prefixes by last use.
+    clock: u64,
     /// Not yet admitted (no slot or not enough free cells), oldest first.
     waiting: VecDeque<Waiting<P>>,
     /// Admitted, oldest first.
@@ -211,7 +230,8 @@ impl<P> Scheduler<P> {
             limits,
             reserved_cells: 0,
             free_seq_ids: (0..limits.slots as SeqId).collect(),
-            cached_prefix: vec![Vec::new(); limits.slots as usize],
+            cached_prefix: vec![CachedPrefix::default(); limits.slots as usize],
+            clock: 0,
             waiting: VecDeque::new(),
             live: Vec::new(),
         }
@@ -320,28 +340,39 @@ impl<P> Scheduler<P> {
         out
     }
 
-    /// Takes a free slot for `prompt`: the slot, how many prompt tokens its cells already
-    /// hold (at least one token is always left to prefill: its logits give the first
-    /// sampled token), and from where its cells must be cleared.
+    /// Takes a free slot for `prompt` (see [`choose_slot`]): the slot, how many prompt
+    /// tokens its cells already hold (at least one token is always left to prefill: its
+    /// logits give the first sampled token), and from where its cells must be cleared.
     fn take_slot(&mut self, prompt: &[LlamaToken]) -> Option<(SeqId, usize, Option<u32>)> {
         if !self.limits.prefix_cache {
             return Some((self.free_seq_ids.pop_first()?, 0, None));
         }
-        let free: Vec<(SeqId, usize)> = self
+        let slots = self.limits.slots as SeqId;
+        let in_use = |id: SeqId| (0..slots).contains(&id) && !self.free_seq_ids.contains(&id);
+        let free: Vec<FreeSlot> = self
             .free_seq_ids
             .iter()
             .map(|&id| {
                 let cached = &self.cached_prefix[id as usize];
-                (id, common_prefix_len(cached, prompt))
+                FreeSlot {
+                    seq_id: id,
+                    reuse: usable_prefix(
+                        common_prefix_len(&cached.tokens, prompt),
+                        prompt.len(),
+                        cached.window_start,
+                        self.limits.sliding_window,
+                    ),
+                    last_used: cached.last_used,
+                    neighbours_in_use: u8::from(in_use(id - 1)) + u8::from(in_use(id + 1)),
+                }
             })
             .collect();
-        let (seq_id, shared) = pick_slot(&free)?;
-        self.free_seq_ids.remove(&seq_id);
-        let reused = shared.min(prompt.len().saturating_sub(1));
-        let cached = std::mem::take(&mut self.cached_prefix[seq_id as usize]);
+        let chosen = choose_slot(&free)?;
+        self.free_seq_ids.remove(&chosen.seq_id);
+        let cached = std::mem::take(&mut self.cached_prefix[chosen.seq_id as usize]);
         // Cells of a slot with nothing cached were cleared when it was released.
-        let clear_from = (reused < cached.len()).then_some(reused as u32);
-        Some((seq_id, reused, clear_from))
+        let clear_from = (chosen.reuse < cached.tokens.len()).then_some(chosen.reuse as u32);
+        Some((chosen.seq_id, chosen.reuse, clear_from))
     }
 
     /// The runner could not clear a reused slot's cells past the prefix and cleared the
@@ -461,9 +492,12 @@ impl<P> Scheduler<P> {
     }
 
     /// Frees a leaving sequence's slot and reservation; says what to do with its cells.
-    pub fn release(&mut self, seq: &Sequence<P>) -> Release {
+    /// `window_start` is the lowest position its sliding-window cells still hold
+    /// (llama.cpp's `seq_pos_min`; ignored for models without a window).
+    pub fn release(&mut self, seq: &Sequence<P>, window_start: i32) -> Release {
         self.reserved_cells -= seq.reservation;
         self.free_seq_ids.insert(seq.seq_id);
+        self.clock += 1;
         // With the prefix cache the cells stay, and the slot remembers what they hold; a
         // later prompt that starts the same way skips that much prefill.
         match self
@@ -473,10 +507,17 @@ impl<P> Scheduler<P> {
             .flatten()
         {
             Some(tokens) => {
-                self.cached_prefix[seq.seq_id as usize] = tokens;
+                self.cached_prefix[seq.seq_id as usize] = CachedPrefix {
+                    tokens,
+                    window_start,
+                    last_used: self.clock,
+                };
                 Release::Keep(seq.seq_id)
             }
-            None => Release::Clear(seq.seq_id),
+            None => {
+                self.cached_prefix[seq.seq_id as usize].last_used = self.clock;
+                Release::Clear(seq.seq_id)
+            }
         }
     }
 
@@ -559,27 +600,78 @@ pub fn common_prefix_len<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize {
         .count()
 }
 
-/// Prompt tokens a slot must reuse beyond what the lowest free slot offers before a new
-/// sequence goes there instead: batches of consecutive seq ids cost one pass over the
-/// weights (see `Scheduler::plan`), and a gap in the ids costs another pass on every step
-/// the sequence lives, which only a long saved prefill is worth.
-pub const PREFIX_GAIN_FOR_ANOTHER_SLOT: usize = 64;
+/// Prompt tokens a cached prefix can save when a new prompt shares `shared` of them:
+/// all but the prompt's last token (whose logits give the first sampled token), and
+/// nothing when the cut would fall where a sliding-window layer no longer holds the
+/// window before it. The rule is llama.cpp server's: the cells must reach back to
+/// `reuse - window` (its slot is re-prefilled when `pos_min > n_past - n_swa`).
+pub fn usable_prefix(
+    shared: usize,
+    prompt_len: usize,
+    window_start: i32,
+    sliding_window: Option<u32>,
+) -> usize {
+    let reuse = shared.min(prompt_len.saturating_sub(1));
+    match sliding_window {
+        Some(window) if reuse > 0 => {
+            let needed_from = reuse.saturating_sub(window as usize);
+            // -1 (no cells at all) never holds a window.
+            let holds_window = usize::try_from(window_start).is_ok_and(|s| s <= needed_from);
+            if holds_window {
+                reuse
+            } else {
+                0
+            }
+        }
+        _ => reuse,
+    }
+}
 
-/// Chooses the slot for a new sequence: the lowest free id, unless another free slot
-/// holds a cached prefix at least [`PREFIX_GAIN_FOR_ANOTHER_SLOT`] tokens longer.
-/// `free` lists each free slot with the prompt tokens its cache shares, lowest id first.
-/// Returns the slot and its shared prefix.
-pub fn pick_slot(free: &[(i32, usize)]) -> Option<(i32, usize)> {
-    let &lowest = free.first()?;
-    let best = free
-        .iter()
-        .copied()
-        .max_by_key(|&(id, shared)| (shared, std::cmp::Reverse(id)))
-        .unwrap_or(lowest);
-    Some(if best.1 >= lowest.1 + PREFIX_GAIN_FOR_ANOTHER_SLOT {
-        best
-    } else {
-        lowest
+/// What [`choose_slot`] knows of one free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeSlot {
+    pub seq_id: SeqId,
+    /// Prompt tokens its cells would save ([`usable_prefix`]).
+    pub reuse: usize,
+    /// When its cached prefix was last used: smaller is older.
+    pub last_used: u64,
+    /// How many of the ids beside it (`seq_id ± 1`) are in use.
+    pub neighbours_in_use: u8,
+}
+
+/// What a gap in the ids of the live sequences costs, in prompt tokens. With a split KV
+/// cache llama.cpp cuts each decode call into one pass over the weights per run of
+/// consecutive seq ids (see [`Scheduler::plan`]); a sequence that opens a new run costs
+/// every live stream another pass on each step it lives, which only a long saved prefill
+/// is worth.
+pub const GAP_COST_TOKENS: i64 = 64;
+
+/// A shared prefix shorter than this (a template's opening tokens) saves too little to
+/// outweigh which prefix gets evicted: it counts as no match.
+pub const MIN_REUSE_TOKENS: usize = 16;
+
+/// Chooses the slot for a new sequence, as llama.cpp's server prefers the slot whose cached
+/// prompt is most similar, with the cost of a gap in the ids weighed in: the slot that
+/// saves the most prefill, less [`GAP_COST_TOKENS`] if taking it opens a new run of ids
+/// (and plus that much if it joins two runs). Among equals, the least recently used prefix
+/// is evicted, so a conversation between turns keeps its cells as long as possible.
+pub fn choose_slot(free: &[FreeSlot]) -> Option<FreeSlot> {
+    let score = |slot: &FreeSlot| {
+        let saved = if slot.reuse >= MIN_REUSE_TOKENS {
+            slot.reuse as i64
+        } else {
+            0
+        };
+        // Runs of consecutive ids in use: +1 with no neighbour in use, -1 with both.
+        let new_runs = 1 - i64::from(slot.neighbours_in_use);
+        saved - GAP_COST_TOKENS * new_runs
+    };
+    free.iter().copied().max_by_key(|slot| {
+        (
+            score(slot),
+            std::cmp::Reverse(slot.last_used),
+            std::cmp::Reverse(slot.seq_id),
+        )
     })
 }
 
@@ -594,13 +686,69 @@ mod tests {
         assert_eq!(common_prefix_len::<i32>(&[], &[1]), 0);
     }
 
+    fn free_slot(seq_id: SeqId, reuse: usize, last_used: u64, neighbours_in_use: u8) -> FreeSlot {
+        FreeSlot {
+            seq_id,
+            reuse,
+            last_used,
+            neighbours_in_use,
+        }
+    }
+
     #[test]
-    fn the_lowest_free_slot_wins_unless_another_saves_a_long_prefill() {
-        assert_eq!(pick_slot(&[]), None);
-        // Slot 5 shares 40 more tokens than slot 2: not worth a gap in the ids.
-        assert_eq!(pick_slot(&[(2, 10), (5, 50)]), Some((2, 10)));
-        // Slot 5 shares 100 more: it saves a long prefill.
-        assert_eq!(pick_slot(&[(2, 10), (5, 110), (7, 110)]), Some((5, 110)));
+    fn a_conversation_goes_back_to_the_slot_holding_its_history() {
+        assert_eq!(choose_slot(&[]), None);
+        // Idle engine: slot 5 holds 300 tokens of this conversation.
+        let free = [
+            free_slot(0, 0, 1, 0),
+            free_slot(5, 300, 2, 0),
+            free_slot(9, 20, 3, 0),
+        ];
+        assert_eq!(choose_slot(&free).map(|s| s.seq_id), Some(5));
+    }
+
+    #[test]
+    fn a_gap_in_the_ids_must_be_paid_for_by_a_long_saved_prefill() {
+        // Slot 3 continues the run 0..=2; slot 7 would open a second run.
+        let short = [free_slot(3, 20, 9, 1), free_slot(7, 80, 1, 0)];
+        assert_eq!(choose_slot(&short).map(|s| s.seq_id), Some(3));
+        let long = [free_slot(3, 20, 9, 1), free_slot(7, 90, 1, 0)];
+        assert_eq!(choose_slot(&long).map(|s| s.seq_id), Some(7));
+        // Filling a hole between two runs merges them: worth more than a match.
+        let hole = [free_slot(4, 0, 9, 2), free_slot(8, 60, 1, 1)];
+        assert_eq!(choose_slot(&hole).map(|s| s.seq_id), Some(4));
+    }
+
+    #[test]
+    fn among_equal_slots_the_least_recently_used_prefix_is_evicted() {
+        let free = [
+            free_slot(2, 0, 7, 0),
+            free_slot(6, 0, 3, 0),
+            free_slot(9, 0, 5, 0),
+        ];
+        assert_eq!(choose_slot(&free).map(|s| s.seq_id), Some(6));
+        // A few shared template tokens are no reason to evict a fresher prefix.
+        let free = [free_slot(2, 5, 7, 0), free_slot(6, 3, 3, 0)];
+        assert_eq!(choose_slot(&free).map(|s| s.seq_id), Some(6));
+        // Never used: the lowest id, as before any request.
+        let fresh = [free_slot(0, 0, 0, 0), free_slot(1, 0, 0, 0)];
+        assert_eq!(choose_slot(&fresh).map(|s| s.seq_id), Some(0));
+    }
+
+    #[test]
+    fn a_sliding_window_prefix_is_reused_only_while_the_window_before_the_cut_is_held() {
+        // No window: all but the prompt's last token.
+        assert_eq!(usable_prefix(100, 100, 0, None), 99);
+        assert_eq!(usable_prefix(40, 100, 0, None), 40);
+        // Window 512, every cell still held: any cut works.
+        assert_eq!(usable_prefix(900, 1000, 0, Some(512)), 900);
+        // Cells from position 300 on: a cut at 900 needs 388.., a cut at 700 needs 188...
+        assert_eq!(usable_prefix(900, 1000, 300, Some(512)), 900);
+        assert_eq!(usable_prefix(812, 1000, 300, Some(512)), 812);
+        assert_eq!(usable_prefix(811, 1000, 300, Some(512)), 0);
+        assert_eq!(usable_prefix(700, 1000, 300, Some(512)), 0);
+        // A sequence whose cells are gone (-1) holds nothing.
+        assert_eq!(usable_prefix(10, 20, -1, Some(512)), 0);
     }
 
     #[test]
@@ -662,6 +810,7 @@ mod tests {
             batch_capacity: 512,
             prefill_chunk: 128,
             prefix_cache,
+            sliding_window: None,
         }
     }
 
@@ -715,7 +864,7 @@ mod tests {
         s.finish(0, FinishReason::Stop);
         let leaving = s.take_leaving(|_| false);
         assert_eq!(leaving.len(), 1);
-        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+        assert_eq!(s.release(&leaving[0], 0), Release::Clear(0));
         let admitted = s.admit();
         assert_eq!(admitted.len(), 1, "a's cells came back");
         assert_eq!(admitted[0].seq_id, 0, "and its slot is the lowest again");
@@ -757,7 +906,7 @@ mod tests {
         // b leaves; c arrives into slot 1, after a (slot 0) and behind nothing.
         s.finish(1, FinishReason::Stop);
         for seq in s.take_leaving(|_| false) {
-            s.release(&seq);
+            s.release(&seq, 0);
         }
         s.enqueue(request("c", &[7; 300], 10));
         s.admit();
@@ -786,7 +935,7 @@ mod tests {
         assert_eq!(s.drop_waiting(|p| *p == "c"), 1);
         let leaving = s.take_leaving(|p| *p == "a");
         assert_eq!(leaving.len(), 1);
-        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+        assert_eq!(s.release(&leaving[0], 0), Release::Clear(0));
         assert_eq!(s.live().len(), 1);
         assert_eq!(s.free_slots(), 1);
         assert!(s.waiting().is_empty());
@@ -795,29 +944,33 @@ mod tests {
     #[test]
     fn with_the_prefix_cache_a_finished_sequence_keeps_its_cells_for_the_next_prompt() {
         let mut s = Scheduler::new(limits(2, 1000, true));
-        s.enqueue(request("a", &[1, 2, 3, 4], 2));
+        let prompt: Vec<i32> = (1..=20).collect();
+        s.enqueue(request("a", &prompt, 2));
         s.admit();
-        step(&mut s, 5);
-        step(&mut s, 6);
+        step(&mut s, 50);
+        step(&mut s, 51);
         s.finish(0, FinishReason::Length);
         let leaving = s.take_leaving(|_| false);
         // The cells hold the prompt and the one generated token decoded so far.
-        assert_eq!(leaving[0].tokens_in_kv(), Some(tokens(&[1, 2, 3, 4, 5])));
-        assert_eq!(s.release(&leaving[0]), Release::Keep(0));
+        let held: Vec<i32> = prompt.iter().copied().chain([50]).collect();
+        assert_eq!(leaving[0].tokens_in_kv(), Some(tokens(&held)));
+        assert_eq!(s.release(&leaving[0], 0), Release::Keep(0));
 
-        // A next turn that starts with the same five tokens reuses them all.
-        s.enqueue(request("b", &[1, 2, 3, 4, 5, 8, 9], 2));
+        // A next turn that starts with the same 21 tokens goes back to that slot (not to
+        // slot 1, never used) and reuses them all.
+        let next: Vec<i32> = held.iter().copied().chain([8, 9]).collect();
+        s.enqueue(request("b", &next, 2));
         let admitted = s.admit();
         assert_eq!(
             admitted,
             [Admitted {
                 index: 0,
                 seq_id: 0,
-                reused: 5,
+                reused: 21,
                 clear_from: None
             }]
         );
-        assert_eq!(s.live()[0].state, SeqState::Prefilling { done: 5 });
+        assert_eq!(s.live()[0].state, SeqState::Prefilling { done: 21 });
         assert_eq!(s.plan(), [Work::Prompt { seq: 0, tokens: 2 }]);
     }
 
@@ -829,7 +982,7 @@ mod tests {
         step(&mut s, 5);
         s.finish(0, FinishReason::Length);
         for seq in s.take_leaving(|_| false) {
-            s.release(&seq);
+            s.release(&seq, 0);
         }
         s.enqueue(request("b", &[1, 2, 9], 1));
         let admitted = s.admit();
@@ -838,7 +991,7 @@ mod tests {
         step(&mut s, 5);
         s.finish(0, FinishReason::Stop);
         for seq in s.take_leaving(|_| false) {
-            s.release(&seq);
+            s.release(&seq, 0);
         }
         // A prompt the cells hold whole: one token is still left to prefill, for its logits.
         s.enqueue(request("c", &[1, 2], 1));
@@ -851,6 +1004,37 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_whose_window_was_overwritten_is_cleared_instead_of_reused() {
+        let mut s = Scheduler::new(Limits {
+            sliding_window: Some(20),
+            ..limits(1, 1000, true)
+        });
+        let history: Vec<i32> = (1..=40).collect();
+        // Runs `prompt` to its first token in the only slot, then releases it with its
+        // window's cells holding positions 15.. only.
+        let turn = |s: &mut Scheduler<&'static str>, prompt: &[i32]| {
+            s.enqueue(request("turn", prompt, 1));
+            let admitted = s.admit();
+            step(s, 99);
+            s.finish(0, FinishReason::Length);
+            for seq in s.take_leaving(|_| false) {
+                s.release(&seq, 15);
+            }
+            admitted[0]
+        };
+        turn(&mut s, &history);
+        // Cut at 30: the window before it needs positions 10.., which are gone.
+        let diverging: Vec<i32> = history[..30].iter().copied().chain([0, 0]).collect();
+        let admitted = turn(&mut s, &diverging);
+        assert_eq!((admitted.reused, admitted.clear_from), (0, Some(0)));
+        turn(&mut s, &history);
+        // Cut at 40, all of it: the window needs 20.., which is held.
+        let follow_up: Vec<i32> = history.iter().copied().chain([0]).collect();
+        let admitted = turn(&mut s, &follow_up);
+        assert_eq!((admitted.reused, admitted.clear_from), (40, None));
+    }
+
+    #[test]
     fn a_failed_sequence_never_leaves_a_prefix_behind() {
         let mut s = Scheduler::new(limits(1, 1000, true));
         s.enqueue(request("a", &[1, 2, 3], 4));
@@ -859,7 +1043,7 @@ mod tests {
         s.fail(&work);
         let leaving = s.take_leaving(|_| false);
         assert_eq!(leaving[0].state, SeqState::Failed);
-        assert_eq!(s.release(&leaving[0]), Release::Clear(0));
+        assert_eq!(s.release(&leaving[0], 0), Release::Clear(0));
     }
 
     #[test]

@@ -1,0 +1,188 @@
+//! The reply-cache hit path against the floor under it: requests/s of tiergate answering a
+//! cached reply, and of a bare axum handler returning the same bytes, under the same `wrk`
+//! load on the same machine.
+//!
+//! The gateway is the `tiergate` binary on the shipped config and policies (both models
+//! loaded, the default routing rules), in a process of its own. One greedy request is sent
+//! once to fill the reply cache; `wrk -t1 -c16` then repeats it, non-streaming and
+//! streaming. The bare handler runs in this process on a Tokio runtime built as tiergate
+//! builds its own, and answers every request with the bytes tiergate's hit returned.
+//! The two are measured in turn, each `TIERGATE_HIT_ROUNDS` times (default 2) for
+//! `TIERGATE_HIT_SECONDS` (default 10), and the best round of each is reported.
+//!
+//!     cargo bench --bench hit_path           # needs wrk (apt-get install wrk)
+
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::post;
+use serde_json::{json, Value};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `tiergate serve` child process, killed on drop.
+struct Gateway {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn start() -> anyhow::Result<Self> {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--config", &format!("{root}/config/tiergate.toml")])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        for _ in 0..1200 {
+            let ready = client.get(format!("{}/ready", self.base)).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the gateway was not ready within 120 s")
+    }
+}
+
+fn request(stream: bool) -> Value {
+    json!({
+        "model": "auto",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 32,
+        "stream": stream,
+    })
+}
+
+/// Sends `body` until tiergate answers it from the cache; returns the hit's body.
+async fn cached_reply(gateway: &Gateway, body: &Value) -> anyhow::Result<Bytes> {
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", gateway.base);
+    for _ in 0..3 {
+        let response = client.post(&url).json(body).send().await?;
+        anyhow::ensure!(response.status() == 200, "status {}", response.status());
+        let cache = response
+            .headers()
+            .get("x-tiergate-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = response.bytes().await?;
+        if cache.as_deref() == Some("hit") {
+            return Ok(bytes);
+        }
+    }
+    anyhow::bail!("the request is not answered from the cache (check the policy's `cache`)")
+}
+
+/// A bare axum server answering every POST with `reply`; returns its base URL.
+fn bare_server(
+    runtime: &tokio::runtime::Runtime,
+    reply: Bytes,
+    content_type: &'static str,
+) -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |_body: Bytes| {
+            let reply = reply.clone();
+            async move { ([(CONTENT_TYPE, content_type)], reply) }
+        }),
+    );
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, app).await
+    });
+    Ok(base)
+}
+
+/// `wrk -t1 -c16` posting `body` for `seconds`; its requests/s.
+fn wrk(url: &str, body: &Value, seconds: u64) -> anyhow::Result<f64> {
+    let mut script = tempfile::NamedTempFile::new()?;
+    let body = serde_json::to_string(body)?;
+    writeln!(
+        script,
+        "wrk.method = \"POST\"\nwrk.body = {}\nwrk.headers[\"Content-Type\"] = \"application/json\"",
+        serde_json::to_string(&body)?
+    )?;
+    let output = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{seconds}s"), "-s"])
+        .arg(script.path())
+        .arg(format!("{url}/v1/chat/completions"))
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run wrk ({e}); apt-get install wrk"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw error statuses:\n{text}");
+    text.lines()
+        .find_map(|line| line.strip_prefix("Requests/sec:"))
+        .and_then(|rate| rate.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Requests/sec in wrk's output:\n{text}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: u64 = env_or("TIERGATE_HIT_SECONDS", 10);
+    let rounds: usize = env_or("TIERGATE_HIT_ROUNDS", 2);
+    // Built as tiergate builds its own (src/main.rs): a worker per core.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let gateway = Gateway::start()?;
+    runtime.block_on(gateway.wait_ready())?;
+    println!("reply-cache hits against a bare axum handler: wrk -t1 -c16, {seconds} s rounds, best of {rounds}");
+    println!(
+        "{:>10} | {:>14} | {:>14} | {:>6}",
+        "request", "tiergate req/s", "bare req/s", "ratio"
+    );
+    for stream in [false, true] {
+        let body = request(stream);
+        let reply = runtime.block_on(cached_reply(&gateway, &body))?;
+        let content_type = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let bare = bare_server(&runtime, reply, content_type)?;
+        let (mut via, mut floor) = (0.0f64, 0.0f64);
+        for _ in 0..rounds {
+            via = via.max(wrk(&gateway.base, &body, seconds)?);
+            floor = floor.max(wrk(&bare, &body, seconds)?);
+        }
+        println!(
+            "{:>10} | {:>14.0} | {:>14.0} | {:>6.2}",
+            if stream { "streaming" } else { "json" },
+            via,
+            floor,
+            via / floor
+        );
+    }
+    Ok(())
+}
