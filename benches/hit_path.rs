@@ -141,7 +141,13 @@ fn wrk(url: &str, body: &Value, seconds: u64) -> anyhow::Result<f64> {
         .output()
         .map_err(|e| anyhow::anyhow!("cannot run wrk ({e}); apt-get install wrk"))?;
     let text = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(!text.contains("Non-2xx"), "wrk saw error statuses:\n{text}");
+    let clean =
+        output.status.success() && !text.contains("Non-2xx") && !text.contains("Socket errors");
+    anyhow::ensure!(
+        clean,
+        "wrk failed or saw errors:\n{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     text.lines()
         .find_map(|line| line.strip_prefix("Requests/sec:"))
         .and_then(|rate| rate.trim().parse().ok())

@@ -124,9 +124,7 @@ impl BenchOptions {
             progress: false,
         }
     }
-}
 
-impl BenchOptions {
     /// The `messages` of request `index`: the prompts in turn.
     fn prompt(&self, index: usize) -> &Value {
         &self.prompts[index % self.prompts.len()]

@@ -189,7 +189,7 @@ pub struct Limits {
     pub prefill_chunk: usize,
     /// Keep a leaving sequence's cells as a prefix for the next prompt in its slot.
     pub prefix_cache: bool,
-    /// The model's attention window on sliding-window layers (Gemma 3: 512), if it has one.
+    /// The model's attention window on sliding-window layers (Gemma 3 270M: 512), if any.
     /// A cached prefix is reused only while its slot still holds the window before the cut.
     pub sliding_window: Option<u32>,
 }
@@ -203,8 +203,9 @@ struct CachedPrefix {
     /// overwrites a window's oldest cells only when its cache runs short, so short
     /// conversations keep them all (0) and long ones lose their start.
     window_start: i32,
-    /// When the prefix was last written or reused, on [`Scheduler::clock`]: the least
-    /// recently used prefix is the one evicted when nothing else decides.
+    /// When the prefix was written (its sequence left the slot), on [`Scheduler::clock`];
+    /// 0 for a slot holding nothing. The least recently written prefix is the one evicted
+    /// when nothing else decides.
     last_used: u64,
 }
 
@@ -388,8 +389,9 @@ impl<P> Scheduler<P> {
     /// n_ctx clamps the batch below `slots` do some wait a step), then prompt chunks in
     /// admission order. Written in seq-id order: with a split KV cache llama.cpp cuts a
     /// batch into micro-batches of sequences whose ids run consecutively in batch order
-    /// (`split_equal(.., sequential = true)`), each a full pass over the weights; the
-    /// lowest free ids are handed out first, so a step stays one pass.
+    /// (`split_equal(.., sequential = true)`), each a full pass over the weights; slots
+    /// are chosen to keep the ids in use consecutive ([`choose_slot`]), so a step stays
+    /// one pass as far as the prefixes allow.
     pub fn plan(&self) -> Vec<Work> {
         let mut work: Vec<Work> = self
             .live
@@ -514,10 +516,9 @@ impl<P> Scheduler<P> {
                 };
                 Release::Keep(seq.seq_id)
             }
-            None => {
-                self.cached_prefix[seq.seq_id as usize].last_used = self.clock;
-                Release::Clear(seq.seq_id)
-            }
+            // Holding nothing, the slot keeps `last_used` 0 from `take_slot`: it is the
+            // first to go, before any slot with a prefix worth keeping.
+            None => Release::Clear(seq.seq_id),
         }
     }
 
@@ -603,8 +604,9 @@ pub fn common_prefix_len<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize {
 /// Prompt tokens a cached prefix can save when a new prompt shares `shared` of them:
 /// all but the prompt's last token (whose logits give the first sampled token), and
 /// nothing when the cut would fall where a sliding-window layer no longer holds the
-/// window before it. The rule is llama.cpp server's: the cells must reach back to
-/// `reuse - window` (its slot is re-prefilled when `pos_min > n_past - n_swa`).
+/// window before it. The rule is llama.cpp server's (a slot is re-prefilled when
+/// `pos_min > n_past - n_swa`): the cells must reach back to `reuse - window`, one
+/// position further than the mask needs (a query at `q` sees keys after `q - window`).
 pub fn usable_prefix(
     shared: usize,
     prompt_len: usize,
@@ -742,7 +744,8 @@ mod tests {
         assert_eq!(usable_prefix(40, 100, 0, None), 40);
         // Window 512, every cell still held: any cut works.
         assert_eq!(usable_prefix(900, 1000, 0, Some(512)), 900);
-        // Cells from position 300 on: a cut at 900 needs 388.., a cut at 700 needs 188...
+        // Cells from position 300 on: a cut at 900 needs 388.. (by llama-server's rule),
+        // a cut at 700 needs 188...
         assert_eq!(usable_prefix(900, 1000, 300, Some(512)), 900);
         assert_eq!(usable_prefix(812, 1000, 300, Some(512)), 812);
         assert_eq!(usable_prefix(811, 1000, 300, Some(512)), 0);
@@ -1032,6 +1035,61 @@ mod tests {
         let follow_up: Vec<i32> = history.iter().copied().chain([0]).collect();
         let admitted = turn(&mut s, &follow_up);
         assert_eq!((admitted.reused, admitted.clear_from), (40, None));
+    }
+
+    #[test]
+    fn a_new_sequence_joins_the_run_of_ids_in_use_unless_a_slot_saves_a_long_prefill() {
+        let mut s = Scheduler::new(limits(6, 10_000, true));
+        let history: Vec<i32> = (100..170).collect();
+        for _ in 0..6 {
+            s.enqueue(request("filler", &[1; 20], 1));
+        }
+        s.admit();
+        step(&mut s, 9);
+        for index in 0..5 {
+            s.finish(index, FinishReason::Stop);
+        }
+        s.sequence_mut(5).prompt = tokens(&history);
+        s.sequence_mut(5).n_past = history.len() as i32;
+        s.sequence_mut(5).state = SeqState::Generating {
+            pending: LlamaToken(0),
+        };
+        s.finish(5, FinishReason::Stop);
+        for seq in s.take_leaving(|_| false) {
+            s.release(&seq, 0);
+        }
+        // Slots 0-4 hold 20-token prompts of ones, slot 5 a 70-token history. With nothing
+        // in use or shared, the oldest prefix is evicted: slot 0's.
+        s.enqueue(request("running", &[2; 20], 50));
+        assert_eq!(s.admit()[0].seq_id, 0);
+        // A new prompt sharing nothing joins the run: slot 1, beside slot 0.
+        s.enqueue(request("new", &[3; 20], 5));
+        assert_eq!(s.admit()[0].seq_id, 1);
+        // The history's next turn saves 70 tokens: more than a new run of ids costs.
+        let next: Vec<i32> = history.iter().copied().chain([7, 7]).collect();
+        s.enqueue(request("next turn", &next, 5));
+        let admitted = s.admit();
+        assert_eq!((admitted[0].seq_id, admitted[0].reused), (5, 70));
+    }
+
+    #[test]
+    fn a_cleared_slot_is_evicted_before_one_holding_a_prefix() {
+        let mut s = Scheduler::new(limits(2, 1000, true));
+        s.enqueue(request("kept", &[1; 20], 1));
+        s.enqueue(request("failed", &[2; 20], 1));
+        s.admit();
+        let work = s.plan();
+        s.decoded(&work);
+        s.sampled(0, LlamaToken(9));
+        s.finish(0, FinishReason::Stop);
+        s.fail(&[Work::Decode { seq: 1 }]);
+        let mut leaving = s.take_leaving(|_| false);
+        // The failed one leaves last, so its slot is the more recently released.
+        leaving.sort_by_key(|seq| seq.seq_id);
+        assert_eq!(s.release(&leaving[0], 0), Release::Keep(0));
+        assert_eq!(s.release(&leaving[1], 0), Release::Clear(1));
+        s.enqueue(request("new", &[3; 20], 1));
+        assert_eq!(s.admit()[0].seq_id, 1);
     }
 
     #[test]

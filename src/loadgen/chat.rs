@@ -91,8 +91,9 @@ pub struct ChatBenchReport {
     pub runs: Vec<RunReport>,
 }
 
-/// Written like an application's instructions: long enough that by the fourth turn a
-/// history passes Gemma 3's 512-token attention window.
+/// Written like an application's instructions. By the fourth turn a history passes Gemma
+/// 3's 512-token attention window; six turns of 64-token replies stay within its
+/// 1024-cell window cache, which a longer run (`--turns`) overflows.
 const SYSTEM_PROMPT: &str = "You are the assistant of an online magazine about travel, \
     science and everyday life. Readers ask you questions in a chat window and expect \
     friendly, concrete answers. Give specific examples, name places, numbers and dates \
@@ -322,8 +323,12 @@ pub fn table(report: &ChatBenchReport) -> Table {
         (Some(a), Some(b)) if b.p50 > 0.0 => format!("{:.2}", a.p50 / b.p50),
         _ => dash(),
     };
-    let mut levels: Vec<usize> = report.runs.iter().map(|r| r.conversations).collect();
-    levels.dedup();
+    let mut levels: Vec<usize> = Vec::new();
+    for run in &report.runs {
+        if !levels.contains(&run.conversations) {
+            levels.push(run.conversations);
+        }
+    }
     for conversations in levels {
         let runs: Vec<Option<&RunReport>> = labels
             .iter()
