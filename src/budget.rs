@@ -225,16 +225,31 @@ fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
     }
 }
 
-/// Runs CPU-bound request work (templating, tokenizing) without stalling the other tasks
-/// of this runtime worker: on a multi-threaded runtime the worker hands them to another
-/// while it runs. A current-thread runtime (the paused-clock tests) runs it in place.
-pub fn cpu_bound<R>(work: impl FnOnce() -> R) -> R {
+/// Runs CPU-bound request work (templating, tokenizing, routing) over a prompt of
+/// `prompt_bytes`. A long prompt takes milliseconds, so on a multi-threaded runtime the
+/// worker hands its other tasks to another thread while it runs (`block_in_place`). A
+/// short one takes microseconds, less than that hand-off (a thread woken, two context
+/// switches), which cost a cache hit most of its time: it runs in place. A
+/// current-thread runtime (the paused-clock tests) always runs it in place.
+pub fn cpu_bound<R>(prompt_bytes: usize, work: impl FnOnce() -> R) -> R {
+    if prompt_bytes < CPU_BOUND_INLINE_BYTES {
+        return work();
+    }
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)
         }
         _ => work(),
     }
+}
+
+/// Prompts shorter than this are templated, counted and routed in place (see
+/// [`cpu_bound`]): about 2,000 tokens, some hundreds of microseconds of work.
+pub const CPU_BOUND_INLINE_BYTES: usize = 8 * 1024;
+
+/// The bytes of a request's message contents, the size [`cpu_bound`] goes by.
+pub fn message_bytes(messages: &[crate::chat::ChatMessage]) -> usize {
+    messages.iter().map(|m| m.content.len()).sum()
 }
 
 /// Below this many observations a tier's predictions are used as they are.
@@ -374,6 +389,7 @@ impl Planner<'_> {
             meaning,
         } = attempt;
         let use_cache = cacheable(route, generation);
+        let prompt_bytes = message_bytes(&generation.messages);
         // Only a semantic route looks up and indexes its replies by meaning.
         let meaning = meaning.filter(|_| route.cache == CacheMode::Semantic);
         let scope = (!route.cache_shared).then(|| api_key.unwrap_or(""));
@@ -418,7 +434,7 @@ impl Planner<'_> {
             // count that fails (a backend loading or down, or a prompt its template
             // refuses) is left to the health check or to `submit`, whose error is the
             // client's answer.
-            let counted = cpu_bound(|| tokens.prompt_tokens(tier));
+            let counted = cpu_bound(prompt_bytes, || tokens.prompt_tokens(tier));
             // A ready tier that cannot count the prompt cannot template it: `submit` gives
             // the client's 400 for that, which no prediction must turn into a 503.
             let uncountable = counted.is_err() && engine.is_ready();
@@ -494,13 +510,14 @@ impl Planner<'_> {
             }
 
             let next_tier = path.get(index + 1);
-            let watchdog_at = first_token_by - self.hedge(tokens, next_tier, left);
+            let watchdog_at =
+                first_token_by - self.hedge(tokens, prompt_bytes, next_tier, left);
             let submitted_at = Instant::now();
             // Templating and tokenizing the prompt for the engine: CPU work.
             let submit = || {
                 let mut generation = generation.clone();
                 generation.first_token_by = Some(watchdog_at);
-                cpu_bound(|| engine.submit(generation))
+                cpu_bound(prompt_bytes, || engine.submit(generation))
             };
             // An identical generation already running is followed instead of started.
             let started = match key {
@@ -649,13 +666,15 @@ impl Planner<'_> {
     fn hedge(
         &self,
         tokens: &(dyn TokenCounter + Sync),
+        prompt_bytes: usize,
         next_tier: Option<&String>,
         left: Duration,
     ) -> Duration {
         let Some(engine) = next_tier.and_then(|tier| self.tiers.backend(tier, None)) else {
             return Duration::ZERO;
         };
-        let prompt_tokens = cpu_bound(|| tokens.prompt_tokens(&engine.info().tier)).unwrap_or(0);
+        let prompt_tokens =
+            cpu_bound(prompt_bytes, || tokens.prompt_tokens(&engine.info().tier)).unwrap_or(0);
         let predicted = engine.forecast(prompt_tokens).ttft;
         (predicted * 2 + Duration::from_millis(50)).min(left / 2)
     }

@@ -171,7 +171,17 @@ pub struct Embedder {
     jobs: mpsc::Sender<Job>,
     /// Vectors of policy examples by text, so a policy reload embeds only what changed.
     examples: Mutex<HashMap<String, Embedding>>,
+    /// Vectors of recent short request texts. A repeated question (every reply-cache hit
+    /// is one) would otherwise run the model again: a forward pass costs milliseconds,
+    /// a lookup well under a microsecond.
+    recent: quick_cache::sync::Cache<String, Embedding>,
 }
+
+/// Request texts whose vectors [`Embedder::embed`] keeps, least recently used out first.
+const RECENT_ENTRIES: usize = 4096;
+/// Longer texts are embedded every time: such a key would cost more memory than it saves
+/// (4096 of these and their vectors come to about 14 MiB).
+const RECENT_MAX_TEXT_BYTES: usize = 2048;
 
 /// Histograms the embedding thread feeds (none in tools that do not serve).
 #[derive(Clone, Default)]
@@ -218,11 +228,24 @@ impl Embedder {
         Arc::new(Self {
             jobs,
             examples: Mutex::new(HashMap::new()),
+            recent: quick_cache::sync::Cache::new(RECENT_ENTRIES),
         })
     }
 
-    /// The vector of `text`, batched with whatever else is waiting.
+    /// The vector of `text`: a recent one's from memory, otherwise batched with whatever
+    /// else is waiting for the model.
     pub async fn embed(&self, text: &str) -> Result<Embedding, EmbedError> {
+        if let Some(vector) = self.recent.get(text) {
+            return Ok(vector);
+        }
+        let vector = self.embed_now(text).await?;
+        if text.len() <= RECENT_MAX_TEXT_BYTES {
+            self.recent.insert(text.to_owned(), vector.clone());
+        }
+        Ok(vector)
+    }
+
+    async fn embed_now(&self, text: &str) -> Result<Embedding, EmbedError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .try_send(Job {

@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    cpu_bound, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
+    cpu_bound, message_bytes, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
     Planner, Source,
 };
 use crate::cache::ReplyCache;
@@ -327,7 +327,7 @@ impl Gateway {
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
         let pin = self.tiers.resolve(&request.model)?;
-        let bytes = request.messages.iter().map(|m| m.content.len()).sum();
+        let bytes = message_bytes(&request.messages);
         if let Some(too_large) = self.tiers.too_large(bytes) {
             return Err(too_large.into());
         }
@@ -359,15 +359,15 @@ impl Gateway {
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
         // Features and exact token counts are CPU work; see `cpu_bound`.
         let mut features =
-            cpu_bound(|| Features::extract(&generation.messages, max_tokens, caller));
+            cpu_bound(bytes, || Features::extract(&generation.messages, max_tokens, caller));
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
         let mut meaning = None;
-        if policy.needs_meaning() && cpu_bound(|| policy.reaches_similar_to(&features, &tokens)) {
+        if policy.needs_meaning() && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens)) {
             meaning = self.meaning(&generation.messages).await;
             features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
         }
-        let route = cpu_bound(|| {
+        let route = cpu_bound(bytes, || {
             tracing::debug_span!("route").in_scope(|| {
                 let route =
                     policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
@@ -397,7 +397,7 @@ impl Gateway {
         // The most this request can use: its prompt plus the completion it may generate
         // (a request without max_tokens or a policy cap is charged its prompt only).
         if let Some(key) = api_key.as_deref() {
-            let prompt = cpu_bound(|| tokens.prompt_tokens(&route.tier)).unwrap_or(0);
+            let prompt = cpu_bound(bytes, || tokens.prompt_tokens(&route.tier)).unwrap_or(0);
             let completion = generation.max_tokens.or(route.max_tokens).unwrap_or(0);
             self.admission
                 .spend_tokens(key, prompt.saturating_add(completion))

@@ -51,7 +51,14 @@ pub struct ExampleSet {
     vectors: Vec<Embedding>,
     pub k: usize,
     pub min_similarity: f32,
+    /// Votes for recent request vectors, by their bits. A repeated question (every
+    /// reply-cache hit is one) would otherwise be compared with every example again,
+    /// which costs more than the rest of a cache hit.
+    recent_votes: quick_cache::sync::Cache<Vec<u32>, Similar>,
 }
+
+/// Request vectors whose votes an [`ExampleSet`] keeps.
+const RECENT_VOTES: usize = 1024;
 
 /// One example near the request.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -120,6 +127,7 @@ impl ExampleSet {
             vectors: Vec::new(),
             k,
             min_similarity,
+            recent_votes: quick_cache::sync::Cache::new(RECENT_VOTES),
         };
         for (class, examples) in by_class {
             let label = set.classes.len();
@@ -146,12 +154,19 @@ impl ExampleSet {
     /// Embeds every example (from a blocking thread: it waits for the embedding thread).
     pub fn embed(&mut self, embedder: &Embedder) -> Result<(), EmbedError> {
         self.vectors = embedder.embed_examples_blocking(&self.texts)?;
+        self.recent_votes.clear();
         Ok(())
     }
 
     /// The vote of the `k` examples nearest to `vector`.
     pub fn vote(&self, vector: &[f32]) -> Similar {
-        self.vote_without(vector, None)
+        let key: Vec<u32> = vector.iter().map(|x| x.to_bits()).collect();
+        if let Some(similar) = self.recent_votes.get(&key) {
+            return similar;
+        }
+        let similar = self.vote_without(vector, None);
+        self.recent_votes.insert(key, similar.clone());
+        similar
     }
 
     /// Leave-one-out: each example classified by the others. The share whose vote names
@@ -220,6 +235,7 @@ mod tests {
             vectors: vectors.into_iter().map(Embedding::from).collect(),
             k,
             min_similarity: min,
+            recent_votes: quick_cache::sync::Cache::new(RECENT_VOTES),
         }
     }
 
