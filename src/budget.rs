@@ -430,6 +430,14 @@ impl Planner<'_> {
                 continue;
             };
             let model = engine.info().id.clone();
+            // A fresh exact reply needs neither a count nor the engine: the same request
+            // (every field that shapes the reply is in the key) fitted this tier when it
+            // was generated, and templating and counting are most of a hit's work.
+            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
+            let cached = key.as_ref().map(|key| self.cache.lookup(key));
+            if let Some(Lookup::Fresh(reply)) = &cached {
+                return Ok(self.replay(reply, tier, model, degraded, CacheUse::Hit));
+            }
             // Count first: a prompt that fits no tier is the client's error, not load. A
             // count that fails (a backend loading or down, or a prompt its template
             // refuses) is left to the health check or to `submit`, whose error is the
@@ -446,15 +454,10 @@ impl Planner<'_> {
                 left_because.get_or_insert(DegradeReason::ContextLength);
                 continue;
             }
-            // A fresh reply needs no engine, so the cache is asked before the tier's health.
-            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
+            // A cached reply needs no engine, so the cache is asked before the tier's health.
             if let Some(key) = &key {
-                match self.cache.lookup(key) {
-                    Lookup::Fresh(reply) => {
-                        return Ok(self.replay(&reply, tier, model, degraded, CacheUse::Hit))
-                    }
-                    Lookup::Stale(_) => stale_candidates.push((tier.clone(), key.clone())),
-                    Lookup::Miss => {}
+                if let Some(Lookup::Stale(_)) = cached {
+                    stale_candidates.push((tier.clone(), key.clone()));
                 }
                 let semantic_hit = meaning
                     .as_ref()

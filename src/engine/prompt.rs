@@ -67,7 +67,16 @@ pub struct Prompter {
     counter: Result<GgufTokenizer, String>,
     /// Bytes of the longest token's text (special tokens included).
     max_token_bytes: u32,
+    /// Token counts of recent short prompts, by their messages. Routing and the budget
+    /// planner count every request, and a repeated one (every reply-cache hit) would go
+    /// through llama.cpp's template code again, which costs more than the rest of a hit.
+    recent_counts: quick_cache::sync::Cache<String, u32>,
 }
+
+/// Prompts whose token counts a [`Prompter`] keeps.
+const RECENT_COUNTS: usize = 4096;
+/// Longer prompts are counted every time: the key would cost more memory than it saves.
+const RECENT_COUNT_MAX_BYTES: usize = 2048;
 
 impl Prompter {
     /// Loads `config.path` with the given parameters and checks that its chat template (or
@@ -133,6 +142,7 @@ impl Prompter {
             template,
             counter: Err("not loaded".into()),
             max_token_bytes,
+            recent_counts: quick_cache::sync::Cache::new(RECENT_COUNTS),
         })
     }
 
@@ -217,11 +227,19 @@ impl Prompter {
 
     /// How many tokens [`tokenize`](Self::tokenize) gives, the fast way when it can.
     pub fn count(&self, messages: &[ChatMessage]) -> Result<u32, EngineError> {
+        let key = recent_count_key(messages);
+        if let Some(count) = key.as_ref().and_then(|key| self.recent_counts.get(key)) {
+            return Ok(count);
+        }
         let prompt = self.render(messages)?;
-        Ok(match &self.counter {
+        let count = match &self.counter {
             Ok(counter) => counter.count(&prompt),
             Err(_) => self.llama_tokenize(&prompt).len() as u32,
-        })
+        };
+        if let Some(key) = key {
+            self.recent_counts.insert(key, count);
+        }
+        Ok(count)
     }
 
     /// llama.cpp's tokens for already templated text.
@@ -229,5 +247,54 @@ impl Prompter {
         // add_special: BOS where the model wants one (llama.cpp's templates do not write it).
         // parse_special: the template's own markers must become control tokens.
         self.model.vocab().tokenize(text.as_bytes(), true, true)
+    }
+}
+
+/// The key [`Prompter::count`] remembers a short prompt's count by: each message's role,
+/// its length and its text, so no two prompts share one. `None` for a long prompt.
+fn recent_count_key(messages: &[ChatMessage]) -> Option<String> {
+    let bytes: usize = messages.iter().map(|m| m.content.len() + 16).sum();
+    if bytes > RECENT_COUNT_MAX_BYTES {
+        return None;
+    }
+    let mut key = String::with_capacity(bytes);
+    for message in messages {
+        key.push_str(message.role.as_str());
+        key.push(':');
+        key.push_str(&message.content.len().to_string());
+        key.push(':');
+        key.push_str(&message.content);
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod recent_count_tests {
+    use super::*;
+    use crate::chat::Role;
+
+    fn message(role: Role, content: &str) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: content.to_owned(),
+        }
+    }
+
+    #[test]
+    fn prompts_that_differ_in_roles_or_message_boundaries_have_different_keys() {
+        let one = [message(Role::User, "ab:c")];
+        let split = [message(Role::User, "ab"), message(Role::User, "c")];
+        let system = [message(Role::System, "ab:c")];
+        let keys = [&one[..], &split[..], &system[..]].map(recent_count_key);
+        assert!(keys.iter().all(Option::is_some));
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[0], keys[2]);
+        assert_eq!(recent_count_key(&one), keys[0]);
+    }
+
+    #[test]
+    fn long_prompts_are_not_remembered() {
+        let long = [message(Role::User, &"x".repeat(RECENT_COUNT_MAX_BYTES))];
+        assert_eq!(recent_count_key(&long), None);
     }
 }
