@@ -7,8 +7,9 @@
 //! once to fill the reply cache; `wrk -t1 -c16` then repeats it, non-streaming and
 //! streaming. The bare handler runs in this process on a Tokio runtime built as tiergate
 //! builds its own, and answers every request with the bytes tiergate's hit returned.
-//! The two are measured in turn, each `TIERGATE_HIT_ROUNDS` times (default 2) for
-//! `TIERGATE_HIT_SECONDS` (default 10), and the best round of each is reported.
+//! The two are measured back to back in `TIERGATE_HIT_ROUNDS` rounds (default 5) of
+//! `TIERGATE_HIT_SECONDS` each (default 5); the medians, and the median of the per-round
+//! ratios, are reported, since this machine's speed drifts within minutes.
 //!
 //!     cargo bench --bench hit_path           # needs wrk (apt-get install wrk)
 
@@ -154,16 +155,24 @@ fn wrk(url: &str, body: &Value, seconds: u64) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no Requests/sec in wrk's output:\n{text}"))
 }
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn main() -> anyhow::Result<()> {
-    let seconds: u64 = env_or("TIERGATE_HIT_SECONDS", 10);
-    let rounds: usize = env_or("TIERGATE_HIT_ROUNDS", 2);
+    let seconds: u64 = env_or("TIERGATE_HIT_SECONDS", 5);
+    let rounds: usize = env_or("TIERGATE_HIT_ROUNDS", 5);
     // Built as tiergate builds its own (src/main.rs): a worker per core.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let gateway = Gateway::start()?;
     runtime.block_on(gateway.wait_ready())?;
-    println!("reply-cache hits against a bare axum handler: wrk -t1 -c16, {seconds} s rounds, best of {rounds}");
+    println!(
+        "reply-cache hits against a bare axum handler: wrk -t1 -c16, {rounds} paired rounds \
+         of {seconds} s, medians"
+    );
     println!(
         "{:>10} | {:>14} | {:>14} | {:>6}",
         "request", "tiergate req/s", "bare req/s", "ratio"
@@ -177,17 +186,29 @@ fn main() -> anyhow::Result<()> {
             "application/json"
         };
         let bare = bare_server(&runtime, reply, content_type)?;
-        let (mut via, mut floor) = (0.0f64, 0.0f64);
+        // The machine drifts by up to 2x within minutes: each round pairs the two runs
+        // back to back, and the median of the paired ratios is the figure.
+        let (mut via, mut floor, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            via = via.max(wrk(&gateway.base, &body, seconds)?);
-            floor = floor.max(wrk(&bare, &body, seconds)?);
+            let (t, b) = (
+                wrk(&gateway.base, &body, seconds)?,
+                wrk(&bare, &body, seconds)?,
+            );
+            via.push(t);
+            floor.push(b);
+            ratios.push(t / b);
         }
         println!(
-            "{:>10} | {:>14.0} | {:>14.0} | {:>6.2}",
+            "{:>10} | {:>14.0} | {:>14.0} | {:>6.2}   (ratios {})",
             if stream { "streaming" } else { "json" },
-            via,
-            floor,
-            via / floor
+            median(&mut via),
+            median(&mut floor),
+            median(&mut ratios),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     Ok(())

@@ -513,8 +513,7 @@ impl Planner<'_> {
             }
 
             let next_tier = path.get(index + 1);
-            let watchdog_at =
-                first_token_by - self.hedge(tokens, prompt_bytes, next_tier, left);
+            let watchdog_at = first_token_by - self.hedge(tokens, prompt_bytes, next_tier, left);
             let submitted_at = Instant::now();
             // Templating and tokenizing the prompt for the engine: CPU work.
             let submit = || {

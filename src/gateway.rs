@@ -24,8 +24,8 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    cpu_bound, message_bytes, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
-    Planner, Source,
+    cpu_bound, message_bytes, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines,
+    Degradation, Planner, Source,
 };
 use crate::cache::ReplyCache;
 use crate::chat::{ChatMessage, ChatRequest, Role};
@@ -358,12 +358,15 @@ impl Gateway {
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
         // Features and exact token counts are CPU work; see `cpu_bound`.
-        let mut features =
-            cpu_bound(bytes, || Features::extract(&generation.messages, max_tokens, caller));
+        let mut features = cpu_bound(bytes, || {
+            Features::extract(&generation.messages, max_tokens, caller)
+        });
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
         let mut meaning = None;
-        if policy.needs_meaning() && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens)) {
+        if policy.needs_meaning()
+            && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens))
+        {
             meaning = self.meaning(&generation.messages).await;
             features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
         }

@@ -15,8 +15,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Bytes;
-use futures::stream;
+use bytes::{Bytes, BytesMut};
+use futures::{stream, FutureExt as _};
 
 use super::error::ApiError;
 use super::types::{
@@ -276,11 +276,18 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
         (meta, reply, Some(role)),
         |(meta, mut reply, role)| async move {
             let event = reply.next().await?;
-            let bytes = match role {
-                Some(role) => [role, meta.event(event)].concat().into(),
-                None => meta.event(event),
-            };
-            Some((Ok::<Bytes, Infallible>(bytes), (meta, reply, None)))
+            let mut bytes = BytesMut::new();
+            if let Some(role) = role {
+                bytes.extend_from_slice(&role);
+            }
+            bytes.extend_from_slice(&meta.event(event));
+            // Events already at hand go out in the same write: a reply replayed from the
+            // cache is one write, not one per token (`next` is cancel-safe: an event not
+            // yet there stays for the next poll).
+            while let Some(Some(event)) = reply.next().now_or_never() {
+                bytes.extend_from_slice(&meta.event(event));
+            }
+            Some((Ok::<Bytes, Infallible>(bytes.freeze()), (meta, reply, None)))
         },
     );
     Response::builder()
