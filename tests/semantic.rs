@@ -54,6 +54,24 @@ async fn embeddings_are_unit_vectors_for_empty_non_latin_and_overlong_text() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_short_text_is_not_embedded_again() {
+    let embedder = embedder();
+    let question = "What is the capital of France?";
+    let first = embedder.embed(question).await.expect("embeds");
+    let again = embedder.embed(question).await.expect("embeds");
+    // The same allocation: the vector came from memory, not from another forward pass.
+    assert!(Arc::ptr_eq(&first, &again));
+    let long = "a long pasted document that is not worth remembering ".repeat(60);
+    let first = embedder.embed(&long).await.expect("embeds");
+    let again = embedder.embed(&long).await.expect("embeds");
+    assert!(
+        !Arc::ptr_eq(&first, &again),
+        "texts over 2 KiB are embedded each time"
+    );
+    assert_eq!(first, again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meaning_decides_similarity_and_batching_does_not_change_vectors() {
     let embedder = embedder();
     let texts = [

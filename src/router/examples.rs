@@ -268,4 +268,20 @@ mod tests {
         assert!(similar.votes.is_empty());
         assert_eq!(similar.nearest.len(), 1);
     }
+
+    #[test]
+    fn a_repeated_vote_is_remembered_and_equal() {
+        let set = set(
+            vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.8, 0.6]],
+            vec![0, 1, 0],
+            2,
+            0.1,
+        );
+        let first = set.vote(&[1.0, 0.0]);
+        assert_eq!(set.recent_votes.len(), 1);
+        assert_eq!(set.vote(&[1.0, 0.0]), first);
+        assert_eq!(set.recent_votes.len(), 1);
+        assert_eq!(first, set.vote_without(&[1.0, 0.0], None));
+        assert_eq!(first.class.as_deref(), Some("code"));
+    }
 }
