@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::cache::{self, Follower, Freshness, Lookup, ReplyCache, ReplyKey};
+use crate::chat::ChatMessage;
 use dashmap::DashMap;
 
 use crate::embed::Embedding;
@@ -226,11 +227,11 @@ fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
 }
 
 /// Runs CPU-bound request work (templating, tokenizing, routing) over a prompt of
-/// `prompt_bytes`. A long prompt takes milliseconds, so on a multi-threaded runtime the
-/// worker hands its other tasks to another thread while it runs (`block_in_place`). A
-/// short one takes microseconds, less than that hand-off (a thread woken, two context
-/// switches), which cost a cache hit most of its time: it runs in place. A
-/// current-thread runtime (the paused-clock tests) always runs it in place.
+/// `prompt_bytes` ([`message_bytes`]). A long prompt takes milliseconds, so on a
+/// multi-threaded runtime the worker hands its other tasks to another thread while it
+/// runs (`block_in_place`). For a short one the work is smaller than that hand-off (a
+/// thread woken, two context switches), which cost a cache hit most of its time: it runs
+/// in place. A current-thread runtime (the paused-clock tests) always runs it in place.
 pub fn cpu_bound<R>(prompt_bytes: usize, work: impl FnOnce() -> R) -> R {
     if prompt_bytes < CPU_BOUND_INLINE_BYTES {
         return work();
@@ -243,13 +244,15 @@ pub fn cpu_bound<R>(prompt_bytes: usize, work: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Prompts shorter than this are templated, counted and routed in place (see
-/// [`cpu_bound`]): about 2,000 tokens, some hundreds of microseconds of work.
+/// Prompts smaller than this are templated, counted and routed in place (see
+/// [`cpu_bound`]): some 2,000 tokens, whose routing features and memoised counts take
+/// tens of microseconds.
 pub const CPU_BOUND_INLINE_BYTES: usize = 8 * 1024;
 
-/// The bytes of a request's message contents, the size [`cpu_bound`] goes by.
-pub fn message_bytes(messages: &[crate::chat::ChatMessage]) -> usize {
-    messages.iter().map(|m| m.content.len()).sum()
+/// The size [`cpu_bound`] goes by: the messages' text, and for each message the template
+/// markup around it, so that many empty messages still count.
+pub fn message_bytes(messages: &[ChatMessage]) -> usize {
+    messages.iter().map(|m| m.content.len() + 16).sum()
 }
 
 /// Below this many observations a tier's predictions are used as they are.
@@ -431,9 +434,10 @@ impl Planner<'_> {
             };
             let model = engine.info().id.clone();
             // A fresh exact reply needs neither a count nor the engine: the same request
-            // (every field that shapes the reply is in the key) fitted this tier when it
-            // was generated, and templating and counting are most of a hit's work.
-            let key = use_cache.then(|| ReplyKey::new(generation, tier, scope));
+            // (every field that shapes the reply, and the model, are in the key) fitted
+            // this model when it was generated, and templating and counting are most of
+            // a hit's work.
+            let key = use_cache.then(|| ReplyKey::new(generation, &model, scope));
             let cached = key.as_ref().map(|key| self.cache.lookup(key));
             if let Some(Lookup::Fresh(reply)) = &cached {
                 return Ok(self.replay(reply, tier, model, degraded, CacheUse::Hit));
@@ -519,7 +523,9 @@ impl Planner<'_> {
             let submit = || {
                 let mut generation = generation.clone();
                 generation.first_token_by = Some(watchdog_at);
-                cpu_bound(prompt_bytes, || engine.submit(generation))
+                // Always handed off: templating and llama.cpp's tokenizer take a
+                // millisecond or more, and only a miss gets here.
+                cpu_bound(usize::MAX, || engine.submit(generation))
             };
             // An identical generation already running is followed instead of started.
             let started = match key {

@@ -37,7 +37,8 @@ use crate::semantic::SemanticIndex;
 pub struct ReplyKey {
     /// The API key the reply belongs to; `None` for routes whose cache is shared.
     scope: Option<String>,
-    tier: String,
+    /// The model (backend id) that generates it: models sharing a tier differ.
+    model: String,
     messages: Vec<(Role, String)>,
     /// Floats by their bits: the key needs `Eq`, and equal requests have equal bits.
     temperature: u32,
@@ -53,7 +54,7 @@ pub struct ReplyKey {
 }
 
 impl ReplyKey {
-    pub fn new(request: &GenerationRequest, tier: &str, scope: Option<&str>) -> Self {
+    pub fn new(request: &GenerationRequest, model: &str, scope: Option<&str>) -> Self {
         let GenerationRequest {
             messages,
             sampling,
@@ -74,7 +75,7 @@ impl ReplyKey {
         } = sampling;
         Self {
             scope: scope.map(str::to_owned),
-            tier: tier.to_owned(),
+            model: model.to_owned(),
             messages: messages
                 .iter()
                 .map(|ChatMessage { role, content }| (*role, content.clone()))

@@ -177,7 +177,8 @@ pub struct Embedder {
     recent: quick_cache::sync::Cache<String, Embedding>,
 }
 
-/// Request texts whose vectors [`Embedder::embed`] keeps, least recently used out first.
+/// Request texts whose vectors [`Embedder::embed`] keeps (quick_cache evicts the ones
+/// used least, by its CLOCK-Pro policy).
 const RECENT_ENTRIES: usize = 4096;
 /// Longer texts are embedded every time: such a key would cost more memory than it saves
 /// (4096 of these and their vectors come to about 14 MiB).

@@ -35,7 +35,7 @@ use crate::engine::{
 };
 use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
 use crate::router::{
-    CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
+    route_key, CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
 };
 use crate::tiers::{Pin, Tiers, TooLarge, UnknownModel};
 
@@ -327,10 +327,11 @@ impl Gateway {
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
         let pin = self.tiers.resolve(&request.model)?;
-        let bytes = message_bytes(&request.messages);
-        if let Some(too_large) = self.tiers.too_large(bytes) {
+        let text_bytes = request.messages.iter().map(|m| m.content.len()).sum();
+        if let Some(too_large) = self.tiers.too_large(text_bytes) {
             return Err(too_large.into());
         }
+        let bytes = message_bytes(&request.messages);
         let accepted_at = Instant::now();
         let api_key = caller.api_key.clone();
         let ChatRequest {
@@ -357,27 +358,43 @@ impl Gateway {
         // A pin the policy ignores must not choose the tokenizer either.
         let pin = pin.filter(|_| policy.allow_pinning);
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
-        // Features and exact token counts are CPU work; see `cpu_bound`.
-        let mut features = cpu_bound(bytes, || {
-            Features::extract(&generation.messages, max_tokens, caller)
-        });
+        let pinned_tier = pin.as_ref().map(|p| p.tier.as_str());
+        let pinned = pin.as_ref().map(|p| (p.tier.as_str(), p.model.as_deref()));
+        let route_key = route_key(&generation.messages, max_tokens, &caller, pinned);
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
         let mut meaning = None;
-        if policy.needs_meaning()
-            && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens))
-        {
-            meaning = self.meaning(&generation.messages).await;
-            features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
-        }
-        let route = cpu_bound(bytes, || {
-            tracing::debug_span!("route").in_scope(|| {
-                let route =
-                    policy.route(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
-                tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
+        let route = match route_key.as_deref().and_then(|key| policy.remembered(key)) {
+            Some(route) => route,
+            None => {
+                // Features and exact token counts are CPU work; see `cpu_bound`.
+                let mut features = cpu_bound(bytes, || {
+                    Features::extract(&generation.messages, max_tokens, caller)
+                });
+                let mut asked_meaning = false;
+                if policy.needs_meaning()
+                    && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens))
+                {
+                    asked_meaning = true;
+                    meaning = self.meaning(&generation.messages).await;
+                    features.similar = meaning.as_deref().and_then(|vector| policy.similar(vector));
+                }
+                let route = cpu_bound(bytes, || {
+                    tracing::debug_span!("route").in_scope(|| {
+                        let route = policy.route(&features, &tokens, pinned_tier);
+                        tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
+                        route
+                    })
+                });
+                // A route made without an input it asked for (an embedding that timed
+                // out, a tier that could not count yet) is not kept.
+                let complete = (!asked_meaning || meaning.is_some()) && tokens.all_counted();
+                if let Some(key) = route_key.filter(|_| complete) {
+                    policy.remember(key, &route);
+                }
                 route
-            })
-        });
+            }
+        };
         let route_time = accepted_at.elapsed();
         span.record("rule", route.rule.as_str());
         self.metrics

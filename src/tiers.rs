@@ -185,6 +185,14 @@ pub struct PromptTokens<'a> {
     counted: Mutex<Vec<(String, Result<u32, String>)>>,
 }
 
+impl PromptTokens<'_> {
+    /// Whether every count asked for so far succeeded (a tier still loading cannot count).
+    pub fn all_counted(&self) -> bool {
+        let counted = self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        counted.iter().all(|(_, count)| count.is_ok())
+    }
+}
+
 impl TokenCounter for PromptTokens<'_> {
     fn prompt_tokens(&self, tier: &str) -> Result<u32, String> {
         // Plain data behind the lock: a poisoned one is still consistent.

@@ -90,8 +90,10 @@ async fn meaning_decides_similarity_and_batching_does_not_change_vectors() {
         paraphrase > 0.7 && unrelated < 0.3,
         "{paraphrase} vs {unrelated}"
     );
-    // Sent together they share padded forward passes; the mask keeps padding out.
-    let together = futures::future::join_all(texts.iter().map(|t| embedder.embed(t))).await;
+    // Sent together they share padded forward passes; the mask keeps padding out. A
+    // second embedder: the first remembers these texts and would not run the model.
+    let fresh = self::embedder();
+    let together = futures::future::join_all(texts.iter().map(|t| fresh.embed(t))).await;
     for (one, batched) in alone.iter().zip(together) {
         let batched = batched.expect("batched");
         assert!(

@@ -260,6 +260,10 @@ fn complete_response(meta: &ResponseMeta, completion: &Completion) -> Response {
     }
 }
 
+/// Most bytes of ready events written together, so that a long replayed reply starts
+/// going out before all of it is rendered.
+const COALESCE_BYTES: usize = 32 * 1024;
+
 fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
     // The role chunk goes out with the first event, so the first chunk a client sees is
     // the first token's.
@@ -281,10 +285,13 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
                 bytes.extend_from_slice(&role);
             }
             bytes.extend_from_slice(&meta.event(event));
-            // Events already at hand go out in the same write: a reply replayed from the
-            // cache is one write, not one per token (`next` is cancel-safe: an event not
-            // yet there stays for the next poll).
-            while let Some(Some(event)) = reply.next().now_or_never() {
+            // Events already at hand go out in the same write, up to a bound: a reply
+            // replayed from the cache is a few writes, not one per token (`next` is
+            // cancel-safe: an event not yet there stays for the next poll).
+            while bytes.len() < COALESCE_BYTES {
+                let Some(Some(event)) = reply.next().now_or_never() else {
+                    break;
+                };
                 bytes.extend_from_slice(&meta.event(event));
             }
             Some((Ok::<Bytes, Infallible>(bytes.freeze()), (meta, reply, None)))

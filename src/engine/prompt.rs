@@ -258,12 +258,13 @@ fn recent_count_key(messages: &[ChatMessage]) -> Option<String> {
         return None;
     }
     let mut key = String::with_capacity(bytes);
-    for message in messages {
-        key.push_str(message.role.as_str());
+    // Destructured: a field the template renders must not be left out of the key.
+    for ChatMessage { role, content } in messages {
+        key.push_str(role.as_str());
         key.push(':');
-        key.push_str(&message.content.len().to_string());
+        key.push_str(&content.len().to_string());
         key.push(':');
-        key.push_str(&message.content);
+        key.push_str(content);
     }
     Some(key)
 }

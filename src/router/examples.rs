@@ -51,7 +51,7 @@ pub struct ExampleSet {
     vectors: Vec<Embedding>,
     pub k: usize,
     pub min_similarity: f32,
-    /// Votes for recent request vectors, by their bits. A repeated question (every
+    /// Votes for recent request vectors, by their bits and the settings. A repeated question (every
     /// reply-cache hit is one) would otherwise be compared with every example again,
     /// which costs more than the rest of a cache hit.
     recent_votes: quick_cache::sync::Cache<Vec<u32>, Similar>,
@@ -160,7 +160,9 @@ impl ExampleSet {
 
     /// The vote of the `k` examples nearest to `vector`.
     pub fn vote(&self, vector: &[f32]) -> Similar {
-        let key: Vec<u32> = vector.iter().map(|x| x.to_bits()).collect();
+        // `k` and `min_similarity` are in the key: `eval-routing --sweep` changes them.
+        let settings = [self.k as u32, self.min_similarity.to_bits()];
+        let key: Vec<u32> = vector.iter().map(|x| x.to_bits()).chain(settings).collect();
         if let Some(similar) = self.recent_votes.get(&key) {
             return similar;
         }
@@ -283,5 +285,20 @@ mod tests {
         assert_eq!(set.recent_votes.len(), 1);
         assert_eq!(first, set.vote_without(&[1.0, 0.0], None));
         assert_eq!(first.class.as_deref(), Some("code"));
+    }
+
+    #[test]
+    fn a_remembered_vote_follows_a_change_of_k() {
+        let mut set = set(
+            vec![vec![1.0, 0.0], vec![0.9, 0.1], vec![0.8, 0.6]],
+            vec![0, 1, 1],
+            1,
+            0.1,
+        );
+        assert_eq!(set.vote(&[1.0, 0.0]).nearest.len(), 1);
+        set.k = 3;
+        let wider = set.vote(&[1.0, 0.0]);
+        assert_eq!(wider.nearest.len(), 3);
+        assert_eq!(wider.class.as_deref(), Some("chitchat"));
     }
 }

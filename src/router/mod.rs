@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 
 pub use examples::Similar;
 pub use features::{Caller, Features};
-pub use policy::{CacheMode, Explanation, Policy, Route, TokenCounter};
+pub use policy::{route_key, CacheMode, Explanation, Policy, Route, TokenCounter};
 
 use crate::embed::Embedder;
 use crate::tomlfile::{Problem, Problems};

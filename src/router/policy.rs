@@ -11,7 +11,8 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::examples::{ExampleSet, RawSimilarity, Similar};
-use super::features::{phrase_matcher, whole_word_matches, Features, SCRIPT_NAMES};
+use super::features::{phrase_matcher, whole_word_matches, Caller, Features, SCRIPT_NAMES};
+use crate::chat::ChatMessage;
 use crate::tomlfile::{Problem, TomlFile};
 
 /// How the reply cache treats a route (used by the budgets issue's cache).
@@ -233,6 +234,53 @@ pub struct Policy {
     pub weights: Weights,
     /// Labelled examples for `similar_to` rules (`[similarity]`).
     pub examples: Option<ExampleSet>,
+    /// Routes of recent short requests, by [`route_key`]. A repeated request (every
+    /// reply-cache hit is one) is routed again without extracting features, counting
+    /// tokens or asking the examples, which cost more than the rest of a hit. It lives
+    /// with this policy, so a reload starts empty.
+    recent_routes: quick_cache::sync::Cache<String, Route>,
+}
+
+/// Requests whose routes a [`Policy`] keeps.
+const RECENT_ROUTES: usize = 4096;
+/// Longer requests are routed every time: the key would cost more memory than it saves.
+const RECENT_ROUTE_MAX_BYTES: usize = 2048;
+
+/// Everything a route depends on besides the policy: every message's role and text, the
+/// requested `max_tokens`, the caller (API key, tenant, hint), and the pinned tier and
+/// model (a pinned model counts tokens with its own vocabulary), each length-prefixed so
+/// that no two requests share a key. `None` for a long request.
+pub fn route_key(
+    messages: &[ChatMessage],
+    max_tokens: Option<u32>,
+    caller: &Caller,
+    pin: Option<(&str, Option<&str>)>,
+) -> Option<String> {
+    let bytes: usize = messages.iter().map(|m| m.content.len() + 16).sum();
+    if bytes > RECENT_ROUTE_MAX_BYTES {
+        return None;
+    }
+    let mut key = String::with_capacity(bytes + 64);
+    let mut field = |text: Option<&str>| match text {
+        Some(text) => {
+            key.push_str(&text.len().to_string());
+            key.push(':');
+            key.push_str(text);
+        }
+        None => key.push('-'),
+    };
+    field(max_tokens.map(|n| n.to_string()).as_deref());
+    field(caller.api_key.as_deref());
+    field(caller.tenant.as_deref());
+    field(caller.hint.as_deref());
+    field(pin.map(|(tier, _)| tier));
+    field(pin.and_then(|(_, model)| model));
+    // Destructured: a field routing reads must not be left out of the key.
+    for ChatMessage { role, content } in messages {
+        field(Some(role.as_str()));
+        field(Some(content));
+    }
+    Some(key)
 }
 
 /// Why a rule did not match: the first condition that failed.
@@ -354,6 +402,20 @@ impl Policy {
 
     /// The route for a request: the first matching rule's, else the defaults. `pin` is a
     /// tier the request named itself.
+    /// The route [`Policy::remember`] kept for this [`route_key`].
+    pub fn remembered(&self, key: &str) -> Option<Route> {
+        self.recent_routes.get(key)
+    }
+
+    /// Keeps `route` for a request with this [`route_key`]. Only for a route made with
+    /// every input it asked for (token counts, the request's meaning): one made without
+    /// them is not the route of that request.
+    pub fn remember(&self, key: String, route: &Route) {
+        self.recent_routes.insert(key, route.clone());
+    }
+
+    /// The route of a request: the first rule that matches, or the defaults; a pin the
+    /// policy allows overrides the tier.
     pub fn route(
         &self,
         features: &Features,
@@ -783,6 +845,7 @@ fn build(files: Vec<(RawPolicyFile, TomlFile)>, tiers: &[String]) -> Result<Poli
             max_tokens_per_1k: weights.max_tokens_per_1k.unwrap_or(0.0),
         },
         examples,
+        recent_routes: quick_cache::sync::Cache::new(RECENT_ROUTES),
     })
 }
 
@@ -1261,5 +1324,53 @@ classes = { code = ["fix my script"], chat = ["hello there"] }
         // 2.0 for code + 1.0 per 1k tokens: 400 tokens is 2.4, 600 is 2.6.
         assert_eq!(policy.route(&code, &ByteTokens(1600), None).rule, "default");
         assert_eq!(policy.route(&code, &ByteTokens(2400), None).rule, "complex");
+    }
+
+    #[test]
+    fn route_keys_differ_in_anything_routing_reads() {
+        use crate::chat::Role;
+        let message = |role, content: &str| ChatMessage {
+            role,
+            content: content.to_owned(),
+        };
+        let caller = |key: Option<&str>, hint: Option<&str>| Caller {
+            api_key: key.map(str::to_owned),
+            tenant: None,
+            hint: hint.map(str::to_owned),
+        };
+        let hello = [message(Role::User, "hello")];
+        let base = route_key(&hello, Some(16), &caller(None, None), None);
+        let variants = [
+            route_key(&hello, None, &caller(None, None), None),
+            route_key(&hello, Some(16), &caller(Some("k"), None), None),
+            route_key(&hello, Some(16), &caller(None, Some("full")), None),
+            route_key(&hello, Some(16), &caller(None, None), Some(("full", None))),
+            route_key(
+                &hello,
+                Some(16),
+                &caller(None, None),
+                Some(("full", Some("gemma"))),
+            ),
+            route_key(
+                &[message(Role::System, "hello")],
+                Some(16),
+                &caller(None, None),
+                None,
+            ),
+            route_key(
+                &[message(Role::User, "hel"), message(Role::User, "lo")],
+                Some(16),
+                &caller(None, None),
+                None,
+            ),
+        ];
+        assert!(base.is_some());
+        for variant in &variants {
+            assert!(variant.is_some());
+            assert_ne!(variant, &base);
+        }
+        assert_eq!(route_key(&hello, Some(16), &caller(None, None), None), base);
+        let long = [message(Role::User, &"x".repeat(RECENT_ROUTE_MAX_BYTES))];
+        assert_eq!(route_key(&long, None, &caller(None, None), None), None);
     }
 }
