@@ -328,27 +328,18 @@ fn serve(config_path: PathBuf, listen: Option<SocketAddr>, policies: Vec<PathBuf
 
 fn bench(args: BenchArgs) -> ExitCode {
     let json = args.json;
-    let report = args.options().and_then(|options| {
+    let outcome = args.options().and_then(|options| {
         let runtime = runtime()?;
         runtime.block_on(loadgen::run(options))
     });
-    let rendered = report.and_then(|report| {
+    let rendered = outcome.and_then(|report| {
         Ok(if json {
             serde_json::to_string_pretty(&report)?
         } else {
             loadgen::table(&report).to_string()
         })
     });
-    match rendered {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(rendered.map(|text| text + "\n"))
 }
 
 fn bench_chat(args: BenchChatArgs) -> ExitCode {
@@ -376,16 +367,7 @@ fn bench_chat(args: BenchChatArgs) -> ExitCode {
             )
         })
     });
-    match rendered {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    report(rendered.map(|text| text + "\n"))
 }
 
 fn check(config_path: &Path) -> ExitCode {
