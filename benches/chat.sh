@@ -17,8 +17,6 @@ bin=target/release/tiergate
 threads=${TIERGATE_BENCH_THREADS:-$(nproc)}
 source benches/lib.sh
 
-declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
-declare -A template=([fast]="" [full]="--chat-template gemma")
 
 start_gateway /tmp/bench-chat-tiergate.log --policy benches/throughput-policy.toml
 peer_pid=

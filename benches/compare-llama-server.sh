@@ -24,8 +24,6 @@ source benches/lib.sh
 # shellcheck disable=SC2086
 run_load() { "$bin" bench --url "$1" --model "$2" --concurrency "${TIERGATE_BENCH_CONCURRENCY:-1,4,16}" --max-tokens 64 ${TIERGATE_BENCH_ARGS:-}; }
 
-declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
-declare -A template=([fast]="" [full]="--chat-template gemma")
 
 for tier in "${tiers[@]}"; do
   port=$(free_port)

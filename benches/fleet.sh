@@ -20,8 +20,6 @@ cores=$(nproc)
 half=$(( cores > 1 ? cores / 2 : 1 ))
 source benches/lib.sh
 
-declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
-declare -A template=([fast]="" [full]="--chat-template gemma")
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 trap cleanup EXIT

@@ -13,13 +13,19 @@
 //!
 //!     cargo bench --bench hit_path           # needs wrk (apt-get install wrk)
 
+#[path = "common/gateway_process.rs"]
+#[allow(dead_code)] // `cpu_time` serves the proxy bench
+mod gateway_process;
+
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::post;
+use gateway_process::GatewayProcess;
 use serde_json::{json, Value};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -27,50 +33,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The `tiergate serve` child process, killed on drop.
-struct Gateway {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    fn start() -> anyhow::Result<Self> {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["serve", "--config", &format!("{root}/config/tiergate.toml")])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok(Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        for _ in 0..1200 {
-            let ready = client.get(format!("{}/ready", self.base)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("the gateway was not ready within 120 s")
-    }
 }
 
 fn request(stream: bool) -> Value {
@@ -84,7 +46,7 @@ fn request(stream: bool) -> Value {
 }
 
 /// Sends `body` until tiergate answers it from the cache; returns the hit's body.
-async fn cached_reply(gateway: &Gateway, body: &Value) -> anyhow::Result<Bytes> {
+async fn cached_reply(gateway: &GatewayProcess, body: &Value) -> anyhow::Result<Bytes> {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", gateway.base);
     for _ in 0..3 {
@@ -167,8 +129,11 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let gateway = Gateway::start()?;
-    runtime.block_on(gateway.wait_ready())?;
+    // The shipped config and policies, logging as they are set to.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tiergate.toml");
+    let gateway = GatewayProcess::spawn(&config, None)?;
+    // Both models load and warm up first.
+    runtime.block_on(gateway.wait_ready(Duration::from_secs(120)))?;
     println!(
         "reply-cache hits against a bare axum handler: wrk -t1 -c16, {rounds} paired rounds \
          of {seconds} s, medians"

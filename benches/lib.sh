@@ -1,5 +1,12 @@
 # Shell helpers shared by the bench scripts; `source` it from the repository root.
 
+# Each tier's default GGUF, and the llama-server flag for its chat template (Gemma 3's
+# file has none), for the scripts that run llama-server on the same model as a tier.
+# shellcheck disable=SC2034
+declare -A gguf=([fast]=models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf [full]=models/gguf/gemma-3-270m-q4_k_m.gguf)
+# shellcheck disable=SC2034
+declare -A template=([fast]="" [full]="--chat-template gemma")
+
 # A free local TCP port.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

@@ -15,6 +15,8 @@
 //!     cargo bench --bench proxy                      # 1, 64 and 512 streams
 //!     TIERGATE_PROXY_STREAMS=1,16 cargo bench --bench proxy
 
+#[path = "common/gateway_process.rs"]
+mod gateway_process;
 #[path = "../tests/common/upstream.rs"]
 #[allow(dead_code)] // the fault scripts serve the tests
 mod upstream;
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource as _;
 use futures::StreamExt as _;
+use gateway_process::GatewayProcess;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use upstream::{unix_nanos, Script, ScriptedUpstream};
@@ -66,7 +69,7 @@ async fn run() -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .build()?;
     let direct_url = format!("{}/chat/completions", upstream.url);
-    let via_url = format!("{}/v1/chat/completions", gateway.base);
+    let via_url = format!("{}/v1/chat/completions", gateway.process.base);
     println!(
         "proxy overhead: {chunks} chunks {} ms apart per stream; ms; \"added\" is the \
          gateway's figure minus the direct one",
@@ -83,9 +86,9 @@ async fn run() -> anyhow::Result<()> {
         measure(&client, &direct_url, concurrency, concurrency, stream_time).await;
         measure(&client, &via_url, concurrency, concurrency, stream_time).await;
         let direct = measure(&client, &direct_url, concurrency, requests, stream_time).await;
-        let cpu_before = gateway.cpu_time();
+        let cpu_before = gateway.process.cpu_time();
         let via = measure(&client, &via_url, concurrency, requests, stream_time).await;
-        let gateway_cpu = gateway.cpu_time().saturating_sub(cpu_before);
+        let gateway_cpu = gateway.process.cpu_time().saturating_sub(cpu_before);
         cpu.push((concurrency, gateway_cpu, requests, via.chunk.len()));
         for (path, sample) in [("direct", &direct), ("tiergate", &via)] {
             println!(
@@ -125,20 +128,11 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `tiergate` binary, serving on a free port with one tier: a fleet of the upstream
-/// at `url`. A process of its own, so that its CPU time can be read apart from the
-/// client's and the upstream's.
+/// The `tiergate` binary with one tier: a fleet of the upstream at `url`.
 struct Gateway {
-    child: std::process::Child,
-    base: String,
+    process: GatewayProcess,
+    /// Holds the config file while the gateway runs.
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Gateway {
@@ -146,15 +140,11 @@ impl Gateway {
         let root = env!("CARGO_MANIFEST_DIR");
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("tiergate.toml");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         std::fs::write(
             &config,
             format!(
                 r#"
 [server]
-listen = "127.0.0.1:{port}"
 max_connections = 4096
 
 [router]
@@ -169,45 +159,9 @@ max_outstanding = 4096
 "#
             ),
         )?;
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let gateway = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let client = reqwest::Client::new();
-        for _ in 0..200 {
-            let ready = client.get(format!("{}/ready", gateway.base)).send().await;
-            if ready.is_ok_and(|r| r.status() == 200) {
-                return Ok(gateway);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        anyhow::bail!("the gateway was not ready within 10 s")
-    }
-
-    /// CPU time (user and system) the gateway process has used so far.
-    fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 12th and
-        // 13th of them, in USER_HZ (100 a second on Linux).
-        let fields: Vec<u64> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| {
-                rest.split_whitespace()
-                    .filter_map(|f| f.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
-        Duration::from_millis(ticks * 10)
+        let process = GatewayProcess::spawn(&config, Some("warn"))?;
+        process.wait_ready(Duration::from_secs(10)).await?;
+        Ok(Self { process, _dir: dir })
     }
 }
 

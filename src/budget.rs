@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::cache::{self, Follower, Freshness, Lookup, ReplyCache, ReplyKey};
-use crate::chat::ChatMessage;
+use crate::chat::message_bytes;
 use dashmap::DashMap;
 
 use crate::embed::Embedding;
@@ -248,12 +248,6 @@ pub fn cpu_bound<R>(prompt_bytes: usize, work: impl FnOnce() -> R) -> R {
 /// [`cpu_bound`]): some 2,000 tokens, whose routing features and memoised counts take
 /// tens of microseconds.
 pub const CPU_BOUND_INLINE_BYTES: usize = 8 * 1024;
-
-/// The size [`cpu_bound`] goes by: the messages' text, and for each message the template
-/// markup around it, so that many empty messages still count.
-pub fn message_bytes(messages: &[ChatMessage]) -> usize {
-    messages.iter().map(|m| m.content.len() + 16).sum()
-}
 
 /// Below this many observations a tier's predictions are used as they are.
 const CALIBRATION_MIN_SAMPLES: u32 = 3;

@@ -36,6 +36,34 @@ impl ChatMessage {
     }
 }
 
+/// The size of a conversation for deciding how to handle it: the messages' text, and for
+/// each message the template markup around it, so that many empty messages still count.
+pub fn message_bytes(messages: &[ChatMessage]) -> usize {
+    messages.iter().map(|m| m.content.len() + 16).sum()
+}
+
+/// Appends `text` to a memo key, length-prefixed so that no two sequences of fields give
+/// the same key; `None` appends a marker no length-prefixed text starts with.
+pub fn push_key_field(key: &mut String, text: Option<&str>) {
+    match text {
+        Some(text) => {
+            key.push_str(&text.len().to_string());
+            key.push(':');
+            key.push_str(text);
+        }
+        None => key.push('-'),
+    }
+}
+
+/// Appends every message's role and text to a memo key ([`push_key_field`]).
+pub fn push_messages_key(key: &mut String, messages: &[ChatMessage]) {
+    // Destructured: a field a template or a rule reads must not be left out of a key.
+    for ChatMessage { role, content } in messages {
+        push_key_field(key, Some(role.as_str()));
+        push_key_field(key, Some(content));
+    }
+}
+
 /// Per-sequence sampling settings, already validated by the API layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

@@ -24,11 +24,11 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    cpu_bound, message_bytes, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines,
-    Degradation, Planner, Source,
+    cpu_bound, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
+    Planner, Source,
 };
 use crate::cache::ReplyCache;
-use crate::chat::{ChatMessage, ChatRequest, Role};
+use crate::chat::{message_bytes, ChatMessage, ChatRequest, Role};
 use crate::embed::Embedding;
 use crate::engine::{
     EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,

@@ -664,13 +664,11 @@ async fn one_request(shared: &Shared, model: &str, messages: &Value) -> RequestS
                 if let Some(tokens) = usage["prompt_tokens_details"]["cached_tokens"].as_u64() {
                     sample.cached_tokens = Some(tokens);
                 }
-                let has_content = chunk["choices"][0]["delta"]["content"]
+                let content = chunk["choices"][0]["delta"]["content"]
                     .as_str()
-                    .is_some_and(|c| !c.is_empty());
-                if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
-                    sample.content.push_str(content);
-                }
-                if has_content {
+                    .unwrap_or("");
+                sample.content.push_str(content);
+                if !content.is_empty() {
                     let now = Instant::now();
                     content_chunks += 1;
                     match last_content {

@@ -18,7 +18,7 @@ use llama_cpp_2::LogOptions;
 
 use super::tokenizer::GgufTokenizer;
 use super::EngineError;
-use crate::chat::ChatMessage;
+use crate::chat::{message_bytes, push_messages_key, ChatMessage};
 use crate::config::ModelConfig;
 
 /// Text the Rust tokenizer must split exactly as llama.cpp does before it is trusted:
@@ -253,19 +253,12 @@ impl Prompter {
 /// The key [`Prompter::count`] remembers a short prompt's count by: each message's role,
 /// its length and its text, so no two prompts share one. `None` for a long prompt.
 fn recent_count_key(messages: &[ChatMessage]) -> Option<String> {
-    let bytes: usize = messages.iter().map(|m| m.content.len() + 16).sum();
+    let bytes = message_bytes(messages);
     if bytes > RECENT_COUNT_MAX_BYTES {
         return None;
     }
     let mut key = String::with_capacity(bytes);
-    // Destructured: a field the template renders must not be left out of the key.
-    for ChatMessage { role, content } in messages {
-        key.push_str(role.as_str());
-        key.push(':');
-        key.push_str(&content.len().to_string());
-        key.push(':');
-        key.push_str(content);
-    }
+    push_messages_key(&mut key, messages);
     Some(key)
 }
 

@@ -5,6 +5,7 @@
 //! target, with the targets run one after the other on the same conversations (tiergate
 //! and llama-server on the same GGUF, say) and printed side by side.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets, ContentArrangement, Table};
@@ -81,7 +82,7 @@ pub struct RunReport {
     pub wall_s: f64,
     pub output_tokens_per_s: f64,
     /// Why requests failed, with counts; a failed turn ends its conversation.
-    pub errors: Vec<(String, usize)>,
+    pub errors: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -273,12 +274,9 @@ fn summarize(
         .filter(|s| s.ok)
         .map(|s| s.completion_tokens)
         .sum();
-    let mut errors: Vec<(String, usize)> = Vec::new();
+    let mut errors = BTreeMap::new();
     for error in samples.iter().filter_map(|s| s.error.as_ref()) {
-        match errors.iter_mut().find(|(seen, _)| seen == error) {
-            Some((_, count)) => *count += 1,
-            None => errors.push((error.clone(), 1)),
-        }
+        *errors.entry(error.clone()).or_insert(0) += 1;
     }
     let wall_s = wall.as_secs_f64().max(1e-9);
     RunReport {
@@ -433,7 +431,7 @@ mod tests {
         assert_eq!((follow_up.min, follow_up.max), (100.0, 300.0));
         assert_eq!(report.completion_tokens, 40);
         assert_eq!(report.output_tokens_per_s, 20.0);
-        assert_eq!(report.errors, [("503".to_owned(), 1)]);
+        assert_eq!(report.errors, BTreeMap::from([("503".to_owned(), 1)]));
     }
 
     #[test]

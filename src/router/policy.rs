@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::examples::{ExampleSet, RawSimilarity, Similar};
 use super::features::{phrase_matcher, whole_word_matches, Caller, Features, SCRIPT_NAMES};
-use crate::chat::ChatMessage;
+use crate::chat::{message_bytes, push_key_field, push_messages_key, ChatMessage};
 use crate::tomlfile::{Problem, TomlFile};
 
 /// How the reply cache treats a route (used by the budgets issue's cache).
@@ -256,30 +256,28 @@ pub fn route_key(
     caller: &Caller,
     pin: Option<(&str, Option<&str>)>,
 ) -> Option<String> {
-    let bytes: usize = messages.iter().map(|m| m.content.len() + 16).sum();
+    let bytes = message_bytes(messages);
     if bytes > RECENT_ROUTE_MAX_BYTES {
         return None;
     }
     let mut key = String::with_capacity(bytes + 64);
-    let mut field = |text: Option<&str>| match text {
-        Some(text) => {
-            key.push_str(&text.len().to_string());
-            key.push(':');
-            key.push_str(text);
-        }
-        None => key.push('-'),
-    };
-    field(max_tokens.map(|n| n.to_string()).as_deref());
-    field(caller.api_key.as_deref());
-    field(caller.tenant.as_deref());
-    field(caller.hint.as_deref());
-    field(pin.map(|(tier, _)| tier));
-    field(pin.and_then(|(_, model)| model));
-    // Destructured: a field routing reads must not be left out of the key.
-    for ChatMessage { role, content } in messages {
-        field(Some(role.as_str()));
-        field(Some(content));
+    let Caller {
+        api_key,
+        tenant,
+        hint,
+    } = caller;
+    let max_tokens = max_tokens.map(|n| n.to_string());
+    for field in [
+        max_tokens.as_deref(),
+        api_key.as_deref(),
+        tenant.as_deref(),
+        hint.as_deref(),
+        pin.map(|(tier, _)| tier),
+        pin.and_then(|(_, model)| model),
+    ] {
+        push_key_field(&mut key, field);
     }
+    push_messages_key(&mut key, messages);
     Some(key)
 }
 
