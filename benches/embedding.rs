@@ -37,6 +37,7 @@ fn context() -> ReplyKey {
         ignore_eos: false,
         span: tracing::Span::none(),
         first_token_by: None,
+        ..GenerationRequest::default()
     };
     ReplyKey::new(&request, "fast", None)
 }

@@ -121,6 +121,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
                     ignore_eos: true,
                     span: tracing::Span::none(),
                     first_token_by: None,
+                    ..GenerationRequest::default()
                 })
                 .expect("submit")
         })
@@ -129,7 +130,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
         let mut first = None;
         while let Some(event) = stream.next_event().await {
             match event {
-                TokenEvent::Text(_) => {
+                TokenEvent::Text(_) | TokenEvent::Scored { .. } => {
                     first.get_or_insert_with(Instant::now);
                 }
                 TokenEvent::Finished { usage, .. } => {

@@ -219,6 +219,10 @@ impl Deadlines {
 
 /// Whether this route caches this request.
 fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
+    // A replay carries text only: the token distributions are not kept.
+    if generation.logprobs.is_some() {
+        return false;
+    }
     match route.cache {
         CacheMode::Off => false,
         CacheMode::Deterministic => cache::is_reproducible(&generation.sampling),

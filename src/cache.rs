@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 // tokio's clock, so that TTLs pass under a paused test clock as they do in real time.
 use tokio::time::Instant;
 
-use crate::chat::{ChatMessage, Role, SamplingParams};
+use crate::chat::{ChatMessage, ReplyFormat, Role, SamplingParams};
 use crate::embed::Embedding;
 use crate::engine::{
     EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
@@ -51,6 +51,11 @@ pub struct ReplyKey {
     max_tokens_cap: Option<u32>,
     stop: Vec<String>,
     ignore_eos: bool,
+    /// Token ids and bias bits.
+    logit_bias: Vec<(i32, u32)>,
+    /// A reply made without a schema must not answer a request with one, nor the reverse.
+    format: ReplyFormat,
+    logprobs: Option<u8>,
 }
 
 impl ReplyKey {
@@ -62,6 +67,8 @@ impl ReplyKey {
             max_tokens_cap,
             stop,
             ignore_eos,
+            format,
+            logprobs,
             span: _,
             first_token_by: _,
         } = request;
@@ -72,6 +79,7 @@ impl ReplyKey {
             seed,
             presence_penalty,
             frequency_penalty,
+            logit_bias,
         } = sampling;
         Self {
             scope: scope.map(str::to_owned),
@@ -90,6 +98,12 @@ impl ReplyKey {
             max_tokens_cap: *max_tokens_cap,
             stop: stop.clone(),
             ignore_eos: *ignore_eos,
+            logit_bias: logit_bias
+                .iter()
+                .map(|&(token, bias)| (token, bias.to_bits()))
+                .collect(),
+            format: format.clone(),
+            logprobs: *logprobs,
         }
     }
 
@@ -117,10 +131,12 @@ impl ReplyKey {
         key
     }
 
-    /// Bytes of text the key holds (its messages and stop strings).
+    /// Bytes the key holds (its messages, stop strings, biases and schema).
     pub fn bytes(&self) -> usize {
         self.messages.iter().map(|(_, m)| m.len()).sum::<usize>()
             + self.stop.iter().map(String::len).sum::<usize>()
+            + self.logit_bias.len() * 8
+            + self.format.schema().map_or(0, str::len)
     }
 }
 
@@ -468,7 +484,7 @@ impl SharedGeneration {
             };
             let mut log = self.log();
             let finished = match &event {
-                TokenEvent::Text(_) => None,
+                TokenEvent::Text(_) | TokenEvent::Scored { .. } => None,
                 TokenEvent::Finished {
                     finish_reason,
                     usage,
@@ -486,7 +502,9 @@ impl SharedGeneration {
                         .events
                         .iter()
                         .filter_map(|e| match e {
-                            TokenEvent::Text(text) => Some(text.clone()),
+                            TokenEvent::Text(text) | TokenEvent::Scored { text, .. } => {
+                                Some(text.clone())
+                            }
                             _ => None,
                         })
                         .collect();
@@ -586,6 +604,7 @@ mod tests {
             ignore_eos: false,
             span: tracing::Span::none(),
             first_token_by: None,
+            ..GenerationRequest::default()
         }
     }
 

@@ -2,6 +2,8 @@
 //! a checked chat request. The HTTP layer parses JSON into these; the gateway, router, cache
 //! and engines read them. Nothing here knows about HTTP or llama.cpp.
 
+use std::sync::Arc;
+
 /// Who wrote a chat message. `developer` (OpenAI's newer name) is folded into `System`
 /// by the API layer before it gets here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +79,9 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
+    /// `logit_bias`: added to a token's logit before any other sampling step, sorted by
+    /// token id, each bias in -100..=100 (-100 bans the token, as in OpenAI's API).
+    pub logit_bias: Vec<(i32, f32)>,
 }
 
 /// Temperatures below this sample greedily. Dividing logits by a temperature near zero
@@ -101,8 +106,48 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
+}
+
+/// `response_format`: the shape a reply must take. Local tiers enforce it while sampling
+/// (a grammar compiled from the schema); remote tiers get it as the client sent it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum ReplyFormat {
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that validates against `schema`.
+    JsonSchema {
+        name: String,
+        /// The schema serialized with sorted keys, so that equal schemas are equal strings
+        /// (the grammar cache and the reply cache key on it).
+        schema: Arc<str>,
+        strict: Option<bool>,
+    },
+}
+
+impl ReplyFormat {
+    /// The JSON Schema a local tier enforces; `None` for free text.
+    pub fn schema(&self) -> Option<&str> {
+        match self {
+            ReplyFormat::Text => None,
+            ReplyFormat::JsonObject => Some(r#"{"type":"object"}"#),
+            ReplyFormat::JsonSchema { schema, .. } => Some(schema),
+        }
+    }
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` as the client sent them: passed to
+/// remote tiers unchanged, never interpreted here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ToolSpec {
+    /// The serialized JSON of each field the client set.
+    pub tools: Arc<str>,
+    pub tool_choice: Option<Arc<str>>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// A checked chat request: what the caller asked for, before routing decides anything.
@@ -121,6 +166,10 @@ pub struct ChatRequest {
     /// Never sample end-of-generation tokens, so the completion runs to `max_tokens`
     /// (llama.cpp's server extension; load tests use it for fixed-length outputs).
     pub ignore_eos: bool,
+    pub format: ReplyFormat,
+    /// `Some(k)`: report each sampled token's log probability and the `k` (0 to 20) most
+    /// likely alternatives (`logprobs` with `top_logprobs`).
+    pub logprobs: Option<u8>,
 }
 
 impl ChatRequest {
@@ -135,6 +184,8 @@ impl ChatRequest {
             max_tokens: None,
             stop: Vec::new(),
             ignore_eos: false,
+            format: ReplyFormat::Text,
+            logprobs: None,
         }
     }
 }

@@ -31,7 +31,8 @@ use crate::cache::ReplyCache;
 use crate::chat::{message_bytes, ChatMessage, ChatRequest, Role};
 use crate::embed::Embedding;
 use crate::engine::{
-    EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,
+    logprobs::TokenLogprob, EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent,
+    Usage,
 };
 use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
 use crate::router::{
@@ -86,7 +87,8 @@ pub fn engine_status(err: &EngineError) -> u16 {
         | EngineError::QueueFull { .. } => 503,
         EngineError::PromptTooLong { .. }
         | EngineError::ContextLengthExceeded { .. }
-        | EngineError::Template(_) => 400,
+        | EngineError::Template(_)
+        | EngineError::InvalidParameter { .. } => 400,
         // 400, 413 or 422 from the upstream: the client's to fix, passed on as it came.
         EngineError::UpstreamRejected { status, .. } => *status,
         EngineError::Decode(_) => 500,
@@ -343,6 +345,8 @@ impl Gateway {
             max_tokens,
             stop,
             ignore_eos,
+            format,
+            logprobs,
         } = request;
         let mut generation = GenerationRequest {
             messages,
@@ -351,6 +355,8 @@ impl Gateway {
             max_tokens_cap: None,
             stop,
             ignore_eos,
+            format,
+            logprobs,
             span: span.clone(),
             first_token_by: None,
         };
@@ -593,6 +599,11 @@ pub struct Ending {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplyEvent {
     Text(String),
+    /// Text with its tokens' log probabilities (requests that asked for them).
+    Scored {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Finished(Ending),
     Failed(EngineError),
 }
@@ -601,6 +612,8 @@ pub enum ReplyEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub text: String,
+    /// Every token's log probability, when the request asked for them.
+    pub logprobs: Option<Vec<TokenLogprob>>,
     pub ending: Ending,
 }
 
@@ -635,13 +648,12 @@ impl Reply {
         };
         Some(match event {
             TokenEvent::Text(text) => {
-                self.pieces += 1;
-                let now = Instant::now();
-                if let (Some(histogram), Some(last)) = (&self.inter_token, self.last_piece_at) {
-                    histogram.observe((now - last).as_secs_f64());
-                }
-                self.last_piece_at = Some(now);
+                self.piece_delivered();
                 ReplyEvent::Text(text)
+            }
+            TokenEvent::Scored { text, logprobs } => {
+                self.piece_delivered();
+                ReplyEvent::Scored { text, logprobs }
             }
             TokenEvent::Finished {
                 finish_reason,
@@ -666,6 +678,15 @@ impl Reply {
         })
     }
 
+    fn piece_delivered(&mut self) {
+        self.pieces += 1;
+        let now = Instant::now();
+        if let (Some(histogram), Some(last)) = (&self.inter_token, self.last_piece_at) {
+            histogram.observe((now - last).as_secs_f64());
+        }
+        self.last_piece_at = Some(now);
+    }
+
     /// The total budget ran out: `length`, with the text events delivered counted as
     /// completion tokens. The source is dropped with the reply, cancelling the sequence.
     fn cut(&mut self) -> ReplyEvent {
@@ -687,10 +708,24 @@ impl Reply {
     /// Reads the whole reply (or as much as the total budget allows).
     pub async fn collect(mut self) -> Result<Completion, EngineError> {
         let mut text = String::new();
+        let mut scored: Option<Vec<TokenLogprob>> = None;
         while let Some(event) = self.next().await {
             match event {
                 ReplyEvent::Text(piece) => text.push_str(&piece),
-                ReplyEvent::Finished(ending) => return Ok(Completion { text, ending }),
+                ReplyEvent::Scored {
+                    text: piece,
+                    logprobs,
+                } => {
+                    text.push_str(&piece);
+                    scored.get_or_insert_with(Vec::new).extend(logprobs);
+                }
+                ReplyEvent::Finished(ending) => {
+                    return Ok(Completion {
+                        text,
+                        logprobs: scored,
+                        ending,
+                    })
+                }
                 ReplyEvent::Failed(err) => return Err(err),
             }
         }

@@ -21,10 +21,11 @@ use futures::{stream, FutureExt as _};
 use super::error::ApiError;
 use super::types::{
     AssistantMessage, ChunkBody, ChunkChoice, ChunkNote, CompletionBody, CompletionChoice, Delta,
-    UsageBody,
+    LogprobsBody, UsageBody,
 };
 use super::{AppState, Authorized};
 use crate::budget::CacheUse;
+use crate::engine::logprobs::TokenLogprob;
 use crate::engine::{FinishReason, StageTimings, Usage};
 use crate::gateway::{Completion, Ending, Reply, ReplyEvent, Served};
 
@@ -52,6 +53,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request = state.parse(body)?;
     let stream = request.stream;
+    let wants_logprobs = request.logprobs.is_some();
     let served = state.gateway().serve(caller, request).await?;
     let headers = route_headers(&served);
     let meta = ResponseMeta::of(&served);
@@ -60,7 +62,7 @@ pub async fn chat_completions(
     } else {
         let route_time = served.route_time;
         let completion = served.reply.collect().await?;
-        let mut response = complete_response(&meta, &completion);
+        let mut response = complete_response(&meta, &completion, wants_logprobs);
         let timing = server_timing(route_time, &completion.ending.timings, meta.cache);
         response.headers_mut().extend(
             HeaderValue::from_str(&timing)
@@ -152,7 +154,7 @@ impl ResponseMeta {
     }
 
     fn chunk(&self, delta: Delta<'_>, finish_reason: Option<FinishReason>) -> Bytes {
-        self.choice_chunk(delta, finish_reason, None)
+        self.choice_chunk(delta, None, finish_reason, None)
     }
 
     /// The last content chunk of a reply the total budget cut short: `finish_reason`
@@ -162,12 +164,18 @@ impl ResponseMeta {
             budget_cut: "total",
             total_ms: self.total_budget_ms,
         };
-        self.choice_chunk(Delta::default(), Some(FinishReason::Length), Some(note))
+        self.choice_chunk(
+            Delta::default(),
+            None,
+            Some(FinishReason::Length),
+            Some(note),
+        )
     }
 
     fn choice_chunk(
         &self,
         delta: Delta<'_>,
+        logprobs: Option<&[TokenLogprob]>,
         finish_reason: Option<FinishReason>,
         tiergate: Option<ChunkNote>,
     ) -> Bytes {
@@ -179,7 +187,7 @@ impl ResponseMeta {
             choices: vec![ChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs: logprobs.map(|content| LogprobsBody { content }),
                 finish_reason: finish_reason.map(FinishReason::as_str),
             }],
             usage: self.include_usage.then_some(None),
@@ -231,13 +239,24 @@ impl ResponseMeta {
                 },
                 None,
             ),
+            ReplyEvent::Scored { text, logprobs } => self.choice_chunk(
+                Delta {
+                    role: None,
+                    content: Some(&text),
+                },
+                Some(&logprobs),
+                None,
+                None,
+            ),
             ReplyEvent::Finished(ending) => self.ending(&ending),
             ReplyEvent::Failed(err) => ApiError::from(err).sse_event(),
         }
     }
 }
 
-fn complete_response(meta: &ResponseMeta, completion: &Completion) -> Response {
+fn complete_response(meta: &ResponseMeta, completion: &Completion, logprobs: bool) -> Response {
+    // Asked for and none to give (an empty reply, a cache replay): an empty list.
+    let content = completion.logprobs.as_deref().unwrap_or_default();
     let body = CompletionBody {
         id: &meta.id,
         object: "chat.completion",
@@ -249,7 +268,7 @@ fn complete_response(meta: &ResponseMeta, completion: &Completion) -> Response {
                 role: "assistant",
                 content: &completion.text,
             },
-            logprobs: None,
+            logprobs: logprobs.then_some(LogprobsBody { content }),
             finish_reason: completion.ending.finish_reason.as_str(),
         }],
         usage: completion.ending.usage.into(),

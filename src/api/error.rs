@@ -219,6 +219,7 @@ impl From<EngineError> for ApiError {
                 .with_code("context_length_exceeded")
                 .with_param("max_tokens"),
             EngineError::Template(_) => error.with_param("messages"),
+            EngineError::InvalidParameter { param, .. } => error.with_param(param),
             EngineError::UpstreamRejected { .. } => error.with_code("upstream_rejected"),
             EngineError::Decode(_) => error,
             EngineError::Upstream(_) => error.with_code("upstream_error"),

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::chat::{ChatMessage, ChatRequest, Role, SamplingParams};
+use crate::chat::{ChatMessage, ChatRequest, ReplyFormat, Role, SamplingParams};
+use crate::engine::logprobs::TokenLogprob;
 use crate::engine::Usage;
 
 /// The most stop strings one request may carry; each is checked after every token.
@@ -51,13 +52,6 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub user: Option<String>,
 
-    // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
-    #[serde(default)]
-    pub n: Option<i64>,
-    #[serde(default)]
-    pub tools: Option<Vec<Value>>,
-    #[serde(default)]
-    pub functions: Option<Vec<Value>>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -66,6 +60,14 @@ pub struct ChatCompletionRequest {
     pub response_format: Option<ResponseFormat>,
     #[serde(default)]
     pub logit_bias: Option<serde_json::Map<String, Value>>,
+
+    // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
+    #[serde(default)]
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub functions: Option<Vec<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,7 +80,24 @@ pub struct StreamOptions {
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaFormat>,
 }
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// The most `logit_bias` entries one request may carry (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// The most alternatives `top_logprobs` may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -192,6 +211,32 @@ impl ChatCompletionRequest {
             seed: self.seed.map(fold_seed),
             presence_penalty: presence_penalty as f32,
             frequency_penalty: frequency_penalty as f32,
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
+        };
+        let format = reply_format(self.response_format)?;
+        let ignore_eos = self.ignore_eos.unwrap_or(false);
+        if ignore_eos && format != ReplyFormat::Text {
+            // A finished JSON value allows only end-of-generation, which ignore_eos bans.
+            return Err(ApiError::invalid_request(
+                "`ignore_eos` cannot be combined with a JSON `response_format`: a complete reply must end",
+            )
+            .with_param("ignore_eos"));
+        }
+        let logprobs = match (self.logprobs, self.top_logprobs) {
+            (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
+                return Err(ApiError::invalid_request(format!(
+                    "`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"
+                ))
+                .with_param("top_logprobs"))
+            }
+            (Some(true), k) => Some(k.unwrap_or(0) as u8),
+            (_, Some(k)) if k > 0 => {
+                return Err(ApiError::invalid_request(
+                    "`top_logprobs` needs `logprobs` set to true",
+                )
+                .with_param("top_logprobs"))
+            }
+            _ => None,
         };
 
         let stop = match self.stop {
@@ -222,7 +267,9 @@ impl ChatCompletionRequest {
             sampling,
             max_tokens,
             stop,
-            ignore_eos: self.ignore_eos.unwrap_or(false),
+            ignore_eos,
+            format,
+            logprobs,
         })
     }
 
@@ -243,31 +290,6 @@ impl ChatCompletionRequest {
             return Err(ApiError::unsupported_parameter(
                 "functions",
                 "function calling is not implemented",
-            ));
-        }
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            let param = if self.logprobs == Some(true) {
-                "logprobs"
-            } else {
-                "top_logprobs"
-            };
-            return Err(ApiError::unsupported_parameter(
-                param,
-                "log probabilities are not returned",
-            ));
-        }
-        if let Some(format) = &self.response_format {
-            if format.kind != "text" {
-                return Err(ApiError::unsupported_parameter(
-                    "response_format",
-                    &format!("only `text` is produced, not `{}`", format.kind),
-                ));
-            }
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err(ApiError::unsupported_parameter(
-                "logit_bias",
-                "token biases are not applied",
             ));
         }
         Ok(())
@@ -351,6 +373,84 @@ fn in_range(param: &str, value: Option<f64>, min: f64, max: f64) -> Result<Optio
     }
 }
 
+/// `logit_bias` as OpenAI takes it: token ids (as strings) to biases in -100..=100.
+/// Whether each id exists is checked by the backend that serves the request.
+fn logit_bias(map: Option<&serde_json::Map<String, Value>>) -> Result<Vec<(i32, f32)>, ApiError> {
+    let Some(map) = map else {
+        return Ok(Vec::new());
+    };
+    let invalid = |message: String| ApiError::invalid_request(message).with_param("logit_bias");
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(format!(
+            "`logit_bias` may hold at most {MAX_LOGIT_BIAS} tokens, got {}",
+            map.len()
+        )));
+    }
+    let mut biases = Vec::with_capacity(map.len());
+    for (token, bias) in map {
+        let token_id = token
+            .parse::<i32>()
+            .ok()
+            .filter(|id| *id >= 0)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "`logit_bias` keys must be token ids (non-negative integers), got `{token}`"
+                ))
+            })?;
+        let bias = bias
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "`logit_bias[{token}]` must be a number from -100 to 100, got {bias}"
+                ))
+            })?;
+        biases.push((token_id, bias as f32));
+    }
+    biases.sort_by_key(|&(token, _)| token);
+    Ok(biases)
+}
+
+/// `response_format`: `text`, `json_object`, or `json_schema` with a schema that is
+/// itself valid JSON Schema (checked here, so every tier refuses a broken one alike).
+fn reply_format(format: Option<ResponseFormat>) -> Result<ReplyFormat, ApiError> {
+    let Some(format) = format else {
+        return Ok(ReplyFormat::Text);
+    };
+    let invalid =
+        |message: String| ApiError::invalid_request(message).with_param("response_format");
+    match format.kind.as_str() {
+        "text" => Ok(ReplyFormat::Text),
+        "json_object" => Ok(ReplyFormat::JsonObject),
+        "json_schema" => {
+            let spec = format.json_schema.ok_or_else(|| {
+                invalid("`response_format.json_schema` is required for type `json_schema`".into())
+            })?;
+            let schema = spec.schema.ok_or_else(|| {
+                invalid("`response_format.json_schema.schema` is required".into())
+            })?;
+            if !schema.is_object() {
+                return Err(invalid(format!(
+                    "`response_format.json_schema.schema` must be a JSON object, got {schema}"
+                )));
+            }
+            if let Err(err) = jsonschema::validator_for(&schema) {
+                return Err(invalid(format!(
+                    "`response_format.json_schema.schema` is not a valid JSON Schema: {err}"
+                )));
+            }
+            Ok(ReplyFormat::JsonSchema {
+                name: spec.name.unwrap_or_else(|| "response".into()),
+                schema: schema.to_string().into(),
+                strict: spec.strict,
+            })
+        }
+        other => Err(invalid(format!(
+            "`response_format.type` must be `text`, `json_object` or `json_schema`, got `{other}`"
+        ))),
+    }
+}
+
 /// OpenAI seeds are 64-bit; llama.cpp's are 32-bit, and u32::MAX means "random".
 fn fold_seed(seed: i64) -> u32 {
     let bits = seed as u64;
@@ -415,7 +515,7 @@ pub struct ChunkNote {
 pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsBody<'a>>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -425,6 +525,12 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+}
+
+/// A choice's `logprobs`: one entry per token of its content.
+#[derive(Debug, Serialize)]
+pub struct LogprobsBody<'a> {
+    pub content: &'a [TokenLogprob],
 }
 
 /// `chat.completion`, the non-streaming reply.
@@ -442,7 +548,7 @@ pub struct CompletionBody<'a> {
 pub struct CompletionChoice<'a> {
     pub index: u32,
     pub message: AssistantMessage<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsBody<'a>>,
     pub finish_reason: &'static str,
 }
 

@@ -11,6 +11,7 @@
 //! The model itself (`LlamaModel`) is `Sync`, so prompts are templated and tokenized on the
 //! caller's thread; only the context, which is not `Send`, stays on the model thread.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,7 +32,9 @@ use llama_cpp_2::DecodeError;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
+use super::grammar::{Grammar, Grammars, SeqSampler};
 use super::load::LoadMeter;
+use super::logprobs::{log_softmax_top, TokenLogprob, TopLogprob};
 use super::prompt::{backend, Prompter};
 use super::schedule::{KvShrink, Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
 use super::text::{StopMatcher, Utf8Decoder};
@@ -55,6 +58,13 @@ struct Loaded {
 struct Requester {
     sampling: SamplingParams,
     ignore_eos: bool,
+    /// The grammar the reply must follow (`response_format`).
+    grammar: Option<Grammar>,
+    /// `Some(k)`: report each token's log probability and its `k` likeliest alternatives.
+    logprobs: Option<u8>,
+    /// Log probabilities of tokens whose text is not sent yet (held for a stop string or
+    /// an incomplete UTF-8 character): they go out with the text they became.
+    pending_logprobs: Vec<TokenLogprob>,
     stops: StopMatcher,
     utf8: Utf8Decoder,
     events: mpsc::UnboundedSender<TokenEvent>,
@@ -70,11 +80,19 @@ struct Requester {
 }
 
 impl Requester {
-    fn send_text(&self, text: String) {
-        if !text.is_empty() {
-            // A closed receiver is noticed by the cancellation check before the next step.
-            let _ = self.events.send(TokenEvent::Text(text));
+    fn send_text(&mut self, text: String) {
+        if text.is_empty() {
+            return;
         }
+        let event = match self.logprobs {
+            None => TokenEvent::Text(text),
+            Some(_) => TokenEvent::Scored {
+                text,
+                logprobs: std::mem::take(&mut self.pending_logprobs),
+            },
+        };
+        // A closed receiver is noticed by the cancellation check before the next step.
+        let _ = self.events.send(event);
     }
 
     /// The client went away: the sequence leaves before the next step.
@@ -121,6 +139,8 @@ impl QueuePlaces {
 
 pub struct LlamaEngine {
     info: ModelInfo,
+    /// `response_format` schemas compiled for this model, each once.
+    grammars: Grammars,
     max_tokens_default: u32,
     queue_capacity: usize,
     /// Set once by the model thread after a successful load.
@@ -190,6 +210,7 @@ impl LlamaEngine {
                 id: config.id.clone(),
                 tier: config.tier.clone(),
             },
+            grammars: Grammars::default(),
             max_tokens_default: config.max_tokens_default,
             queue_capacity: config.queue_capacity,
             loaded: loaded.clone(),
@@ -291,6 +312,30 @@ impl Engine for LlamaEngine {
 
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {
         let loaded = self.loaded()?;
+        let model = loaded.prompter.model();
+        let vocabulary = model.n_vocab();
+        if let Some(&(token, _)) = request
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|&&(token, _)| token >= vocabulary)
+        {
+            return Err(EngineError::InvalidParameter {
+                param: "logit_bias",
+                message: format!(
+                    "`logit_bias` names token {token}, but model `{}` has token ids 0 to {}",
+                    self.info.id,
+                    vocabulary - 1
+                ),
+            });
+        }
+        let grammar = self
+            .grammars
+            .for_format(&request.format, model)
+            .map_err(|why| EngineError::InvalidParameter {
+                param: "response_format",
+                message: format!("`response_format` cannot be enforced: {why}"),
+            })?;
         let prompt_text = loaded.prompter.render(&request.messages)?;
         let prompt = loaded.prompter.llama_tokenize(&prompt_text);
         let prompt_tokens = prompt.len() as u32;
@@ -341,6 +386,9 @@ impl Engine for LlamaEngine {
             payload: Requester {
                 sampling: request.sampling,
                 ignore_eos: request.ignore_eos,
+                grammar,
+                logprobs: request.logprobs,
+                pending_logprobs: Vec::new(),
                 stops: StopMatcher::new(request.stop),
                 utf8: Utf8Decoder::default(),
                 events: events_tx,
@@ -453,6 +501,7 @@ fn model_thread(
             sliding_window: sliding_window.filter(|_| !config.fault_reuse_past_window),
         }),
         samplers: (0..config.slots).map(|_| None).collect(),
+        grammar_prototypes: HashMap::new(),
         places,
         metrics,
         load,
@@ -524,7 +573,9 @@ struct StepLoop<'m> {
     scheduler: Scheduler<Requester>,
     /// Per seq id: the live sequence's sampler (llama.cpp samplers are not `Send`, so they
     /// are built here at admission rather than carried through the queue).
-    samplers: Vec<Option<LlamaSampler>>,
+    samplers: Vec<Option<SeqSampler>>,
+    /// Each grammar parsed once on this thread; a sequence gets a copy in its start state.
+    grammar_prototypes: HashMap<Grammar, LlamaSampler>,
     /// Given back as requests leave the queue: see [`QueuePlaces`].
     places: Arc<QueuePlaces>,
     metrics: EngineMetrics,
@@ -753,11 +804,32 @@ impl StepLoop<'_> {
                 prompt_tokens = seq.prompt.len(),
                 cached_tokens = seq.cached_prompt_tokens,
             );
-            self.samplers[seq_id as usize] = Some(build_sampler(
+            let chain = build_sampler(
                 self.model,
                 &requester.sampling,
                 requester.ignore_eos.then_some(&self.eog_tokens),
-            ));
+            );
+            let grammar = match &requester.grammar {
+                None => None,
+                Some(grammar) => {
+                    match grammar_sampler(&mut self.grammar_prototypes, self.model, grammar) {
+                        Some(sampler) => Some(sampler),
+                        None => {
+                            // `submit` loaded this grammar already: not the client's fault.
+                            let error =
+                                EngineError::Decode("the reply's grammar did not load".into());
+                            self.fail(
+                                &[Work::Decode {
+                                    seq: admitted.index,
+                                }],
+                                error,
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.samplers[seq_id as usize] = Some(SeqSampler::new(chain, grammar));
         }
     }
 
@@ -836,6 +908,7 @@ impl StepLoop<'_> {
             match self.samplers[seq_id as usize].as_mut() {
                 Some(sampler) => {
                     let token = sampler.sample(&self.ctx, batch_index);
+                    self.record_logprobs(w.seq(), batch_index, token);
                     self.accept_token(w.seq(), token);
                 }
                 // Admission builds every sampler; without one, the sequence must not go on
@@ -884,6 +957,44 @@ impl StepLoop<'_> {
         Ok(logits_at)
     }
 
+    /// For a request that asked for log probabilities: the sampled token's and its
+    /// likeliest alternatives' (see [`super::logprobs`] for which distribution).
+    fn record_logprobs(&mut self, index: usize, batch_index: i32, token: LlamaToken) {
+        let model = self.model;
+        let requester = &mut self.scheduler.sequence_mut(index).payload;
+        let Some(top) = requester.logprobs else {
+            return;
+        };
+        // The end of the reply is not a token of its content (OpenAI reports none for it).
+        if model.vocab().is_eog(token) {
+            return;
+        }
+        let logits = self.ctx.get_logits_ith(batch_index);
+        let (logprob, alternatives) = log_softmax_top(logits, token.0 as usize, top as usize);
+        let described = |id: LlamaToken| {
+            let bytes = model.vocab().token_to_piece(id, true, None);
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (text, bytes) = described(token);
+        let top_logprobs = alternatives
+            .into_iter()
+            .map(|(id, logprob)| {
+                let (token, bytes) = described(LlamaToken(id as i32));
+                TopLogprob {
+                    token,
+                    logprob,
+                    bytes,
+                }
+            })
+            .collect();
+        requester.pending_logprobs.push(TokenLogprob {
+            token: text,
+            logprob,
+            bytes,
+            top_logprobs,
+        });
+    }
+
     /// Turns one sampled token into text for the client and decides whether the sequence ends.
     fn accept_token(&mut self, index: usize, token: LlamaToken) {
         // A copy of the reference, so the vocabulary borrows the model, not `self`.
@@ -918,6 +1029,7 @@ impl StepLoop<'_> {
             // Whatever was held back belongs to the stop string or comes after it.
             requester.stops = StopMatcher::default();
             requester.utf8 = Utf8Decoder::default();
+            requester.pending_logprobs.clear();
         }
         self.scheduler.sampled(index, token);
         let seq = &self.scheduler.live()[index];
@@ -973,7 +1085,28 @@ impl StepLoop<'_> {
     }
 }
 
-/// llama.cpp's default order, cheapest cut first: penalties → top_k → top_p → temperature → draw.
+/// A copy, in its start state, of `grammar` parsed for `model` (parsed on first use).
+fn grammar_sampler(
+    prototypes: &mut HashMap<Grammar, LlamaSampler>,
+    model: &LlamaModel,
+    grammar: &Grammar,
+) -> Option<LlamaSampler> {
+    if let Some(prototype) = prototypes.get(grammar) {
+        return Some(prototype.clone());
+    }
+    let prototype = LlamaSampler::grammar(model, grammar, "root").ok()?;
+    // Bounded like the schema cache that feeds it.
+    if prototypes.len() >= KEPT_PROTOTYPES {
+        prototypes.clear();
+    }
+    prototypes.insert(grammar.clone(), prototype.clone());
+    Some(prototype)
+}
+
+/// Parsed grammars kept per model thread.
+const KEPT_PROTOTYPES: usize = 64;
+
+/// llama.cpp's default order, cheapest cut first: biases → penalties → top_k → top_p → temperature → draw.
 /// Temperature 0 is greedy, with no randomness at all.
 fn build_sampler(
     model: &LlamaModel,
@@ -981,11 +1114,19 @@ fn build_sampler(
     banned: Option<&[LlamaToken]>,
 ) -> LlamaSampler {
     let mut chain = Vec::new();
-    if let Some(banned) = banned {
-        let biases: Vec<LlamaLogitBias> = banned
-            .iter()
-            .map(|&token| LlamaLogitBias::new(token, f32::NEG_INFINITY))
-            .collect();
+    // The request's biases, then end-of-generation banned for `ignore_eos` (a ban wins).
+    let biases: Vec<LlamaLogitBias> = params
+        .logit_bias
+        .iter()
+        .map(|&(token, bias)| LlamaLogitBias::new(LlamaToken(token), bias))
+        .chain(
+            banned
+                .unwrap_or_default()
+                .iter()
+                .map(|&token| LlamaLogitBias::new(token, f32::NEG_INFINITY)),
+        )
+        .collect();
+    if !biases.is_empty() {
         chain.push(LlamaSampler::logit_bias(model.n_vocab(), &biases));
     }
     if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {

@@ -4,8 +4,10 @@
 //! real implementation is [`llama::LlamaEngine`], one OS thread per model running a
 //! continuous-batching step loop.
 
+pub mod grammar;
 pub mod llama;
 pub mod load;
+pub mod logprobs;
 pub mod prompt;
 pub mod schedule;
 pub mod scripted;
@@ -20,7 +22,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use crate::chat::{ChatMessage, SamplingParams};
+use crate::chat::{ChatMessage, ReplyFormat, SamplingParams};
 
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -34,12 +36,34 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// See [`crate::chat::ChatRequest::ignore_eos`].
     pub ignore_eos: bool,
+    /// The shape the reply must take; a local engine enforces it while sampling.
+    pub format: ReplyFormat,
+    /// See [`crate::chat::ChatRequest::logprobs`].
+    pub logprobs: Option<u8>,
     /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
     /// children. Not part of what the model generates.
     pub span: tracing::Span,
     /// When the budget's watchdog gives up on this backend. A fleet uses it to move to
     /// another endpoint in time; the local engine has no other place to go.
     pub first_token_by: Option<tokio::time::Instant>,
+}
+
+/// No messages and default settings, for tests and benches that set a few fields.
+impl Default for GenerationRequest {
+    fn default() -> Self {
+        Self {
+            messages: Vec::new(),
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            max_tokens_cap: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+            format: ReplyFormat::Text,
+            logprobs: None,
+            span: tracing::Span::none(),
+            first_token_by: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +114,12 @@ pub struct StageTimings {
 pub enum TokenEvent {
     /// Complete UTF-8 text, never empty, never part of a stop string.
     Text(String),
+    /// Text with the log probabilities of the tokens it came from (only for requests that
+    /// ask for `logprobs`; same rules for the text).
+    Scored {
+        text: String,
+        logprobs: Vec<logprobs::TokenLogprob>,
+    },
     /// The last event of a successful generation.
     Finished {
         finish_reason: FinishReason,
@@ -186,6 +216,13 @@ pub enum EngineError {
     },
     #[error("could not build the prompt: {0}")]
     Template(String),
+    /// A request parameter this backend cannot honour as given (a schema its grammar
+    /// compiler refuses, a token id outside its vocabulary): the client's fault, a 400.
+    #[error("{message}")]
+    InvalidParameter {
+        param: &'static str,
+        message: String,
+    },
     #[error("decoding failed: {0}")]
     Decode(String),
     /// A remote endpoint refused the request as the client's fault (4xx): no other

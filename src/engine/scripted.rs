@@ -240,7 +240,7 @@ impl Engine for ScriptedEngine {
                     },
                     Step::Fail(error) => TokenEvent::Failed(error),
                 };
-                let last = !matches!(event, TokenEvent::Text(_));
+                let last = !matches!(event, TokenEvent::Text(_) | TokenEvent::Scored { .. });
                 if tx.send(event).is_err() || last {
                     return;
                 }

@@ -15,9 +15,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::endpoint::{InFlight, Verdict};
-use crate::chat::SamplingParams;
+use crate::chat::{ReplyFormat, SamplingParams};
 use crate::engine::{
-    EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, Usage,
+    logprobs::TokenLogprob, EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent,
+    Usage,
 };
 
 /// How one attempt ended.
@@ -61,6 +62,30 @@ struct ChatBody<'a> {
     /// llama-server's and vLLM's extension, sent only when set.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     ignore_eos: bool,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    logit_bias: std::collections::BTreeMap<String, f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<FormatBody<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    logprobs: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
+}
+
+/// `response_format` as OpenAI defines it, rebuilt from the checked request.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum FormatBody<'a> {
+    JsonObject,
+    JsonSchema { json_schema: SchemaBody<'a> },
+}
+
+#[derive(Serialize)]
+struct SchemaBody<'a> {
+    name: &'a str,
+    schema: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -83,7 +108,24 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         seed,
         presence_penalty,
         frequency_penalty,
+        ref logit_bias,
     } = request.sampling;
+    let response_format = match &request.format {
+        ReplyFormat::Text => None,
+        ReplyFormat::JsonObject => Some(FormatBody::JsonObject),
+        ReplyFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => Some(FormatBody::JsonSchema {
+            json_schema: SchemaBody {
+                name,
+                // The API layer made this string from a parsed schema.
+                schema: serde_json::from_str(schema).unwrap_or_default(),
+                strict: *strict,
+            },
+        }),
+    };
     let body = ChatBody {
         model,
         messages: request
@@ -107,6 +149,13 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         frequency_penalty,
         stop: &request.stop,
         ignore_eos: request.ignore_eos,
+        logit_bias: logit_bias
+            .iter()
+            .map(|&(token, bias)| (token.to_string(), bias))
+            .collect(),
+        response_format,
+        logprobs: request.logprobs.is_some(),
+        top_logprobs: request.logprobs.filter(|&k| k > 0),
     };
     // Strings and numbers only: serializing cannot fail.
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -132,7 +181,15 @@ struct ChunkChoice {
     #[serde(default)]
     delta: Option<ChunkDelta>,
     #[serde(default)]
+    logprobs: Option<ChunkLogprobs>,
+    #[serde(default)]
     finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+struct ChunkLogprobs {
+    #[serde(default)]
+    content: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -383,6 +440,7 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         }
         for choice in chunk.choices.unwrap_or_default() {
             let text = choice.delta.and_then(|d| d.content);
+            let logprobs = choice.logprobs.and_then(|l| l.content);
             if let Some(text) = text.filter(|t| !t.is_empty()) {
                 if first_token_at.is_none() {
                     first_token_at = Some(Instant::now());
@@ -390,7 +448,11 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
                     (call.on_first_token)(&url);
                 }
                 pieces += 1;
-                if call.events.send(TokenEvent::Text(text)).is_err() {
+                let event = match logprobs {
+                    Some(logprobs) => TokenEvent::Scored { text, logprobs },
+                    None => TokenEvent::Text(text),
+                };
+                if call.events.send(event).is_err() {
                     return Attempt::ClientGone;
                 }
             }
@@ -501,6 +563,7 @@ mod tests {
             ignore_eos: false,
             span: tracing::Span::none(),
             first_token_by: None,
+            ..GenerationRequest::default()
         };
         let body: serde_json::Value =
             serde_json::from_slice(&chat_body(&request, "served-name", 5)).expect("json");

@@ -412,6 +412,7 @@ mod tests {
             ignore_eos: false,
             span: tracing::Span::none(),
             first_token_by: None,
+            ..GenerationRequest::default()
         };
         ReplyKey::new(&request, "fast", Some(scope))
     }
