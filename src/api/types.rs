@@ -619,11 +619,6 @@ mod tests {
         for (field, param) in [
             (r#""n":2"#, "n"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
-            (r#""logprobs":true"#, "logprobs"),
-            (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
-            ),
         ] {
             let err = parse(&format!(
                 r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
@@ -632,6 +627,30 @@ mod tests {
             assert_eq!(err.status, 400);
             assert_eq!(err.param.as_deref(), Some(param), "{field}");
         }
+    }
+
+    #[test]
+    fn formats_biases_and_logprobs_parse_into_the_request() {
+        let req = parse(
+            r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":3,
+                "logit_bias":{"50":-100,"7":2.5},
+                "response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object","required":["b","a"]}}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(req.logprobs, Some(3));
+        assert_eq!(req.sampling.logit_bias, vec![(7, 2.5), (50, -100.0)]);
+        let ReplyFormat::JsonSchema { name, schema, .. } = &req.format else {
+            panic!("{:?}", req.format)
+        };
+        assert_eq!(name, "p");
+        // One string per schema, whatever the client's spacing.
+        assert_eq!(&**schema, r#"{"required":["b","a"],"type":"object"}"#);
+        let object = parse(
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"logprobs":true}"#,
+        )
+        .expect("valid");
+        assert_eq!(object.format, ReplyFormat::JsonObject);
+        assert_eq!(object.logprobs, Some(0));
     }
 
     #[test]
