@@ -21,8 +21,12 @@ build:
 run *ARGS: models build
     target/release/tiergate serve --config {{config}} {{ARGS}}
 
+# The unmodified `openai` SDK, which the tool-calling test drives from Python.
+sdk:
+    python3 -c 'import openai' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check openai
+
 # Unit and end-to-end tests on the real models.
-test: models
+test: models sdk
     cargo test --release --locked {{cargo_features}}
 
 fmt:

@@ -130,7 +130,7 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
         let mut first = None;
         while let Some(event) = stream.next_event().await {
             match event {
-                TokenEvent::Text(_) | TokenEvent::Scored { .. } => {
+                TokenEvent::Text(_) | TokenEvent::Scored { .. } | TokenEvent::ToolCalls(_) => {
                     first.get_or_insert_with(Instant::now);
                 }
                 TokenEvent::Finished { usage, .. } => {

@@ -219,8 +219,8 @@ impl Deadlines {
 
 /// Whether this route caches this request.
 fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
-    // A replay carries text only: the token distributions are not kept.
-    if generation.logprobs.is_some() {
+    // A replay carries text only: token distributions and tool calls are not kept.
+    if generation.logprobs.is_some() || generation.tools.is_some() {
         return false;
     }
     match route.cache {
@@ -431,6 +431,20 @@ impl Planner<'_> {
                 continue;
             };
             let model = engine.info().id.clone();
+            // A tool-calling request on a tier that cannot call tools is the client's
+            // error there, like a prompt too long for it: skipped, and a 400 if no tier
+            // on the path can.
+            if generation.tools.is_some() {
+                if let Err(why) = engine.calls_tools() {
+                    pass(format!("cannot call tools: {why}"));
+                    misfits.get_or_insert(EngineError::InvalidParameter {
+                        param: "tools",
+                        message: format!("`tools` is not supported on tier `{tier}`: {why}"),
+                    });
+                    misfit_tiers += 1;
+                    continue;
+                }
+            }
             // A fresh exact reply needs neither a count nor the engine: the same request
             // (every field that shapes the reply, and the model, are in the key) fitted
             // this model when it was generated, and templating and counting are most of
@@ -616,8 +630,8 @@ impl Planner<'_> {
             }
         }
 
-        // A prompt that fits no tier on its path is the client's error: 400, never a 503
-        // that invites a retry.
+        // A prompt that fits no tier on its path (or a tool call none can make) is the
+        // client's error: 400, never a 503 that invites a retry.
         if misfit_tiers == path.len() {
             if let Some(error) = misfits {
                 return Err(error.into());

@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 // tokio's clock, so that TTLs pass under a paused test clock as they do in real time.
 use tokio::time::Instant;
 
-use crate::chat::{ChatMessage, ReplyFormat, Role, SamplingParams};
+use crate::chat::{ChatMessage, ReplyFormat, Role, SamplingParams, ToolSpec};
 use crate::embed::Embedding;
 use crate::engine::{
     EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent, TokenStream, Usage,
@@ -56,6 +56,7 @@ pub struct ReplyKey {
     /// A reply made without a schema must not answer a request with one, nor the reverse.
     format: ReplyFormat,
     logprobs: Option<u8>,
+    tools: Option<Arc<ToolSpec>>,
 }
 
 impl ReplyKey {
@@ -69,6 +70,7 @@ impl ReplyKey {
             ignore_eos,
             format,
             logprobs,
+            tools,
             span: _,
             first_token_by: _,
         } = request;
@@ -104,6 +106,7 @@ impl ReplyKey {
                 .collect(),
             format: format.clone(),
             logprobs: *logprobs,
+            tools: tools.clone(),
         }
     }
 
@@ -484,7 +487,7 @@ impl SharedGeneration {
             };
             let mut log = self.log();
             let finished = match &event {
-                TokenEvent::Text(_) | TokenEvent::Scored { .. } => None,
+                TokenEvent::Text(_) | TokenEvent::Scored { .. } | TokenEvent::ToolCalls(_) => None,
                 TokenEvent::Finished {
                     finish_reason,
                     usage,

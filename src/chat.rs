@@ -11,6 +11,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, sent back after the assistant called it (remote tiers only).
+    Tool,
 }
 
 impl Role {
@@ -19,6 +21,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -140,14 +143,37 @@ impl ReplyFormat {
     }
 }
 
-/// `tools`, `tool_choice` and `parallel_tool_calls` as the client sent them: passed to
-/// remote tiers unchanged, never interpreted here.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Tool calling as the client sent it: `tools`, `tool_choice`, `parallel_tool_calls`, and
+/// the tool parts of its messages. Passed to remote tiers unchanged, never interpreted
+/// here (JSON kept as serialized text).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ToolSpec {
-    /// The serialized JSON of each field the client set.
-    pub tools: Arc<str>,
+    /// The `tools` array.
+    pub tools: Option<Arc<str>>,
     pub tool_choice: Option<Arc<str>>,
     pub parallel_tool_calls: Option<bool>,
+    /// By message index: an assistant message's `tool_calls` array.
+    pub calls: Vec<(usize, Arc<str>)>,
+    /// By message index: a tool message's `tool_call_id`.
+    pub call_ids: Vec<(usize, String)>,
+}
+
+impl ToolSpec {
+    /// The `tool_calls` of message `index`, if it made any.
+    pub fn calls_of(&self, index: usize) -> Option<&str> {
+        self.calls
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, calls)| &**calls)
+    }
+
+    /// The `tool_call_id` of message `index`, if it is a tool's result.
+    pub fn call_id_of(&self, index: usize) -> Option<&str> {
+        self.call_ids
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, id)| id.as_str())
+    }
 }
 
 /// A checked chat request: what the caller asked for, before routing decides anything.
@@ -170,6 +196,8 @@ pub struct ChatRequest {
     /// `Some(k)`: report each sampled token's log probability and the `k` (0 to 20) most
     /// likely alternatives (`logprobs` with `top_logprobs`).
     pub logprobs: Option<u8>,
+    /// Tool calling: only tiers that can call tools serve such a request.
+    pub tools: Option<Arc<ToolSpec>>,
 }
 
 impl ChatRequest {
@@ -186,6 +214,7 @@ impl ChatRequest {
             ignore_eos: false,
             format: ReplyFormat::Text,
             logprobs: None,
+            tools: None,
         }
     }
 }

@@ -13,6 +13,7 @@
 //! [`Outcome`], however the request ends: refused, failed, finished, cut by its budget or
 //! left by its client.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -147,9 +148,26 @@ pub fn explain(
     let tokens = tiers.counter(&request.messages, pin.as_ref());
     let mut features = Features::extract(&request.messages, request.max_tokens, caller);
     features.similar = meaning.and_then(|vector| policy.similar(vector));
-    let explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+    if request.tools.is_some() {
+        features.unservable_tiers = tiers.unable_to_call_tools();
+    }
+    let mut explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
+    explanation.route = route_around(tiers, explanation.route, &features.unservable_tiers);
     let model = backend_id(tiers, &explanation.route, pin.as_ref())?;
     Ok(Explained { explanation, model })
+}
+
+/// A route to a tier that cannot serve the request at all (tools on a tier that cannot
+/// call them) moves to the nearest tier that can, unless the request pinned its tier:
+/// then the budget planner's 400 says why.
+fn route_around(tiers: &Tiers, route: Route, unservable: &BTreeMap<String, String>) -> Route {
+    if route.pinned || !unservable.contains_key(&route.tier) {
+        return route;
+    }
+    match tiers.nearest_able(&route.tier, unservable) {
+        Some(tier) => Route { tier, ..route },
+        None => route,
+    }
 }
 
 fn backend_id(tiers: &Tiers, route: &Route, pin: Option<&Pin>) -> Result<String, GatewayError> {
@@ -347,6 +365,7 @@ impl Gateway {
             ignore_eos,
             format,
             logprobs,
+            tools,
         } = request;
         let mut generation = GenerationRequest {
             messages,
@@ -357,6 +376,7 @@ impl Gateway {
             ignore_eos,
             format,
             logprobs,
+            tools,
             span: span.clone(),
             first_token_by: None,
         };
@@ -366,7 +386,10 @@ impl Gateway {
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
         let pinned_tier = pin.as_ref().map(|p| p.tier.as_str());
         let pinned = pin.as_ref().map(|p| (p.tier.as_str(), p.model.as_deref()));
-        let route_key = route_key(&generation.messages, max_tokens, &caller, pinned);
+        // A tool-calling request routes around tiers that cannot call tools: not the
+        // route of the same words without tools, so not remembered.
+        let route_key = route_key(&generation.messages, max_tokens, &caller, pinned)
+            .filter(|_| generation.tools.is_none());
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
         let mut meaning = None;
@@ -377,6 +400,9 @@ impl Gateway {
                 let mut features = cpu_bound(bytes, || {
                     Features::extract(&generation.messages, max_tokens, caller)
                 });
+                if generation.tools.is_some() {
+                    features.unservable_tiers = self.tiers.unable_to_call_tools();
+                }
                 let mut asked_meaning = false;
                 if policy.needs_meaning()
                     && cpu_bound(bytes, || policy.reaches_similar_to(&features, &tokens))
@@ -388,6 +414,7 @@ impl Gateway {
                 let route = cpu_bound(bytes, || {
                     tracing::debug_span!("route").in_scope(|| {
                         let route = policy.route(&features, &tokens, pinned_tier);
+                        let route = route_around(&self.tiers, route, &features.unservable_tiers);
                         tracing::debug!(rule = %route.rule, tier = %route.tier, pinned = route.pinned, "routed");
                         route
                     })
@@ -604,6 +631,8 @@ pub enum ReplyEvent {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
+    /// `tool_calls` deltas from a remote tier, as OpenAI streams them.
+    ToolCalls(Vec<serde_json::Value>),
     Finished(Ending),
     Failed(EngineError),
 }
@@ -614,6 +643,8 @@ pub struct Completion {
     pub text: String,
     /// Every token's log probability, when the request asked for them.
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The tools the model called, each whole (the stream's deltas merged).
+    pub tool_calls: Vec<serde_json::Value>,
     pub ending: Ending,
 }
 
@@ -654,6 +685,10 @@ impl Reply {
             TokenEvent::Scored { text, logprobs } => {
                 self.piece_delivered();
                 ReplyEvent::Scored { text, logprobs }
+            }
+            TokenEvent::ToolCalls(calls) => {
+                self.piece_delivered();
+                ReplyEvent::ToolCalls(calls)
             }
             TokenEvent::Finished {
                 finish_reason,
@@ -709,6 +744,7 @@ impl Reply {
     pub async fn collect(mut self) -> Result<Completion, EngineError> {
         let mut text = String::new();
         let mut scored: Option<Vec<TokenLogprob>> = None;
+        let mut tool_calls = Vec::new();
         while let Some(event) = self.next().await {
             match event {
                 ReplyEvent::Text(piece) => text.push_str(&piece),
@@ -719,10 +755,12 @@ impl Reply {
                     text.push_str(&piece);
                     scored.get_or_insert_with(Vec::new).extend(logprobs);
                 }
+                ReplyEvent::ToolCalls(deltas) => merge_tool_calls(&mut tool_calls, deltas),
                 ReplyEvent::Finished(ending) => {
                     return Ok(Completion {
                         text,
                         logprobs: scored,
+                        tool_calls,
                         ending,
                     })
                 }
@@ -730,6 +768,43 @@ impl Reply {
             }
         }
         Err(EngineError::Decode("the reply was already read".into()))
+    }
+}
+
+/// Folds streamed `tool_calls` deltas into whole calls, as OpenAI's SDKs do: the delta
+/// with a new `index` starts a call (its `id`, `type` and `function.name`), later ones
+/// append to its `function.arguments`.
+fn merge_tool_calls(calls: &mut Vec<serde_json::Value>, deltas: Vec<serde_json::Value>) {
+    use serde_json::Value;
+    for delta in deltas {
+        let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let Some(call) = calls
+            .iter_mut()
+            .find(|c| c.get("index").and_then(Value::as_u64) == Some(index as u64))
+        else {
+            calls.push(delta);
+            continue;
+        };
+        let more = delta
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let Some(Value::String(arguments)) = call.pointer_mut("/function/arguments") {
+            arguments.push_str(more);
+        } else if let Some(function) = call.get_mut("function").and_then(Value::as_object_mut) {
+            function.insert("arguments".into(), Value::String(more.to_owned()));
+        }
+        // A field the first delta lacked (some servers send the id later) is taken as it comes.
+        let Some(call) = call.as_object_mut() else {
+            continue;
+        };
+        for field in ["id", "type"] {
+            if call.get(field).is_none_or(Value::is_null) {
+                if let Some(value) = delta.get(field) {
+                    call.insert(field.into(), value.clone());
+                }
+            }
+        }
     }
 }
 

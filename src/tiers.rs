@@ -10,6 +10,7 @@
 //! model; otherwise a tier name pins that tier's first model. Model ids are checked first,
 //! so a model whose id equals another tier's name is still reachable by its id.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::chat::ChatMessage;
@@ -107,6 +108,34 @@ impl Tiers {
                     .find(|b| b.info().id == id)
             })
             .or_else(|| self.backends.iter().find(in_tier))
+    }
+
+    /// For a request that calls tools: each tier whose model cannot, and why.
+    pub fn unable_to_call_tools(&self) -> BTreeMap<String, String> {
+        self.names()
+            .into_iter()
+            .filter_map(|tier| {
+                let why = self.backend(&tier, None)?.calls_tools().err()?;
+                Some((tier, why))
+            })
+            .collect()
+    }
+
+    /// The tier to serve a request that `unservable` tiers cannot: `tier` itself if it
+    /// can, else the nearest larger tier that can, else the nearest smaller one.
+    pub fn nearest_able(
+        &self,
+        tier: &str,
+        unservable: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let names = self.names();
+        let position = names.iter().position(|t| t == tier).unwrap_or(0);
+        let larger = names[position..].iter();
+        let smaller = names[..position].iter().rev();
+        larger
+            .chain(smaller)
+            .find(|t| !unservable.contains_key(*t))
+            .cloned()
     }
 
     /// `tier` first, then each smaller tier (those listed before it), nearest first.

@@ -53,7 +53,7 @@ async fn reply(server: &TestServer, body: Value, stream: bool) -> (String, Strin
             .iter()
             .filter_map(|p| serde_json::from_str::<Value>(p).ok())
             .filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_owned))
-            .last()
+            .next_back()
             .expect("a finish reason");
         (streamed_text(&payloads), finish)
     } else {

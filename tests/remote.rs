@@ -836,3 +836,110 @@ async fn a_second_tiergate_process_serves_a_remote_tier_beside_a_local_one() {
     server.stop().await;
     drop(upstream);
 }
+
+/// Tool calling through a remote tier, beside a local tier that cannot call tools: the
+/// request routes around the local tier, `tools` and the tool messages reach the upstream
+/// unchanged, and the unmodified `openai` SDK reads the calls back, streamed and not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_pass_through_a_remote_tier_and_skip_the_local_one() {
+    let upstream = ScriptedUpstream::start(Script::ToolCalls).await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let gguf = format!("{root}/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let remote = server_config_model(&upstream.url, &gguf);
+    let server = TestServer::start(|config| {
+        config.models.retain(|m| m.id == FAST);
+        config.models.push(remote);
+        // Routes everything to `fast` unless told otherwise: a tool call must go to `full`.
+        config.router.policies = vec![fixture("fast-only.toml")];
+        config.embedding = None;
+    })
+    .await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let body = json!({"model": "auto", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": tools, "tool_choice": "required", "parallel_tool_calls": true, "max_tokens": 50});
+
+    // The dry run says why the local tier was passed over.
+    let explained: Value = server
+        .client
+        .post(server.url("/v1/route"))
+        .json(&body)
+        .send()
+        .await
+        .expect("route")
+        .json()
+        .await
+        .expect("json");
+    let why = &explained["features"]["unservable_tiers"]["fast"];
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("no tool support")),
+        "{explained}"
+    );
+
+    let response = server.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("full"));
+    assert_eq!(header(&response, "x-tiergate-degraded"), None);
+    let reply: Value = response.json().await.expect("json");
+    let message = &reply["choices"][0]["message"];
+    assert!(message["content"].is_null(), "{reply}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(message["tool_calls"][0]["id"], "call_weather_1");
+    assert_eq!(
+        message["tool_calls"][1]["function"]["arguments"],
+        common::upstream::TOOL_CALLS[1].2
+    );
+    let sent = upstream.last_body().expect("a request");
+    assert_eq!(sent["tools"], tools, "tools pass through unchanged");
+    assert_eq!(sent["tool_choice"], "required");
+    assert_eq!(sent["parallel_tool_calls"], true);
+
+    // Streamed: the deltas arrive as the upstream sent them, each call under its index.
+    let payloads = server.stream(body.clone()).await;
+    let deltas: Vec<Value> = payloads
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str::<Value>(p).expect("chunk"))
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls").cloned())
+        .collect();
+    assert_eq!(deltas.len(), 8, "{payloads:?}");
+    assert_eq!(deltas[0][0]["function"]["name"], "get_weather");
+    assert_eq!(deltas[4][0]["index"], 1);
+    assert!(payloads
+        .iter()
+        .any(|p| p.contains(r#""finish_reason":"tool_calls""#)));
+
+    // Pinned to the local tier: a 400 naming `tools`, not a silent answer without them.
+    let mut pinned = body.clone();
+    pinned["model"] = json!("fast");
+    let refused = server.post_chat(&pinned).await;
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.expect("json");
+    assert_eq!(error["error"]["param"], "tools", "{error}");
+
+    // The unmodified SDK, streamed and not, and a second turn with the tools' results.
+    let script = format!("{root}/tests/sdk/tool_calls.py");
+    let base = server.base.clone();
+    let sdk = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([&script, &base, "auto"])
+            .output()
+    })
+    .await
+    .expect("joined")
+    .expect("python3 runs (bootstrap installs the openai package)");
+    assert!(
+        sdk.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&sdk.stdout),
+        String::from_utf8_lossy(&sdk.stderr)
+    );
+    let sent = upstream.last_body().expect("a request");
+    let messages = sent["messages"].as_array().expect("messages");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert!(messages[1]["content"].is_null(), "{sent}");
+    assert_eq!(messages[1]["tool_calls"][1]["id"], "call_time_2");
+    assert_eq!(messages[3]["role"], "tool");
+    assert_eq!(messages[3]["tool_call_id"], "call_time_2");
+    server.stop().await;
+}

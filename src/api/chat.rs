@@ -234,15 +234,22 @@ impl ResponseMeta {
         match event {
             ReplyEvent::Text(text) => self.chunk(
                 Delta {
-                    role: None,
                     content: Some(&text),
+                    ..Delta::default()
+                },
+                None,
+            ),
+            ReplyEvent::ToolCalls(calls) => self.chunk(
+                Delta {
+                    tool_calls: Some(&calls),
+                    ..Delta::default()
                 },
                 None,
             ),
             ReplyEvent::Scored { text, logprobs } => self.choice_chunk(
                 Delta {
-                    role: None,
                     content: Some(&text),
+                    ..Delta::default()
                 },
                 Some(&logprobs),
                 None,
@@ -266,7 +273,12 @@ fn complete_response(meta: &ResponseMeta, completion: &Completion, logprobs: boo
             index: 0,
             message: AssistantMessage {
                 role: "assistant",
-                content: &completion.text,
+                content: if completion.text.is_empty() && !completion.tool_calls.is_empty() {
+                    None
+                } else {
+                    Some(&completion.text)
+                },
+                tool_calls: &completion.tool_calls,
             },
             logprobs: logprobs.then_some(LogprobsBody { content }),
             finish_reason: completion.ending.finish_reason.as_str(),
@@ -290,6 +302,7 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
         Delta {
             role: Some("assistant"),
             content: Some(""),
+            tool_calls: None,
         },
         None,
     );

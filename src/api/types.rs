@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::chat::{ChatMessage, ChatRequest, ReplyFormat, Role, SamplingParams};
+use std::sync::Arc;
+
+use crate::chat::{ChatMessage, ChatRequest, ReplyFormat, Role, SamplingParams, ToolSpec};
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::Usage;
 
@@ -61,11 +63,17 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logit_bias: Option<serde_json::Map<String, Value>>,
 
+    /// Served by tiers that can call tools (remote ones); passed on unchanged.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+
     // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
     #[serde(default)]
     pub n: Option<i64>,
-    #[serde(default)]
-    pub tools: Option<Vec<Value>>,
     #[serde(default)]
     pub functions: Option<Vec<Value>>,
 }
@@ -113,6 +121,8 @@ pub struct RequestMessage {
     pub content: Option<MessageContent>,
     #[serde(default)]
     pub tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,12 +170,29 @@ impl ChatCompletionRequest {
                     .with_param("messages"),
             );
         }
+        let mut tools = ToolSpec::default();
         let messages = self
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| m.into_chat_message(i))
+            .map(|(i, m)| m.into_chat_message(i, &mut tools))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(list) = self.tools.filter(|list| !list.is_empty()) {
+            if let Some(at) = list.iter().position(|tool| !tool.is_object()) {
+                return Err(ApiError::invalid_request(format!(
+                    "`tools[{at}]` must be an object such as {{\"type\": \"function\", \"function\": {{...}}}}"
+                ))
+                .with_param(format!("tools[{at}]")));
+            }
+            tools.tools = Some(Value::Array(list).to_string().into());
+        }
+        let asks_for_tools = tools.tools.is_some();
+        tools.tool_choice = self
+            .tool_choice
+            .filter(|_| asks_for_tools)
+            .map(|choice| choice.to_string().into());
+        tools.parallel_tool_calls = self.parallel_tool_calls.filter(|_| asks_for_tools);
+        let tools = (tools != ToolSpec::default()).then(|| Arc::new(tools));
 
         let max_tokens = match self
             .max_completion_tokens
@@ -270,6 +297,7 @@ impl ChatCompletionRequest {
             ignore_eos,
             format,
             logprobs,
+            tools,
         })
     }
 
@@ -278,12 +306,6 @@ impl ChatCompletionRequest {
             return Err(ApiError::unsupported_parameter(
                 "n",
                 "only one choice per request (n = 1) is generated",
-            ));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported_parameter(
-                "tools",
-                "tool calling is not implemented",
             ));
         }
         if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
@@ -297,31 +319,54 @@ impl ChatCompletionRequest {
 }
 
 impl RequestMessage {
-    fn into_chat_message(self, index: usize) -> Result<ChatMessage, ApiError> {
+    /// The message, with its tool parts (if any) recorded in `tools`.
+    fn into_chat_message(
+        self,
+        index: usize,
+        tools: &mut ToolSpec,
+    ) -> Result<ChatMessage, ApiError> {
         let role = match self.role.as_str() {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
-            "tool" | "function" => {
+            "tool" => Role::Tool,
+            "function" => {
                 return Err(ApiError::unsupported_parameter(
                     &format!("messages[{index}].role"),
-                    "tool messages need tool calling, which is not implemented",
+                    "the legacy `function` role is not accepted; send `tool` messages",
                 ))
             }
             other => {
                 return Err(ApiError::invalid_request(format!(
-                    "`messages[{index}].role` must be one of system, developer, user, assistant; got `{other}`"
+                    "`messages[{index}].role` must be one of system, developer, user, assistant, tool; got `{other}`"
                 ))
                 .with_param(format!("messages[{index}].role")))
             }
         };
-        if self.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) {
-            return Err(ApiError::unsupported_parameter(
-                &format!("messages[{index}].tool_calls"),
-                "tool calling is not implemented",
-            ));
+        if let Some(calls) = self.tool_calls.filter(|c| !c.is_empty()) {
+            if role != Role::Assistant {
+                return Err(ApiError::invalid_request(format!(
+                    "only assistant messages carry `tool_calls`, not `messages[{index}]`"
+                ))
+                .with_param(format!("messages[{index}].tool_calls")));
+            }
+            tools
+                .calls
+                .push((index, Value::Array(calls).to_string().into()));
+        }
+        match (role, self.tool_call_id) {
+            (Role::Tool, Some(id)) => tools.call_ids.push((index, id)),
+            (Role::Tool, None) => {
+                return Err(ApiError::invalid_request(format!(
+                    "`messages[{index}].tool_call_id` is required for a tool message"
+                ))
+                .with_param(format!("messages[{index}].tool_call_id")))
+            }
+            _ => {}
         }
         let content = match self.content {
+            // An assistant message that only calls tools has no content.
+            None if tools.calls_of(index).is_some() => String::new(),
             None => {
                 return Err(ApiError::invalid_request(format!(
                     "`messages[{index}].content` is required"
@@ -525,6 +570,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<&'a [Value]>,
 }
 
 /// A choice's `logprobs`: one entry per token of its content.
@@ -555,7 +602,10 @@ pub struct CompletionChoice<'a> {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    /// `null` when the reply is only tool calls, as OpenAI sends it.
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: &'a [Value],
 }
 
 #[cfg(test)]
@@ -618,7 +668,7 @@ mod tests {
     fn unsupported_parameters_are_named() {
         for (field, param) in [
             (r#""n":2"#, "n"),
-            (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
         ] {
             let err = parse(&format!(
                 r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
@@ -627,6 +677,28 @@ mod tests {
             assert_eq!(err.status, 400);
             assert_eq!(err.param.as_deref(), Some(param), "{field}");
         }
+    }
+
+    #[test]
+    fn tool_parts_of_messages_are_kept_by_index_and_the_legacy_role_is_named() {
+        let req = parse(
+            r#"{"messages":[{"role":"user","content":"x"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"c1","content":"42"}],
+               "tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto"}"#,
+        )
+        .expect("valid");
+        let tools = req.tools.expect("tool spec");
+        assert!(tools.calls_of(1).is_some_and(|c| c.contains("\"c1\"")));
+        assert_eq!(tools.call_id_of(2), Some("c1"));
+        assert_eq!(tools.tool_choice.as_deref(), Some("\"auto\""));
+        assert_eq!(req.messages[2].role, Role::Tool);
+        assert_eq!(req.messages[1].content, "");
+        let err = parse(r#"{"messages":[{"role":"function","name":"f","content":"x"}]}"#)
+            .expect_err("legacy role");
+        assert_eq!(err.param.as_deref(), Some("messages[0].role"));
+        let err = parse(r#"{"messages":[{"role":"tool","content":"x"}]}"#).expect_err("no id");
+        assert_eq!(err.param.as_deref(), Some("messages[0].tool_call_id"));
     }
 
     #[test]

@@ -312,6 +312,14 @@ impl Engine for LlamaEngine {
 
     fn submit(&self, request: GenerationRequest) -> Result<TokenStream, EngineError> {
         let loaded = self.loaded()?;
+        if request.tools.is_some() {
+            // The gateway routes tool calls elsewhere; this guards a direct caller.
+            let why = self.calls_tools().err().unwrap_or_default();
+            return Err(EngineError::InvalidParameter {
+                param: "tools",
+                message: format!("`tools` is not supported: {why}"),
+            });
+        }
         let model = loaded.prompter.model();
         let vocabulary = model.n_vocab();
         if let Some(&(token, _)) = request

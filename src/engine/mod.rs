@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-use crate::chat::{ChatMessage, ReplyFormat, SamplingParams};
+use crate::chat::{ChatMessage, ReplyFormat, SamplingParams, ToolSpec};
 
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -40,6 +40,8 @@ pub struct GenerationRequest {
     pub format: ReplyFormat,
     /// See [`crate::chat::ChatRequest::logprobs`].
     pub logprobs: Option<u8>,
+    /// See [`crate::chat::ChatRequest::tools`].
+    pub tools: Option<Arc<ToolSpec>>,
     /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
     /// children. Not part of what the model generates.
     pub span: tracing::Span,
@@ -60,6 +62,7 @@ impl Default for GenerationRequest {
             ignore_eos: false,
             format: ReplyFormat::Text,
             logprobs: None,
+            tools: None,
             span: tracing::Span::none(),
             first_token_by: None,
         }
@@ -72,6 +75,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context ran out.
     Length,
+    /// The model called tools (remote tiers): the reply is its `tool_calls`.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -79,6 +84,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -120,6 +126,9 @@ pub enum TokenEvent {
         text: String,
         logprobs: Vec<logprobs::TokenLogprob>,
     },
+    /// Streamed `tool_calls` deltas from a remote tier, as OpenAI's chunks carry them
+    /// (`index`, and `id`, `type`, `function.name`, `function.arguments` in parts).
+    ToolCalls(Vec<serde_json::Value>),
     /// The last event of a successful generation.
     Finished {
         finish_reason: FinishReason,
@@ -261,6 +270,14 @@ pub trait Engine: Send + Sync + 'static {
 
     /// What a request's prompt and completion must fit in; `None` until the model is loaded.
     fn limits(&self) -> Option<PromptLimits>;
+
+    /// `Ok` when this backend can serve a request with `tools`; else why not.
+    fn calls_tools(&self) -> Result<(), String> {
+        Err(format!(
+            "model `{}` runs in-process and its chat template has no tool support",
+            self.info().id
+        ))
+    }
 
     /// The remote endpoints behind this backend and their state (none for a local model).
     fn endpoints(&self) -> Vec<EndpointStatus> {

@@ -446,6 +446,12 @@ impl Engine for RemoteEngine {
         })
     }
 
+    /// OpenAI-compatible servers take `tools` (llama-server with `--jinja`, vLLM with a
+    /// tool parser); one that cannot says so with a 400, passed on to the client.
+    fn calls_tools(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     fn endpoints(&self) -> Vec<EndpointStatus> {
         let now = Instant::now();
         self.fleet.endpoints.iter().map(|e| e.status(now)).collect()

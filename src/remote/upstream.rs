@@ -70,6 +70,13 @@ struct ChatBody<'a> {
     logprobs: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<u8>,
+    /// The client's `tools`, `tool_choice` and `parallel_tool_calls`, unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
 }
 
 /// `response_format` as OpenAI defines it, rebuilt from the checked request.
@@ -91,7 +98,12 @@ struct SchemaBody<'a> {
 #[derive(Serialize)]
 struct MessageBody<'a> {
     role: &'static str,
-    content: &'a str,
+    /// `null` for an assistant message that only called tools, as OpenAI has it.
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -110,6 +122,7 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         frequency_penalty,
         ref logit_bias,
     } = request.sampling;
+    let tools = request.tools.as_deref();
     let response_format = match &request.format {
         ReplyFormat::Text => None,
         ReplyFormat::JsonObject => Some(FormatBody::JsonObject),
@@ -120,8 +133,7 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         } => Some(FormatBody::JsonSchema {
             json_schema: SchemaBody {
                 name,
-                // The API layer made this string from a parsed schema.
-                schema: serde_json::from_str(schema).unwrap_or_default(),
+                schema: parse_json(schema),
                 strict: *strict,
             },
         }),
@@ -131,9 +143,16 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         messages: request
             .messages
             .iter()
-            .map(|m| MessageBody {
-                role: m.role.as_str(),
-                content: &m.content,
+            .enumerate()
+            .map(|(index, m)| {
+                let tool_calls = tools.and_then(|t| t.calls_of(index)).map(parse_json);
+                MessageBody {
+                    role: m.role.as_str(),
+                    content: (tool_calls.is_none() || !m.content.is_empty())
+                        .then_some(m.content.as_str()),
+                    tool_calls,
+                    tool_call_id: tools.and_then(|t| t.call_id_of(index)),
+                }
             })
             .collect(),
         stream: true,
@@ -156,9 +175,17 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         response_format,
         logprobs: request.logprobs.is_some(),
         top_logprobs: request.logprobs.filter(|&k| k > 0),
+        tools: tools.and_then(|t| t.tools.as_deref()).map(parse_json),
+        tool_choice: tools.and_then(|t| t.tool_choice.as_deref()).map(parse_json),
+        parallel_tool_calls: tools.and_then(|t| t.parallel_tool_calls),
     };
     // Strings and numbers only: serializing cannot fail.
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// JSON the API layer serialized from a parsed value, parsed back to be sent on.
+fn parse_json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 /// The parts of an OpenAI stream chunk that matter here; anything else is ignored, and
@@ -196,6 +223,8 @@ struct ChunkLogprobs {
 struct ChunkDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 /// The token counts of an upstream `usage` object, when it has the two that matter.
@@ -237,8 +266,9 @@ fn is_client_error(status: u16) -> bool {
 fn finish_reason(reason: &str) -> Result<FinishReason, String> {
     match reason {
         "length" => Ok(FinishReason::Length),
+        "tool_calls" | "function_call" => Ok(FinishReason::ToolCalls),
         "abort" | "error" => Err(format!("ended the reply with finish_reason `{reason}`")),
-        // `stop`, and endings tiergate has no name for (`content_filter`, `tool_calls`).
+        // `stop`, and endings tiergate has no name for (`content_filter`).
         _ => Ok(FinishReason::Stop),
     }
 }
@@ -439,19 +469,25 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
             return failed(in_flight, streaming, "error_event", why);
         }
         for choice in chunk.choices.unwrap_or_default() {
-            let text = choice.delta.and_then(|d| d.content);
+            let delta = choice.delta.unwrap_or_default();
             let logprobs = choice.logprobs.and_then(|l| l.content);
-            if let Some(text) = text.filter(|t| !t.is_empty()) {
+            let text = delta.content.filter(|t| !t.is_empty());
+            let calls = delta.tool_calls.filter(|c| !c.is_empty());
+            // Text first, then tool calls, as a chunk lists them.
+            let events = [
+                text.map(|text| match logprobs {
+                    Some(logprobs) => TokenEvent::Scored { text, logprobs },
+                    None => TokenEvent::Text(text),
+                }),
+                calls.map(TokenEvent::ToolCalls),
+            ];
+            for event in events.into_iter().flatten() {
                 if first_token_at.is_none() {
                     first_token_at = Some(Instant::now());
                     in_flight.first_token();
                     (call.on_first_token)(&url);
                 }
                 pieces += 1;
-                let event = match logprobs {
-                    Some(logprobs) => TokenEvent::Scored { text, logprobs },
-                    None => TokenEvent::Text(text),
-                };
                 if call.events.send(event).is_err() {
                     return Attempt::ClientGone;
                 }

@@ -6,6 +6,7 @@
 //! called "code" and write a rule around it. Prompt token counts are not here: they depend
 //! on the tier, so the policy asks a [`super::TokenCounter`] for them lazily.
 
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
@@ -59,6 +60,10 @@ pub struct Features {
     /// How the policy's labelled examples voted (when a rule asks `similar_to`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub similar: Option<Similar>,
+    /// Tiers that cannot serve this request at all, and why (a request with `tools` on a
+    /// tier that cannot call them): rules that route there are skipped.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unservable_tiers: BTreeMap<String, String>,
 }
 
 /// `"<redacted>"` in place of a secret.
@@ -86,7 +91,7 @@ impl Features {
                     // like "why?", so every user message counts.
                     counts.add(&message.content);
                 }
-                Role::Assistant => {}
+                Role::Assistant | Role::Tool => {}
             }
         }
         let Caller {
@@ -119,6 +124,7 @@ impl Features {
             hint,
             last_user: last_user.to_owned(),
             similar: None,
+            unservable_tiers: BTreeMap::new(),
         }
     }
 }

@@ -310,6 +310,11 @@ pub enum Mismatch {
     NoSimilarExample,
     /// A `similar_to` rule, and the request was not embedded.
     NotEmbedded,
+    /// The rule's tier cannot serve this request.
+    Unservable {
+        tier: String,
+        why: String,
+    },
     Unknown {
         what: &'static str,
         error: String,
@@ -341,6 +346,7 @@ impl fmt::Display for Mismatch {
                 write!(f, "no example is similar enough to the last user message")
             }
             Mismatch::Unknown { what, error } => write!(f, "{what} unknown: {error}"),
+            Mismatch::Unservable { tier, why } => write!(f, "tier `{tier}` skipped: {why}"),
         }
     }
 }
@@ -511,6 +517,12 @@ impl Policy {
 
     /// Conditions are tried cheapest first; prompt tokens (a tokenizer pass) come last.
     fn check(&self, rule: &Rule, f: &Features, memo: &mut Memo<'_>) -> Result<(), Mismatch> {
+        if let Some(why) = f.unservable_tiers.get(&rule.route.tier) {
+            return Err(Mismatch::Unservable {
+                tier: rule.route.tier.clone(),
+                why: why.clone(),
+            });
+        }
         let when = &rule.when;
         if let Some(hints) = &when.hint {
             listed("route hint", f.hint.as_deref(), |h| {

@@ -34,7 +34,21 @@ pub enum Script {
     /// Streams `count` pieces `gap` apart, each the Unix time in nanoseconds at which it
     /// was sent (for measuring what a proxy adds to each chunk's latency).
     Stamped { count: usize, gap: Duration },
+    /// Calls two tools the way OpenAI streams it: each call's first delta carries its
+    /// `id`, `type` and name, later deltas pieces of its `arguments`; then
+    /// `finish_reason: "tool_calls"`, usage and `[DONE]`. See [`TOOL_CALLS`].
+    ToolCalls,
 }
+
+/// The calls [`Script::ToolCalls`] makes, whole.
+pub const TOOL_CALLS: [(&str, &str, &str); 2] = [
+    (
+        "call_weather_1",
+        "get_weather",
+        r#"{"city": "Paris", "unit": "celsius"}"#,
+    ),
+    ("call_time_2", "get_time", r#"{"timezone": "Europe/Paris"}"#),
+];
 
 /// Nanoseconds since the Unix epoch: what [`Script::Stamped`] pieces carry.
 pub fn unix_nanos() -> u128 {
@@ -130,6 +144,41 @@ impl ScriptedUpstream {
     pub fn disconnects(&self) -> usize {
         self.seen.disconnects.load(Ordering::SeqCst)
     }
+
+    /// The body of the last chat request it received.
+    pub fn last_body(&self) -> Option<Value> {
+        self.seen.last_body.lock().expect("body lock").clone()
+    }
+}
+
+/// [`Script::ToolCalls`]' chunks after the role chunk, each call's arguments in three parts.
+fn tool_call_chunks() -> Vec<Bytes> {
+    let mut chunks = Vec::new();
+    for (index, (id, name, arguments)) in TOOL_CALLS.iter().enumerate() {
+        chunks.push(chunk(
+            json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                "function": {"name": name, "arguments": ""}}]}),
+            None,
+        ));
+        let third = arguments.len() / 3;
+        for part in [
+            &arguments[..third],
+            &arguments[third..2 * third],
+            &arguments[2 * third..],
+        ] {
+            chunks.push(chunk(
+                json!({"tool_calls": [{"index": index, "function": {"arguments": part}}]}),
+                None,
+            ));
+        }
+    }
+    let usage = json!({"id": "chatcmpl-upstream", "object": "chat.completion.chunk",
+        "created": 0, "model": "upstream-model", "choices": [],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 30, "total_tokens": 70}});
+    chunks.push(chunk(json!({}), Some("tool_calls")));
+    chunks.push(Bytes::from(format!("data: {usage}\n\n")));
+    chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    chunks
 }
 
 /// A URL nothing listens on: a port bound and released at once.
@@ -225,6 +274,19 @@ async fn chat(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
             futures::stream::iter(pieces)
                 .then(|item| async move {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                    item
+                })
+                .boxed()
+        }
+        Script::ToolCalls => {
+            guard.finished = true;
+            let chunks: Vec<Result<Bytes, std::io::Error>> = std::iter::once(role)
+                .chain(tool_call_chunks())
+                .map(Ok)
+                .collect();
+            futures::stream::iter(chunks)
+                .then(|item| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                     item
                 })
                 .boxed()
