@@ -112,29 +112,39 @@ impl SeqSampler {
     /// Samples the token at batch index `index` and records it in the sampler's state
     /// (penalties' history, the grammar's position).
     pub fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> LlamaToken {
-        let Some(grammar) = self.grammar.as_mut() else {
+        let Some(mut grammar) = self.grammar.take() else {
             // llama.cpp samples and accepts in one call.
             return self.chain.sample(ctx, index);
         };
-        let mut candidates = ctx.token_data_array_ith(index);
-        candidates.apply_sampler(&mut self.chain);
-        let token = match candidates.selected_token() {
-            Some(token) if allows(grammar, token) => token,
-            unconstrained => {
-                let mut allowed = ctx.token_data_array_ith(index);
-                allowed.apply_sampler(grammar);
-                allowed.apply_sampler(&mut self.chain);
-                // The grammar always allows something (at its end, end-of-generation),
-                // and the chain always selects; the fallback only keeps this total.
-                match allowed.selected_token().or(unconstrained) {
-                    Some(token) => token,
-                    None => return self.chain.sample(ctx, index),
-                }
-            }
-        };
+        let token = self.sample_within(ctx, index, &mut grammar);
         grammar.accept(token);
         self.chain.accept(token);
+        self.grammar = Some(grammar);
         token
+    }
+
+    /// The chain's pick if the grammar allows it, else its pick among what the grammar allows.
+    fn sample_within(
+        &mut self,
+        ctx: &LlamaContext<'_>,
+        index: i32,
+        grammar: &mut LlamaSampler,
+    ) -> LlamaToken {
+        let mut candidates = ctx.token_data_array_ith(index);
+        candidates.apply_sampler(&mut self.chain);
+        let unconstrained = candidates.selected_token();
+        if let Some(token) = unconstrained.filter(|&token| allows(grammar, token)) {
+            return token;
+        }
+        let mut allowed = ctx.token_data_array_ith(index);
+        allowed.apply_sampler(grammar);
+        allowed.apply_sampler(&mut self.chain);
+        let selected = allowed.selected_token();
+        // The grammar always allows something (at its end, end-of-generation) and the
+        // chain always selects; the fallbacks only keep this total.
+        selected
+            .or(unconstrained)
+            .unwrap_or_else(|| self.chain.sample(ctx, index))
     }
 }
 
