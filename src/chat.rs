@@ -125,8 +125,8 @@ pub enum ReplyFormat {
     /// JSON that validates against `schema`.
     JsonSchema {
         name: String,
-        /// The schema serialized with sorted keys, so that equal schemas are equal strings
-        /// (the grammar cache and the reply cache key on it).
+        /// The schema as compact JSON in the client's key order: llama.cpp's grammar puts
+        /// properties in that order, and the grammar cache and reply cache key on it.
         schema: Arc<str>,
         strict: Option<bool>,
     },

@@ -760,7 +760,7 @@ impl Reply {
                     return Ok(Completion {
                         text,
                         logprobs: scored,
-                        tool_calls,
+                        tool_calls: finish_tool_calls(tool_calls),
                         ending,
                     })
                 }
@@ -772,17 +772,21 @@ impl Reply {
 }
 
 /// Folds streamed `tool_calls` deltas into whole calls, as OpenAI's SDKs do: the delta
-/// with a new `index` starts a call (its `id`, `type` and `function.name`), later ones
-/// append to its `function.arguments`.
+/// with a new `index` (0 when missing) starts a call (its `id`, `type` and
+/// `function.name`), later ones append to its `function.arguments`. The calls keep their
+/// `index` until [`finish_tool_calls`].
 fn merge_tool_calls(calls: &mut Vec<serde_json::Value>, deltas: Vec<serde_json::Value>) {
     use serde_json::Value;
-    for delta in deltas {
-        let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+    for mut delta in deltas {
+        let index = delta.get("index").and_then(Value::as_u64).unwrap_or(0);
         let Some(call) = calls
             .iter_mut()
-            .find(|c| c.get("index").and_then(Value::as_u64) == Some(index as u64))
+            .find(|c| c.get("index").and_then(Value::as_u64) == Some(index))
         else {
-            calls.push(delta);
+            if let Some(fields) = delta.as_object_mut() {
+                fields.insert("index".into(), index.into());
+                calls.push(delta);
+            }
             continue;
         };
         let more = delta
@@ -798,7 +802,7 @@ fn merge_tool_calls(calls: &mut Vec<serde_json::Value>, deltas: Vec<serde_json::
         let Some(call) = call.as_object_mut() else {
             continue;
         };
-        for field in ["id", "type"] {
+        for field in ["id", "type", "function"] {
             if call.get(field).is_none_or(Value::is_null) {
                 if let Some(value) = delta.get(field) {
                     call.insert(field.into(), value.clone());
@@ -806,6 +810,16 @@ fn merge_tool_calls(calls: &mut Vec<serde_json::Value>, deltas: Vec<serde_json::
             }
         }
     }
+}
+
+/// Merged calls as a non-streamed message carries them: without the streaming `index`.
+fn finish_tool_calls(mut calls: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    for call in &mut calls {
+        if let Some(fields) = call.as_object_mut() {
+            fields.remove("index");
+        }
+    }
+    calls
 }
 
 /// The one place a request's outcome is recorded: `tiergate_requests_total` once per
@@ -893,5 +907,53 @@ impl Drop for Outcome {
             self.count("client_closed", "abort");
             self.span.record("finish_reason", "abort");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{finish_tool_calls, merge_tool_calls};
+
+    #[test]
+    fn tool_call_deltas_merge_into_whole_calls() {
+        let mut calls = Vec::new();
+        merge_tool_calls(
+            &mut calls,
+            vec![json!({"index": 0, "id": "a", "type": "function",
+                        "function": {"name": "f", "arguments": ""}})],
+        );
+        merge_tool_calls(
+            &mut calls,
+            vec![
+                json!({"index": 0, "function": {"arguments": "{\"x\":"}}),
+                // A second call whose id comes late, and a server that sends no index.
+                json!({"index": 1, "function": {"name": "g", "arguments": "{}"}}),
+            ],
+        );
+        merge_tool_calls(
+            &mut calls,
+            vec![
+                json!({"index": 0, "function": {"arguments": " 1}"}}),
+                json!({"index": 1, "id": "b", "type": "function"}),
+            ],
+        );
+        assert_eq!(
+            finish_tool_calls(calls),
+            vec![
+                json!({"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}),
+                json!({"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}),
+            ]
+        );
+        let mut unindexed = Vec::new();
+        for part in ["{\"a\"", ": 2}"] {
+            merge_tool_calls(
+                &mut unindexed,
+                vec![json!({"function": {"arguments": part}})],
+            );
+        }
+        assert_eq!(unindexed.len(), 1);
+        assert_eq!(unindexed[0]["function"]["arguments"], "{\"a\": 2}");
     }
 }

@@ -6,13 +6,13 @@ mod common;
 
 use common::{fixture, streamed_text, TestServer, FAST};
 use futures::{stream, StreamExt};
-
-/// Slots per model on a test server (see `TestServer::launch`).
-const SLOTS: usize = 8;
 use serde_json::{json, Value};
 use tiergate::chat::ReplyFormat;
 use tiergate::engine::grammar::Grammars;
 use tiergate::engine::prompt::Prompter;
+
+/// Slots per model on a test server (see `TestServer::launch`).
+const SLOTS: usize = 8;
 
 fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
@@ -115,6 +115,19 @@ async fn schema_replies_validate_on_both_tiers_at_temperature_one() {
     every_sample_validates(&server, "fast", 24).await;
     every_sample_validates(&server, "full", 8).await;
 
+    // Properties come in the order the schema lists them (llama.cpp's grammar follows
+    // it), not sorted: "reason first, then answer" schemas depend on that.
+    let ordered = json!({"type": "object", "properties": {
+        "reasoning": {"type": "string", "maxLength": 40},
+        "answer": {"type": "integer"}}, "required": ["reasoning", "answer"]});
+    let body = json!({
+        "model": "fast", "messages": user("What is 2 + 3? Think first."),
+        "temperature": 0, "max_tokens": 120, "response_format": schema_format(&ordered),
+    });
+    let (text, _) = reply(&server, body, false).await;
+    let (reasoning, answer) = (text.find("\"reasoning\""), text.find("\"answer\""));
+    assert!(reasoning.is_some() && reasoning < answer, "{text}");
+
     // json_object: any object, and only an object.
     for stream in [false, true] {
         let body = json!({
@@ -174,6 +187,16 @@ async fn broken_schemas_and_bad_parameters_are_400s_that_name_them() {
             json!({"logit_bias": {"5": 101}}),
             "logit_bias",
             "-100 to 100",
+        ),
+        (
+            json!({"logit_bias": {"5": 1, "05": 2}}),
+            "logit_bias",
+            "more than once",
+        ),
+        (
+            json!({"tool_choice": "auto"}),
+            "tool_choice",
+            "only allowed when `tools`",
         ),
         (
             json!({"logprobs": true, "top_logprobs": 21}),
@@ -379,7 +402,7 @@ async fn cached_replies_never_answer_a_different_format() {
         cache_use(&server.post_chat(&schema).await).as_deref(),
         Some("miss")
     );
-    // The same schema again is the same request.
+    // The same format again is the same request.
     assert_eq!(
         cache_use(&server.post_chat(&object).await).as_deref(),
         Some("hit")

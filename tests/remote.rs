@@ -890,7 +890,8 @@ async fn tool_calls_pass_through_a_remote_tier_and_skip_the_local_one() {
         common::upstream::TOOL_CALLS[1].2
     );
     let sent = upstream.last_body().expect("a request");
-    assert_eq!(sent["tools"], tools, "tools pass through unchanged");
+    // Unchanged, key order included (`Value` equality would ignore order).
+    assert_eq!(sent["tools"].to_string(), tools.to_string());
     assert_eq!(sent["tool_choice"], "required");
     assert_eq!(sent["parallel_tool_calls"], true);
 

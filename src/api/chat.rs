@@ -262,7 +262,7 @@ impl ResponseMeta {
 }
 
 fn complete_response(meta: &ResponseMeta, completion: &Completion, logprobs: bool) -> Response {
-    // Asked for and none to give (an empty reply, a cache replay): an empty list.
+    // Asked for and none to give (an empty reply, an upstream that sent none): an empty list.
     let content = completion.logprobs.as_deref().unwrap_or_default();
     let body = CompletionBody {
         id: &meta.id,

@@ -1,12 +1,12 @@
 //! OpenAI chat-completion wire types: what frontends send, checked into a
 //! [`ChatRequest`], and what goes back.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::ApiError;
-use std::sync::Arc;
-
 use crate::chat::{ChatMessage, ChatRequest, ReplyFormat, Role, SamplingParams, ToolSpec};
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::Usage;
@@ -187,10 +187,13 @@ impl ChatCompletionRequest {
             tools.tools = Some(Value::Array(list).to_string().into());
         }
         let asks_for_tools = tools.tools.is_some();
-        tools.tool_choice = self
-            .tool_choice
-            .filter(|_| asks_for_tools)
-            .map(|choice| choice.to_string().into());
+        if self.tool_choice.is_some() && !asks_for_tools {
+            return Err(ApiError::invalid_request(
+                "`tool_choice` is only allowed when `tools` are given",
+            )
+            .with_param("tool_choice"));
+        }
+        tools.tool_choice = self.tool_choice.map(|choice| choice.to_string().into());
         tools.parallel_tool_calls = self.parallel_tool_calls.filter(|_| asks_for_tools);
         let tools = (tools != ToolSpec::default()).then(|| Arc::new(tools));
 
@@ -453,6 +456,13 @@ fn logit_bias(map: Option<&serde_json::Map<String, Value>>) -> Result<Vec<(i32, 
         biases.push((token_id, bias as f32));
     }
     biases.sort_by_key(|&(token, _)| token);
+    // `"5"` and `"05"` name one token; llama.cpp would add both biases.
+    if let Some(pair) = biases.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(invalid(format!(
+            "`logit_bias` names token {} more than once",
+            pair[0].0
+        )));
+    }
     Ok(biases)
 }
 
@@ -715,8 +725,8 @@ mod tests {
             panic!("{:?}", req.format)
         };
         assert_eq!(name, "p");
-        // One string per schema, whatever the client's spacing.
-        assert_eq!(&**schema, r#"{"required":["b","a"],"type":"object"}"#);
+        // The client's key order, which the grammar follows; its spacing dropped.
+        assert_eq!(&**schema, r#"{"type":"object","required":["b","a"]}"#);
         let object = parse(
             r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},"logprobs":true}"#,
         )

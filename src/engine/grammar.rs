@@ -110,17 +110,19 @@ impl SeqSampler {
     }
 
     /// Samples the token at batch index `index` and records it in the sampler's state
-    /// (penalties' history, the grammar's position).
-    pub fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> LlamaToken {
+    /// (penalties' history, the grammar's position). `None` when the grammar allows no
+    /// token at all: the sequence must end there (llama.cpp aborts the process if a
+    /// grammar is made to accept what it does not allow, so nothing is forced).
+    pub fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> Option<LlamaToken> {
         let Some(mut grammar) = self.grammar.take() else {
             // llama.cpp samples and accepts in one call.
-            return self.chain.sample(ctx, index);
+            return Some(self.chain.sample(ctx, index));
         };
-        let token = self.sample_within(ctx, index, &mut grammar);
-        grammar.accept(token);
+        let token = self.sample_within(ctx, index, &mut grammar)?;
+        grammar.try_accept(token).ok()?;
         self.chain.accept(token);
         self.grammar = Some(grammar);
-        token
+        Some(token)
     }
 
     /// The chain's pick if the grammar allows it, else its pick among what the grammar allows.
@@ -129,22 +131,24 @@ impl SeqSampler {
         ctx: &LlamaContext<'_>,
         index: i32,
         grammar: &mut LlamaSampler,
-    ) -> LlamaToken {
+    ) -> Option<LlamaToken> {
         let mut candidates = ctx.token_data_array_ith(index);
         candidates.apply_sampler(&mut self.chain);
-        let unconstrained = candidates.selected_token();
-        if let Some(token) = unconstrained.filter(|&token| allows(grammar, token)) {
-            return token;
+        if let Some(token) = candidates
+            .selected_token()
+            .filter(|&token| allows(grammar, token))
+        {
+            return Some(token);
         }
         let mut allowed = ctx.token_data_array_ith(index);
         allowed.apply_sampler(grammar);
+        if !allowed.data.iter().any(|c| c.logit().is_finite()) {
+            return None;
+        }
         allowed.apply_sampler(&mut self.chain);
-        let selected = allowed.selected_token();
-        // The grammar always allows something (at its end, end-of-generation) and the
-        // chain always selects; the fallbacks only keep this total.
-        selected
-            .or(unconstrained)
-            .unwrap_or_else(|| self.chain.sample(ctx, index))
+        allowed
+            .selected_token()
+            .filter(|&token| allows(grammar, token))
     }
 }
 

@@ -914,11 +914,16 @@ impl StepLoop<'_> {
             };
             let seq_id = self.scheduler.live()[w.seq()].seq_id;
             match self.samplers[seq_id as usize].as_mut() {
-                Some(sampler) => {
-                    let token = sampler.sample(&self.ctx, batch_index);
-                    self.record_logprobs(w.seq(), batch_index, token);
-                    self.accept_token(w.seq(), token);
-                }
+                Some(sampler) => match sampler.sample(&self.ctx, batch_index) {
+                    Some(token) => {
+                        self.record_logprobs(w.seq(), batch_index, token);
+                        self.accept_token(w.seq(), token);
+                    }
+                    None => self.fail(
+                        &[*w],
+                        EngineError::Decode("the reply's grammar allows no next token".into()),
+                    ),
+                },
                 // Admission builds every sampler; without one, the sequence must not go on
                 // (its pending token was just decoded and would be decoded again).
                 None => self.fail(
@@ -979,8 +984,10 @@ impl StepLoop<'_> {
         }
         let logits = self.ctx.get_logits_ith(batch_index);
         let (logprob, alternatives) = log_softmax_top(logits, token.0 as usize, top as usize);
+        // As the content renders them (control tokens as nothing), so the entries'
+        // bytes spell the content.
         let described = |id: LlamaToken| {
-            let bytes = model.vocab().token_to_piece(id, true, None);
+            let bytes = model.vocab().token_to_piece(id, false, None);
             (String::from_utf8_lossy(&bytes).into_owned(), bytes)
         };
         let (text, bytes) = described(token);

@@ -179,7 +179,7 @@ pub fn chat_body(request: &GenerationRequest, model: &str, max_tokens: u32) -> B
         tool_choice: tools.and_then(|t| t.tool_choice.as_deref()).map(parse_json),
         parallel_tool_calls: tools.and_then(|t| t.parallel_tool_calls),
     };
-    // Strings and numbers only: serializing cannot fail.
+    // Plain structs and parsed JSON values: serializing cannot fail.
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
@@ -215,8 +215,15 @@ struct ChunkChoice {
 
 #[derive(Deserialize, Debug, Default)]
 struct ChunkLogprobs {
+    /// Read leniently ([`logprobs_of`]): servers differ in these, and log probabilities
+    /// this parser cannot read are no reason to fail a reply that was delivered.
     #[serde(default)]
-    content: Option<Vec<TokenLogprob>>,
+    content: Option<serde_json::Value>,
+}
+
+/// The entries of an upstream `logprobs.content`, when they have OpenAI's shape.
+fn logprobs_of(content: serde_json::Value) -> Option<Vec<TokenLogprob>> {
+    serde_json::from_value(content).ok()
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -470,7 +477,10 @@ pub async fn attempt(call: Call<'_>, in_flight: &mut InFlight) -> Attempt {
         }
         for choice in chunk.choices.unwrap_or_default() {
             let delta = choice.delta.unwrap_or_default();
-            let logprobs = choice.logprobs.and_then(|l| l.content);
+            let logprobs = choice
+                .logprobs
+                .and_then(|l| l.content)
+                .and_then(logprobs_of);
             let text = delta.content.filter(|t| !t.is_empty());
             let calls = delta.tool_calls.filter(|c| !c.is_empty());
             // Text first, then tool calls, as a chunk lists them.
