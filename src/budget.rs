@@ -219,8 +219,9 @@ impl Deadlines {
 
 /// Whether this route caches this request.
 fn cacheable(route: &Route, generation: &GenerationRequest) -> bool {
-    // A replay carries text only: token distributions and tool calls are not kept.
-    if generation.logprobs.is_some() || generation.tools.is_some() {
+    // A replay carries one choice's text only: token distributions, tool calls and other
+    // choices are not kept.
+    if generation.logprobs.is_some() || generation.tools.is_some() || generation.n > 1 {
         return false;
     }
     match route.cache {

@@ -57,6 +57,7 @@ pub struct ReplyKey {
     format: ReplyFormat,
     logprobs: Option<u8>,
     tools: Option<Arc<ToolSpec>>,
+    n: u32,
 }
 
 impl ReplyKey {
@@ -71,6 +72,7 @@ impl ReplyKey {
             format,
             logprobs,
             tools,
+            n,
             span: _,
             first_token_by: _,
         } = request;
@@ -107,6 +109,7 @@ impl ReplyKey {
             format: format.clone(),
             logprobs: *logprobs,
             tools: tools.clone(),
+            n: *n,
         }
     }
 

@@ -198,6 +198,8 @@ pub struct ChatRequest {
     pub logprobs: Option<u8>,
     /// Tool calling: only tiers that can call tools serve such a request.
     pub tools: Option<Arc<ToolSpec>>,
+    /// Choices to generate (`n`), at least 1.
+    pub n: u32,
 }
 
 impl ChatRequest {
@@ -215,6 +217,7 @@ impl ChatRequest {
             format: ReplyFormat::Text,
             logprobs: None,
             tools: None,
+            n: 1,
         }
     }
 }

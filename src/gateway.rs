@@ -33,7 +33,7 @@ use crate::chat::{message_bytes, ChatMessage, ChatRequest, Role};
 use crate::embed::Embedding;
 use crate::engine::{
     logprobs::TokenLogprob, EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent,
-    Usage,
+    TokenStream, Usage,
 };
 use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
 use crate::router::{
@@ -366,6 +366,7 @@ impl Gateway {
             format,
             logprobs,
             tools,
+            n,
         } = request;
         let mut generation = GenerationRequest {
             messages,
@@ -377,6 +378,7 @@ impl Gateway {
             format,
             logprobs,
             tools,
+            n,
             span: span.clone(),
             first_token_by: None,
         };
@@ -558,6 +560,21 @@ impl Gateway {
         });
         outcome.labels = labels;
         outcome.generated_here = generated_here;
+        let mut source = acquired.source;
+        let siblings = match &mut source {
+            Source::Engine(tokens) => tokens.take_siblings(),
+            _ => Vec::new(),
+        };
+        let other_choices = siblings
+            .into_iter()
+            .map(|stream| OtherChoice {
+                stream,
+                deadline: deadlines.total,
+                prompt_tokens: acquired.prompt_tokens,
+                pieces: 0,
+                ended: false,
+            })
+            .collect();
         Served {
             id,
             created: SystemTime::now()
@@ -574,8 +591,9 @@ impl Gateway {
             route,
             route_time,
             include_usage,
+            other_choices,
             reply: Reply {
-                source: acquired.source,
+                source,
                 first: Some(acquired.first),
                 prompt_tokens: acquired.prompt_tokens,
                 pieces: 0,
@@ -609,7 +627,132 @@ pub struct Served {
     /// Time spent routing (features, token counts, policy).
     pub route_time: Duration,
     pub include_usage: bool,
+    /// Choice 0.
     pub reply: Reply,
+    /// Choices 1.. of a request with `n` > 1.
+    pub other_choices: Vec<OtherChoice>,
+}
+
+/// One more choice of a request with `n` > 1: its events under the request's total
+/// budget. Its tokens are counted in the request's usage, not in the request metrics
+/// (those follow choice 0). Dropping it cancels its sequence.
+pub struct OtherChoice {
+    stream: TokenStream,
+    deadline: Instant,
+    prompt_tokens: u32,
+    pieces: u32,
+    ended: bool,
+}
+
+impl OtherChoice {
+    /// The next event; `None` after the ending or failure.
+    pub async fn next(&mut self) -> Option<ReplyEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = match tokio::time::timeout_at(self.deadline, self.stream.next_event()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => TokenEvent::Failed(EngineError::Decode(
+                "the model thread ended the sequence without finishing it".into(),
+            )),
+            Err(_elapsed) => {
+                self.ended = true;
+                return Some(ReplyEvent::Finished(budget_cut(
+                    self.prompt_tokens,
+                    self.pieces,
+                )));
+            }
+        };
+        Some(match event {
+            TokenEvent::Text(text) => {
+                self.pieces += 1;
+                ReplyEvent::Text(text)
+            }
+            TokenEvent::Scored { text, logprobs } => {
+                self.pieces += 1;
+                ReplyEvent::Scored { text, logprobs }
+            }
+            TokenEvent::ToolCalls(calls) => {
+                self.pieces += 1;
+                ReplyEvent::ToolCalls(calls)
+            }
+            TokenEvent::Finished {
+                finish_reason,
+                usage,
+                timings,
+            } => {
+                self.ended = true;
+                ReplyEvent::Finished(Ending {
+                    finish_reason,
+                    usage,
+                    budget_cut: false,
+                    timings,
+                })
+            }
+            TokenEvent::Failed(err) => {
+                self.ended = true;
+                ReplyEvent::Failed(err)
+            }
+        })
+    }
+
+    /// Reads the whole choice (or as much as the total budget allows).
+    pub async fn collect(mut self) -> Result<Completion, EngineError> {
+        let mut collector = Collector::default();
+        while let Some(event) = self.next().await {
+            if let Some(done) = collector.push(event) {
+                return done;
+            }
+        }
+        Err(EngineError::Decode("the reply was already read".into()))
+    }
+}
+
+/// The ending of a reply whose total budget ran out: `length`, with the text events
+/// delivered counted as completion tokens (a text event carries at least one token).
+fn budget_cut(prompt_tokens: u32, pieces: u32) -> Ending {
+    Ending {
+        finish_reason: FinishReason::Length,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: pieces,
+            cached_prompt_tokens: None,
+        },
+        budget_cut: true,
+        timings: StageTimings::default(),
+    }
+}
+
+/// Gathers one choice's events into a [`Completion`].
+#[derive(Default)]
+struct Collector {
+    text: String,
+    logprobs: Option<Vec<TokenLogprob>>,
+    tool_calls: Vec<serde_json::Value>,
+}
+
+impl Collector {
+    /// Takes the next event; the whole reply (or its failure) once it has ended.
+    fn push(&mut self, event: ReplyEvent) -> Option<Result<Completion, EngineError>> {
+        match event {
+            ReplyEvent::Text(piece) => self.text.push_str(&piece),
+            ReplyEvent::Scored { text, logprobs } => {
+                self.text.push_str(&text);
+                self.logprobs.get_or_insert_with(Vec::new).extend(logprobs);
+            }
+            ReplyEvent::ToolCalls(deltas) => merge_tool_calls(&mut self.tool_calls, deltas),
+            ReplyEvent::Finished(ending) => {
+                return Some(Ok(Completion {
+                    text: std::mem::take(&mut self.text),
+                    logprobs: self.logprobs.take(),
+                    tool_calls: finish_tool_calls(std::mem::take(&mut self.tool_calls)),
+                    ending,
+                }))
+            }
+            ReplyEvent::Failed(err) => return Some(Err(err)),
+        }
+        None
+    }
 }
 
 /// How a reply ended well: on its own, or cut by the total budget.
@@ -725,16 +868,7 @@ impl Reply {
     /// The total budget ran out: `length`, with the text events delivered counted as
     /// completion tokens. The source is dropped with the reply, cancelling the sequence.
     fn cut(&mut self) -> ReplyEvent {
-        let ending = Ending {
-            finish_reason: FinishReason::Length,
-            usage: Usage {
-                prompt_tokens: self.prompt_tokens,
-                completion_tokens: self.pieces,
-                cached_prompt_tokens: None,
-            },
-            budget_cut: true,
-            timings: StageTimings::default(),
-        };
+        let ending = budget_cut(self.prompt_tokens, self.pieces);
         tracing::info!(parent: &self.outcome.span, "total budget spent: reply cut");
         self.outcome.finished(&ending);
         ReplyEvent::Finished(ending)
@@ -742,29 +876,10 @@ impl Reply {
 
     /// Reads the whole reply (or as much as the total budget allows).
     pub async fn collect(mut self) -> Result<Completion, EngineError> {
-        let mut text = String::new();
-        let mut scored: Option<Vec<TokenLogprob>> = None;
-        let mut tool_calls = Vec::new();
+        let mut collector = Collector::default();
         while let Some(event) = self.next().await {
-            match event {
-                ReplyEvent::Text(piece) => text.push_str(&piece),
-                ReplyEvent::Scored {
-                    text: piece,
-                    logprobs,
-                } => {
-                    text.push_str(&piece);
-                    scored.get_or_insert_with(Vec::new).extend(logprobs);
-                }
-                ReplyEvent::ToolCalls(deltas) => merge_tool_calls(&mut tool_calls, deltas),
-                ReplyEvent::Finished(ending) => {
-                    return Ok(Completion {
-                        text,
-                        logprobs: scored,
-                        tool_calls: finish_tool_calls(tool_calls),
-                        ending,
-                    })
-                }
-                ReplyEvent::Failed(err) => return Err(err),
+            if let Some(done) = collector.push(event) {
+                return done;
             }
         }
         Err(EngineError::Decode("the reply was already read".into()))

@@ -314,10 +314,7 @@ async fn bad_input_gets_an_openai_error_with_the_right_status() {
             400,
             Some("top_p"),
         ),
-        BadInput {
-            code: Some("unsupported_parameter"),
-            ..bad("n above one", format!(r#"{{{msg},"n":3}}"#), 400, Some("n"))
-        },
+        bad("n above 16", format!(r#"{{{msg},"n":17}}"#), 400, Some("n")),
         bad(
             "tools",
             format!(r#"{{{msg},"tools":[{{"type":"function","function":{{"name":"f"}}}}]}}"#),

@@ -208,8 +208,8 @@ async fn broken_schemas_and_bad_parameters_are_400s_that_name_them() {
             "top_logprobs",
             "needs `logprobs`",
         ),
-        // Still refused on every tier tiergate hosts itself.
-        (json!({"n": 2}), "n", "not supported"),
+        (json!({"n": 99}), "n", "between 1 and 16"),
+        // Tiers tiergate hosts itself cannot call tools.
         (
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
             "tools",
@@ -443,4 +443,88 @@ fn each_schema_compiles_once() {
     assert!(grammars.for_format(&unsupported, prompter.model()).is_err());
     assert!(grammars.for_format(&unsupported, prompter.model()).is_err());
     assert_eq!(grammars.compiles(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_share_one_prefill_and_count_in_usage() {
+    let server = TestServer::fast().await;
+    let ask = |n: u32, temperature: f64, stream: bool| {
+        json!({
+            "model": "fast", "messages": user("Name a fruit and say why you like it."),
+            "n": n, "temperature": temperature, "top_k": 0, "seed": 11, "max_tokens": 24,
+            "stream": stream, "stream_options": {"include_usage": true},
+        })
+    };
+    let texts = |reply: &Value| -> Vec<String> {
+        reply["choices"]
+            .as_array()
+            .expect("choices")
+            .iter()
+            .map(|c| c["message"]["content"].as_str().expect("text").to_owned())
+            .collect()
+    };
+    let single = server.complete(ask(1, 0.0, false)).await;
+    let greedy = server.complete(ask(3, 0.0, false)).await;
+    let choices = greedy["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    for (index, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], index);
+    }
+    // Greedy: every choice is the reply a single request gets.
+    assert_eq!(texts(&greedy), vec![texts(&single)[0].clone(); 3]);
+    let usage = &greedy["usage"];
+    assert_eq!(usage["prompt_tokens"], single["usage"]["prompt_tokens"]);
+    assert_eq!(
+        usage["completion_tokens"].as_u64(),
+        single["usage"]["completion_tokens"].as_u64().map(|n| 3 * n),
+    );
+
+    // Temperature 1: each choice draws with its own seed.
+    let sampled = server.complete(ask(3, 1.0, false)).await;
+    let drawn = texts(&sampled);
+    assert!(drawn[0] != drawn[1] || drawn[1] != drawn[2], "{drawn:?}");
+    let per_choice: u64 = 3 * 24;
+    assert!(sampled["usage"]["completion_tokens"].as_u64() <= Some(per_choice));
+
+    // Streamed: chunks carry their choice's index; the usage chunk adds them up.
+    let payloads = server.stream(ask(3, 1.0, true)).await;
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).expect("chunk"))
+        .collect();
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = 0;
+    for chunk in &chunks {
+        if let Some(choice) = chunk["choices"].as_array().and_then(|c| c.first()) {
+            let index = choice["index"].as_u64().expect("index") as usize;
+            streamed[index].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+            finished += usize::from(choice["finish_reason"].is_string());
+        }
+    }
+    assert_eq!(finished, 3, "one finish per choice");
+    assert_eq!(streamed, drawn, "same seeds, same choices, streamed or not");
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert_eq!(usage, &sampled["usage"]);
+
+    // More choices than the model has slots: a 400 naming `n`, before anything queues.
+    let resp = server.post_chat(&ask(9, 0.0, false)).await;
+    assert_eq!(resp.status(), 400);
+    let error: Value = resp.json().await.expect("json");
+    assert_eq!(error["error"]["param"], "n", "{error}");
+
+    // A client that leaves mid-stream frees every choice's sequence.
+    let mut long = ask(4, 1.0, true);
+    long["max_tokens"] = json!(400);
+    long["ignore_eos"] = json!(true);
+    let resp = server.post_chat(&long).await;
+    let mut body = resp.bytes_stream();
+    let _ = body.next().await;
+    let active = format!(r#"tiergate_active_sequences{{model="{FAST}",tier="fast"}}"#);
+    assert_eq!(server.metric(&active).await, Some(4.0), "every choice runs");
+    drop(body);
+    server
+        .wait_for_metric(&active, 0.0, std::time::Duration::from_secs(10))
+        .await;
+    server.stop().await;
 }

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
-use futures::{stream, FutureExt as _};
+use futures::{stream, FutureExt as _, StreamExt as _};
 
 use super::error::ApiError;
 use super::types::{
@@ -27,7 +27,7 @@ use super::{AppState, Authorized};
 use crate::budget::CacheUse;
 use crate::engine::logprobs::TokenLogprob;
 use crate::engine::{FinishReason, StageTimings, Usage};
-use crate::gateway::{Completion, Ending, Reply, ReplyEvent, Served};
+use crate::gateway::{Completion, Ending, OtherChoice, Reply, ReplyEvent, Served};
 
 pub const TIER_HEADER: HeaderName = HeaderName::from_static("x-tiergate-tier");
 pub const MODEL_HEADER: HeaderName = HeaderName::from_static("x-tiergate-model");
@@ -54,22 +54,33 @@ pub async fn chat_completions(
     let request = state.parse(body)?;
     let stream = request.stream;
     let wants_logprobs = request.logprobs.is_some();
-    let served = state.gateway().serve(caller, request).await?;
+    let mut served = state.gateway().serve(caller, request).await?;
     let headers = route_headers(&served);
     let meta = ResponseMeta::of(&served);
-    let mut response = if stream {
+    let other_choices = std::mem::take(&mut served.other_choices);
+    let mut response = if stream && other_choices.is_empty() {
         stream_response(meta, served.reply)
+    } else if stream {
+        stream_choices_response(meta, served.reply, other_choices)
     } else {
         let route_time = served.route_time;
-        let completion = served.reply.collect().await?;
-        let mut response = complete_response(&meta, &completion, wants_logprobs);
+        // Read together: each choice's budget runs while the others are read.
+        let (first, others) = tokio::join!(
+            served.reply.collect(),
+            futures::future::join_all(other_choices.into_iter().map(OtherChoice::collect))
+        );
+        let completions = std::iter::once(first)
+            .chain(others)
+            .collect::<Result<Vec<_>, _>>()?;
+        let completion = &completions[0];
+        let mut response = complete_response(&meta, &completions, wants_logprobs);
         let timing = server_timing(route_time, &completion.ending.timings, meta.cache);
         response.headers_mut().extend(
             HeaderValue::from_str(&timing)
                 .ok()
                 .map(|v| (SERVER_TIMING, v)),
         );
-        if completion.ending.budget_cut {
+        if completions.iter().any(|c| c.ending.budget_cut) {
             let cut = HeaderValue::from_static("total");
             response.headers_mut().insert(BUDGET_CUT_HEADER, cut);
         }
@@ -153,27 +164,30 @@ impl ResponseMeta {
         }
     }
 
-    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<FinishReason>) -> Bytes {
-        self.choice_chunk(delta, None, finish_reason, None)
+    /// The first chunk of choice `index`: its role.
+    fn role_chunk(&self, index: u32) -> Bytes {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+            tool_calls: None,
+        };
+        self.choice_chunk(index, delta, None, None, None)
     }
 
-    /// The last content chunk of a reply the total budget cut short: `finish_reason`
-    /// is `length`, and a `tiergate` field says why (headers are long gone by then).
-    fn budget_cut_chunk(&self) -> Bytes {
-        let note = ChunkNote {
+    /// The chunk that ends choice `index`. A reply the total budget cut short ends with
+    /// `length` and a `tiergate` field that says why (headers are long gone by then).
+    fn finish_chunk(&self, index: u32, ending: &Ending) -> Bytes {
+        let note = ending.budget_cut.then_some(ChunkNote {
             budget_cut: "total",
             total_ms: self.total_budget_ms,
-        };
-        self.choice_chunk(
-            Delta::default(),
-            None,
-            Some(FinishReason::Length),
-            Some(note),
-        )
+        });
+        let reason = Some(ending.finish_reason);
+        self.choice_chunk(index, Delta::default(), None, reason, note)
     }
 
     fn choice_chunk(
         &self,
+        index: u32,
         delta: Delta<'_>,
         logprobs: Option<&[TokenLogprob]>,
         finish_reason: Option<FinishReason>,
@@ -185,7 +199,7 @@ impl ResponseMeta {
             created: self.created,
             model: &self.model,
             choices: vec![ChunkChoice {
-                index: 0,
+                index,
                 delta,
                 logprobs: logprobs.map(|content| LogprobsBody { content }),
                 finish_reason: finish_reason.map(FinishReason::as_str),
@@ -214,63 +228,73 @@ impl ResponseMeta {
         Bytes::from(format!("data: {json}\n\n"))
     }
 
-    /// The end of a stream: the finishing chunk, the usage chunk if asked, `[DONE]`.
-    fn ending(&self, ending: &Ending) -> Bytes {
-        let last = if ending.budget_cut {
-            self.budget_cut_chunk()
-        } else {
-            self.chunk(Delta::default(), Some(ending.finish_reason))
-        };
-        let mut out = last.to_vec();
+    /// The end of a stream, after every choice's finishing chunk: the usage chunk if
+    /// asked, then `[DONE]`.
+    fn done(&self, usage: Usage) -> Bytes {
+        let mut out = Vec::new();
         if self.include_usage {
-            out.extend_from_slice(&self.usage_chunk(ending.usage));
+            out.extend_from_slice(&self.usage_chunk(usage));
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
         Bytes::from(out)
     }
 
-    /// The bytes for one reply event.
+    /// The chunk of choice `index` for a content event (text, scored text, tool calls);
+    /// `None` for endings and failures.
+    fn content_chunk(&self, index: u32, event: &ReplyEvent) -> Option<Bytes> {
+        let (delta, logprobs) = match event {
+            ReplyEvent::Text(text) => (
+                Delta {
+                    content: Some(text),
+                    ..Delta::default()
+                },
+                None,
+            ),
+            ReplyEvent::Scored { text, logprobs } => (
+                Delta {
+                    content: Some(text),
+                    ..Delta::default()
+                },
+                Some(logprobs.as_slice()),
+            ),
+            ReplyEvent::ToolCalls(calls) => (
+                Delta {
+                    tool_calls: Some(calls),
+                    ..Delta::default()
+                },
+                None,
+            ),
+            ReplyEvent::Finished(_) | ReplyEvent::Failed(_) => return None,
+        };
+        Some(self.choice_chunk(index, delta, logprobs, None, None))
+    }
+
+    /// The bytes for one event of a single-choice reply.
     fn event(&self, event: ReplyEvent) -> Bytes {
+        if let Some(chunk) = self.content_chunk(0, &event) {
+            return chunk;
+        }
         match event {
-            ReplyEvent::Text(text) => self.chunk(
-                Delta {
-                    content: Some(&text),
-                    ..Delta::default()
-                },
-                None,
-            ),
-            ReplyEvent::ToolCalls(calls) => self.chunk(
-                Delta {
-                    tool_calls: Some(&calls),
-                    ..Delta::default()
-                },
-                None,
-            ),
-            ReplyEvent::Scored { text, logprobs } => self.choice_chunk(
-                Delta {
-                    content: Some(&text),
-                    ..Delta::default()
-                },
-                Some(&logprobs),
-                None,
-                None,
-            ),
-            ReplyEvent::Finished(ending) => self.ending(&ending),
+            ReplyEvent::Finished(ending) => {
+                let mut out = self.finish_chunk(0, &ending).to_vec();
+                out.extend_from_slice(&self.done(ending.usage));
+                Bytes::from(out)
+            }
             ReplyEvent::Failed(err) => ApiError::from(err).sse_event(),
+            // Content events were rendered above.
+            _ => Bytes::new(),
         }
     }
 }
 
-fn complete_response(meta: &ResponseMeta, completion: &Completion, logprobs: bool) -> Response {
-    // Asked for and none to give (an empty reply, an upstream that sent none): an empty list.
-    let content = completion.logprobs.as_deref().unwrap_or_default();
-    let body = CompletionBody {
-        id: &meta.id,
-        object: "chat.completion",
-        created: meta.created,
-        model: &meta.model,
-        choices: [CompletionChoice {
-            index: 0,
+/// The non-streaming reply: every choice, and usage with every choice's completion tokens
+/// (the prompt counted once, as OpenAI does).
+fn complete_response(meta: &ResponseMeta, completions: &[Completion], logprobs: bool) -> Response {
+    let choices = completions
+        .iter()
+        .zip(0..)
+        .map(|(completion, index)| CompletionChoice {
+            index,
             message: AssistantMessage {
                 role: "assistant",
                 content: if completion.text.is_empty() && !completion.tool_calls.is_empty() {
@@ -280,15 +304,40 @@ fn complete_response(meta: &ResponseMeta, completion: &Completion, logprobs: boo
                 },
                 tool_calls: &completion.tool_calls,
             },
-            logprobs: logprobs.then_some(LogprobsBody { content }),
+            // Asked for and none to give (an empty reply, an upstream that sent none):
+            // an empty list.
+            logprobs: logprobs.then(|| LogprobsBody {
+                content: completion.logprobs.as_deref().unwrap_or_default(),
+            }),
             finish_reason: completion.ending.finish_reason.as_str(),
-        }],
-        usage: completion.ending.usage.into(),
+        })
+        .collect();
+    let usage = total_usage(completions.iter().map(|c| c.ending.usage));
+    let body = CompletionBody {
+        id: &meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: &meta.model,
+        choices,
+        usage: usage.into(),
     };
     match serde_json::to_string(&body) {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => ApiError::internal(format!("could not encode the response: {e}")).into_response(),
     }
+}
+
+/// One request's usage over its choices: the first choice's prompt and cached tokens, and
+/// the completion tokens of all.
+fn total_usage(usages: impl IntoIterator<Item = Usage>) -> Usage {
+    let mut usages = usages.into_iter();
+    let Some(first) = usages.next() else {
+        return Usage::default();
+    };
+    usages.fold(first, |total, usage| Usage {
+        completion_tokens: total.completion_tokens + usage.completion_tokens,
+        ..total
+    })
 }
 
 /// Most bytes of ready events written together, so that a long replayed reply starts
@@ -298,14 +347,7 @@ const COALESCE_BYTES: usize = 32 * 1024;
 fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
     // The role chunk goes out with the first event, so the first chunk a client sees is
     // the first token's.
-    let role = meta.chunk(
-        Delta {
-            role: Some("assistant"),
-            content: Some(""),
-            tool_calls: None,
-        },
-        None,
-    );
+    let role = meta.role_chunk(0);
     // Dropping this stream (client gone) drops the reply and its source, which the step
     // loop sees as a closed channel: the sequence leaves and its KV cells are freed.
     let body = stream::unfold(
@@ -333,6 +375,68 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         // Tell nginx-style proxies not to buffer the stream.
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+}
+
+/// The stream of a request with `n` > 1: every choice's chunks as they come, each with
+/// its `index`; the usage chunk (if asked) and `[DONE]` once the last choice has ended.
+/// A failure of any choice ends the stream with its error event (dropping the others
+/// cancels their sequences).
+fn stream_choices_response(meta: ResponseMeta, reply: Reply, others: Vec<OtherChoice>) -> Response {
+    let choices = others.len() + 1;
+    let first = stream::unfold(reply, |mut reply| async move {
+        let event = reply.next().await?;
+        Some(((0u32, event), reply))
+    })
+    .boxed();
+    let rest = others.into_iter().zip(1u32..).map(|(choice, index)| {
+        stream::unfold(choice, move |mut choice| async move {
+            let event = choice.next().await?;
+            Some(((index, event), choice))
+        })
+        .boxed()
+    });
+    let events = stream::select_all(std::iter::once(first).chain(rest));
+    let started = vec![false; choices];
+    let state = (meta, events, started, Vec::<Usage>::new(), false);
+    let body = stream::unfold(
+        state,
+        |(meta, mut events, mut started, mut endings, over)| async move {
+            if over {
+                return None;
+            }
+            let (index, event) = events.next().await?;
+            let mut bytes = BytesMut::new();
+            // The role goes out with each choice's first event.
+            if let Some(first) = started.get_mut(index as usize).filter(|s| !**s) {
+                *first = true;
+                bytes.extend_from_slice(&meta.role_chunk(index));
+            }
+            let mut over = false;
+            if let Some(chunk) = meta.content_chunk(index, &event) {
+                bytes.extend_from_slice(&chunk);
+            } else if let ReplyEvent::Finished(ending) = &event {
+                bytes.extend_from_slice(&meta.finish_chunk(index, ending));
+                endings.push(ending.usage);
+                if endings.len() == started.len() {
+                    bytes.extend_from_slice(&meta.done(total_usage(endings.iter().copied())));
+                    over = true;
+                }
+            } else if let ReplyEvent::Failed(err) = event {
+                bytes.extend_from_slice(&ApiError::from(err).sse_event());
+                over = true;
+            }
+            Some((
+                Ok::<Bytes, Infallible>(bytes.freeze()),
+                (meta, events, started, endings, over),
+            ))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())

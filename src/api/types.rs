@@ -71,9 +71,10 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
 
-    // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
     #[serde(default)]
     pub n: Option<i64>,
+
+    // Parameters tiergate cannot honour: a 400 naming them, never silently ignored.
     #[serde(default)]
     pub functions: Option<Vec<Value>>,
 }
@@ -104,6 +105,8 @@ pub struct JsonSchemaFormat {
 
 /// The most `logit_bias` entries one request may carry (OpenAI's limit).
 pub const MAX_LOGIT_BIAS: usize = 300;
+/// The most choices one request may ask for; each takes a slot of the model.
+pub const MAX_CHOICES: i64 = 16;
 /// The most alternatives `top_logprobs` may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -252,6 +255,16 @@ impl ChatCompletionRequest {
             )
             .with_param("ignore_eos"));
         }
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(ApiError::invalid_request(format!(
+                    "`n` must be between 1 and {MAX_CHOICES}, got {n}"
+                ))
+                .with_param("n"))
+            }
+        };
         let logprobs = match (self.logprobs, self.top_logprobs) {
             (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
                 return Err(ApiError::invalid_request(format!(
@@ -301,16 +314,11 @@ impl ChatCompletionRequest {
             format,
             logprobs,
             tools,
+            n,
         })
     }
 
     fn reject_unsupported(&self) -> Result<(), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported_parameter(
-                "n",
-                "only one choice per request (n = 1) is generated",
-            ));
-        }
         if self.functions.as_ref().is_some_and(|f| !f.is_empty()) {
             return Err(ApiError::unsupported_parameter(
                 "functions",
@@ -597,7 +605,7 @@ pub struct CompletionBody<'a> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [CompletionChoice<'a>; 1],
+    pub choices: Vec<CompletionChoice<'a>>,
     pub usage: UsageBody,
 }
 
@@ -677,7 +685,8 @@ mod tests {
     #[test]
     fn unsupported_parameters_are_named() {
         for (field, param) in [
-            (r#""n":2"#, "n"),
+            (r#""n":0"#, "n"),
+            (r#""n":17"#, "n"),
             (r#""functions":[{"name":"f"}]"#, "functions"),
         ] {
             let err = parse(&format!(

@@ -139,6 +139,9 @@ impl QueuePlaces {
 
 pub struct LlamaEngine {
     info: ModelInfo,
+    /// Slots and KV cells of the context: a request with `n` choices takes `n` slots.
+    slots: u32,
+    total_cells: u32,
     /// `response_format` schemas compiled for this model, each once.
     grammars: Grammars,
     max_tokens_default: u32,
@@ -211,6 +214,8 @@ impl LlamaEngine {
                 tier: config.tier.clone(),
             },
             grammars: Grammars::default(),
+            slots: config.slots,
+            total_cells: config.n_ctx,
             max_tokens_default: config.max_tokens_default,
             queue_capacity: config.queue_capacity,
             loaded: loaded.clone(),
@@ -380,7 +385,20 @@ impl Engine for LlamaEngine {
                 .min(context - prompt_tokens),
         };
 
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let choices = request.n.max(1);
+        let needed = u64::from(choices) * u64::from(prompt_tokens + max_new_tokens);
+        if choices > self.slots || needed > u64::from(self.total_cells) {
+            return Err(EngineError::InvalidParameter {
+                param: "n",
+                message: format!(
+                    "`n` = {choices} needs {choices} slots and {needed} KV cells ({prompt_tokens} \
+                     prompt + {max_new_tokens} completion tokens each); model `{}` has {} slots \
+                     and {} cells",
+                    self.info.id, self.slots, self.total_cells
+                ),
+            });
+        }
+
         let queue_span = tracing::debug_span!(
             parent: &request.span,
             "queue",
@@ -388,26 +406,54 @@ impl Engine for LlamaEngine {
             prompt_tokens,
         );
         let enqueued_at = Instant::now();
+        let (requesters, streams): (Vec<Requester>, Vec<TokenStream>) = (0..choices)
+            .map(|choice| {
+                let (events, events_rx) = mpsc::unbounded_channel();
+                let mut sampling = request.sampling.clone();
+                // Each choice draws its own tokens: a request's seed seeds choice 0, and the
+                // next seeds each next one (never u32::MAX, llama.cpp's "random").
+                sampling.seed = sampling
+                    .seed
+                    .map(|seed| seed.wrapping_add(choice).min(u32::MAX - 1));
+                let requester = Requester {
+                    sampling,
+                    ignore_eos: request.ignore_eos,
+                    grammar: grammar.clone(),
+                    logprobs: request.logprobs,
+                    pending_logprobs: Vec::new(),
+                    stops: StopMatcher::new(request.stop.clone()),
+                    utf8: Utf8Decoder::default(),
+                    events,
+                    enqueued_at,
+                    admitted_at: enqueued_at,
+                    queue_time: Duration::ZERO,
+                    first_token_at: None,
+                    request_span: request.span.clone(),
+                    stage_span: if choice == 0 {
+                        queue_span.clone()
+                    } else {
+                        tracing::Span::none()
+                    },
+                };
+                (requester, TokenStream::new(prompt_tokens, events_rx))
+            })
+            .unzip();
+        let mut requesters = requesters.into_iter();
+        let Some(payload) = requesters.next() else {
+            return Err(EngineError::Decode("no choice to generate".into()));
+        };
+        let siblings: Vec<Requester> = requesters.collect();
         let queued = Waiting {
             prompt,
             max_new_tokens,
-            payload: Requester {
-                sampling: request.sampling,
-                ignore_eos: request.ignore_eos,
-                grammar,
-                logprobs: request.logprobs,
-                pending_logprobs: Vec::new(),
-                stops: StopMatcher::new(request.stop),
-                utf8: Utf8Decoder::default(),
-                events: events_tx,
-                enqueued_at,
-                admitted_at: enqueued_at,
-                queue_time: Duration::ZERO,
-                first_token_at: None,
-                request_span: request.span,
-                stage_span: queue_span,
-            },
+            payload,
+            siblings,
         };
+        let mut streams = streams.into_iter();
+        let Some(first) = streams.next() else {
+            return Err(EngineError::Decode("no choice to generate".into()));
+        };
+        let stream = first.with_siblings(streams.collect());
         let full = || EngineError::QueueFull {
             model: self.info.id.clone(),
             capacity: self.queue_capacity,
@@ -420,7 +466,7 @@ impl Engine for LlamaEngine {
         // Before sending: the model thread's next published load must include it.
         self.load.queued(prompt_tokens);
         match self.queue.try_send(queued) {
-            Ok(()) => Ok(TokenStream::new(prompt_tokens, events_rx)),
+            Ok(()) => Ok(stream),
             Err(err) => {
                 self.places.give_back(1);
                 Err(match err {
@@ -755,6 +801,10 @@ impl StepLoop<'_> {
     fn retire(&mut self) {
         self.places
             .give_back(self.scheduler.drop_waiting(Requester::is_gone));
+        for orphan in self.scheduler.orphaned_forks() {
+            let error = EngineError::Decode("the choice that prefilled the prompt failed".into());
+            self.fail(&[Work::Decode { seq: orphan }], error);
+        }
         for seq in self.scheduler.take_leaving(Requester::is_gone) {
             if !seq.is_over() {
                 tracing::debug!(model = %self.model_id, seq_id = seq.seq_id, "client gone, sequence dropped");
@@ -781,7 +831,14 @@ impl StepLoop<'_> {
     fn admit(&mut self) {
         for admitted in self.scheduler.admit() {
             let seq_id = admitted.seq_id;
-            self.places.give_back(1);
+            // A request took one queue place, whatever its choices.
+            let forked = matches!(
+                self.scheduler.live()[admitted.index].state,
+                SeqState::Forked { .. }
+            );
+            if !forked {
+                self.places.give_back(1);
+            }
             self.metrics.active_sequences.inc();
             if let Some(from) = admitted.clear_from {
                 let from = (from > 0).then_some(from);
@@ -916,6 +973,10 @@ impl StepLoop<'_> {
             match self.samplers[seq_id as usize].as_mut() {
                 Some(sampler) => match sampler.sample(&self.ctx, batch_index) {
                     Some(token) => {
+                        // A prompt just completed: its other choices start from it.
+                        if matches!(w, Work::Prompt { .. }) {
+                            self.fork_choices(w.seq(), batch_index);
+                        }
                         self.record_logprobs(w.seq(), batch_index, token);
                         self.accept_token(w.seq(), token);
                     }
@@ -930,6 +991,37 @@ impl StepLoop<'_> {
                     &[*w],
                     EngineError::Decode("the sequence has no sampler".into()),
                 ),
+            }
+        }
+    }
+
+    /// The other choices of the request whose prompt live sequence `leader` just
+    /// prefilled: each gets a copy of its cells and samples its own first token from the
+    /// same logits (at `batch_index`), so the prompt is prefilled once for all of them.
+    fn fork_choices(&mut self, leader: usize, batch_index: i32) {
+        let leader_id = self.scheduler.live()[leader].seq_id;
+        for choice in self.scheduler.fork(leader) {
+            let seq_id = self.scheduler.live()[choice].seq_id;
+            // With a split KV cache this copies the leader's whole slot (llama.cpp
+            // supports only full copies across slots), done before the next decode.
+            if let Err(err) = self.ctx.copy_kv_cache_seq(leader_id, seq_id, None, None) {
+                let error =
+                    EngineError::Decode(format!("could not copy the prompt's cells: {err}"));
+                self.fail(&[Work::Decode { seq: choice }], error);
+                continue;
+            }
+            let token = self.samplers[seq_id as usize]
+                .as_mut()
+                .and_then(|sampler| sampler.sample(&self.ctx, batch_index));
+            match token {
+                Some(token) => {
+                    self.record_logprobs(choice, batch_index, token);
+                    self.accept_token(choice, token);
+                }
+                None => {
+                    let error = EngineError::Decode("no token could be sampled".into());
+                    self.fail(&[Work::Decode { seq: choice }], error);
+                }
             }
         }
     }

@@ -42,6 +42,9 @@ pub struct GenerationRequest {
     pub logprobs: Option<u8>,
     /// See [`crate::chat::ChatRequest::tools`].
     pub tools: Option<Arc<ToolSpec>>,
+    /// Choices to generate: the prompt is prefilled once, the others start from copies
+    /// of its cells; see [`TokenStream::take_siblings`].
+    pub n: u32,
     /// The request's span: the engine's `queue`, `prefill` and `decode` spans are its
     /// children. Not part of what the model generates.
     pub span: tracing::Span,
@@ -63,6 +66,7 @@ impl Default for GenerationRequest {
             format: ReplyFormat::Text,
             logprobs: None,
             tools: None,
+            n: 1,
             span: tracing::Span::none(),
             first_token_by: None,
         }
@@ -148,6 +152,8 @@ pub struct TokenStream {
     events: mpsc::UnboundedReceiver<TokenEvent>,
     /// The remote endpoint that answers, set before its first text event is sent.
     answered_by: Option<Arc<OnceLock<String>>>,
+    /// Choices 1.. of a request with `n` > 1, each its own stream (this one is choice 0).
+    siblings: Vec<TokenStream>,
 }
 
 impl TokenStream {
@@ -156,7 +162,19 @@ impl TokenStream {
             prompt_tokens,
             events,
             answered_by: None,
+            siblings: Vec::new(),
         }
+    }
+
+    /// This stream as choice 0 of a request whose other choices come on `siblings`.
+    pub fn with_siblings(mut self, siblings: Vec<TokenStream>) -> Self {
+        self.siblings = siblings;
+        self
+    }
+
+    /// The streams of choices 1.. (empty for `n` = 1); dropping one cancels its sequence.
+    pub fn take_siblings(&mut self) -> Vec<TokenStream> {
+        std::mem::take(&mut self.siblings)
     }
 
     /// A stream whose sender records, in `answered_by`, which endpoint serves it.

@@ -36,6 +36,10 @@ pub enum SeqState {
     Finished(FinishReason),
     /// A decode failed: it leaves, and what its cells hold is unknown.
     Failed,
+    /// One of a request's extra choices (`n` > 1), waiting for the sequence `leader` to
+    /// finish prefilling their shared prompt: then its cells are copied here and it
+    /// samples its own first token from the same logits ([`Scheduler::fork`]).
+    Forked { leader: SeqId },
 }
 
 /// A request that passed every check and waits for a slot.
@@ -44,12 +48,25 @@ pub struct Waiting<P> {
     pub prompt: Vec<LlamaToken>,
     pub max_new_tokens: u32,
     pub payload: P,
+    /// The payloads of the request's other choices (`n` - 1): each takes a slot of its
+    /// own, and the prompt is prefilled once, by the first.
+    pub siblings: Vec<P>,
 }
 
 impl<P> Waiting<P> {
-    /// KV cells this request may need at most: it is admitted only when they are free.
+    /// KV cells one of the request's sequences may need at most.
     pub fn reservation(&self) -> u32 {
         self.prompt.len() as u32 + self.max_new_tokens
+    }
+
+    /// Slots the request takes: one per choice.
+    pub fn slots(&self) -> usize {
+        1 + self.siblings.len()
+    }
+
+    /// KV cells the whole request may need: it is admitted only when they are free.
+    pub fn group_reservation(&self) -> u32 {
+        self.reservation().saturating_mul(self.slots() as u32)
     }
 }
 
@@ -76,6 +93,7 @@ impl<P> Sequence<P> {
     pub fn prompt_done(&self) -> usize {
         match self.state {
             SeqState::Prefilling { done } => done,
+            // A forked choice never prefills: its leader does.
             _ => self.prompt.len(),
         }
     }
@@ -92,7 +110,7 @@ impl<P> Sequence<P> {
     /// that is not known for sure (a failed decode, or cells not matching the count).
     pub fn tokens_in_kv(&self) -> Option<Vec<LlamaToken>> {
         let done = match self.state {
-            SeqState::Failed => return None,
+            SeqState::Failed | SeqState::Forked { .. } => return None,
             SeqState::Prefilling { done } => done,
             _ => self.prompt.len(),
         };
@@ -304,7 +322,9 @@ impl<P> Scheduler<P> {
     /// Admits waiting requests in arrival order while a slot and their reservation are free.
     pub fn admit(&mut self) -> Vec<Admitted> {
         let admitted = admit_count(
-            self.waiting.iter().map(Waiting::reservation),
+            self.waiting
+                .iter()
+                .map(|request| (request.slots(), request.group_reservation())),
             self.free_seq_ids.len(),
             self.limits.total_cells - self.reserved_cells,
         );
@@ -318,6 +338,12 @@ impl<P> Scheduler<P> {
                 break;
             };
             let reservation = request.reservation();
+            let Waiting {
+                prompt,
+                max_new_tokens,
+                payload,
+                siblings,
+            } = request;
             self.reserved_cells += reservation;
             out.push(Admitted {
                 index: self.live.len(),
@@ -325,20 +351,83 @@ impl<P> Scheduler<P> {
                 reused,
                 clear_from,
             });
+            let sibling_prompt = (!siblings.is_empty()).then(|| prompt.clone());
             self.live.push(Sequence {
                 seq_id,
-                prompt: request.prompt,
+                prompt,
                 state: SeqState::Prefilling { done: reused },
                 n_past: reused as i32,
                 generated: 0,
-                max_new_tokens: request.max_new_tokens,
+                max_new_tokens,
                 reservation,
                 decoded: Vec::new(),
                 cached_prompt_tokens: reused,
-                payload: request.payload,
+                payload,
             });
+            for sibling in siblings {
+                // `admit_count` counted a slot for each.
+                let Some(sibling_id) = self.free_seq_ids.pop_first() else {
+                    break;
+                };
+                // Its cells are replaced by the leader's when it forks.
+                let cached = std::mem::take(&mut self.cached_prefix[sibling_id as usize]);
+                self.reserved_cells += reservation;
+                out.push(Admitted {
+                    index: self.live.len(),
+                    seq_id: sibling_id,
+                    reused: 0,
+                    clear_from: (!cached.tokens.is_empty()).then_some(0),
+                });
+                self.live.push(Sequence {
+                    seq_id: sibling_id,
+                    prompt: sibling_prompt.clone().unwrap_or_default(),
+                    state: SeqState::Forked { leader: seq_id },
+                    n_past: 0,
+                    generated: 0,
+                    max_new_tokens,
+                    reservation,
+                    decoded: Vec::new(),
+                    cached_prompt_tokens: 0,
+                    payload: sibling,
+                });
+            }
         }
         out
+    }
+
+    /// Live sequence `leader` has prefilled its prompt: its forked choices become
+    /// sequences whose prompt is in the cache (the runner copies the cells). Returns
+    /// their indexes in [`Scheduler::live`].
+    pub fn fork(&mut self, leader: usize) -> Vec<usize> {
+        let leader_id = self.live[leader].seq_id;
+        let n_past = self.live[leader].n_past;
+        let mut forked = Vec::new();
+        for (index, seq) in self.live.iter_mut().enumerate() {
+            if seq.state == (SeqState::Forked { leader: leader_id }) {
+                seq.state = SeqState::Prefilling {
+                    done: seq.prompt.len(),
+                };
+                seq.n_past = n_past;
+                seq.cached_prompt_tokens = seq.prompt.len();
+                forked.push(index);
+            }
+        }
+        forked
+    }
+
+    /// Forked choices whose leader left before it forked them (it failed, or its
+    /// client went away): they can never start.
+    pub fn orphaned_forks(&self) -> Vec<usize> {
+        let leading = |id: SeqId| {
+            self.live
+                .iter()
+                .any(|s| s.seq_id == id && matches!(s.state, SeqState::Prefilling { .. }))
+        };
+        (0..self.live.len())
+            .filter(
+                |&i| matches!(self.live[i].state, SeqState::Forked { leader } if !leading(leader)),
+            )
+            .collect()
     }
 
     /// Takes a free slot for `prompt` (see [`choose_slot`]): the slot, how many prompt
@@ -547,17 +636,19 @@ impl<P> Scheduler<P> {
 /// if its whole reservation fits, which is what keeps a full KV cache from ever ending a
 /// running sequence early.
 pub fn admit_count(
-    waiting_reservations: impl IntoIterator<Item = u32>,
+    waiting: impl IntoIterator<Item = (usize, u32)>,
     free_slots: usize,
     free_cells: u32,
 ) -> usize {
     let mut cells_left = free_cells;
+    let mut slots_left = free_slots;
     let mut admitted = 0;
-    for reservation in waiting_reservations.into_iter().take(free_slots) {
-        if reservation > cells_left {
+    for (slots, reservation) in waiting {
+        if slots > slots_left || reservation > cells_left {
             break;
         }
         cells_left -= reservation;
+        slots_left -= slots;
         admitted += 1;
     }
     admitted
@@ -764,22 +855,22 @@ mod tests {
 
     #[test]
     fn admission_stops_at_free_slots() {
-        assert_eq!(admit_count([10, 10, 10], 2, 1_000), 2);
+        assert_eq!(admit_count([(1, 10), (1, 10), (1, 10)], 2, 1_000), 2);
     }
 
     #[test]
     fn admission_defers_when_kv_cells_would_overflow() {
-        assert_eq!(admit_count([400, 400, 400], 8, 1_000), 2);
+        assert_eq!(admit_count([(1, 400), (1, 400), (1, 400)], 8, 1_000), 2);
     }
 
     #[test]
     fn head_of_queue_is_never_overtaken_by_a_smaller_request() {
-        assert_eq!(admit_count([900, 10], 8, 500), 0);
+        assert_eq!(admit_count([(1, 900), (1, 10)], 8, 500), 0);
     }
 
     #[test]
     fn nothing_waiting_admits_nothing() {
-        assert_eq!(admit_count([], 8, 1_000), 0);
+        assert_eq!(admit_count(std::iter::empty(), 8, 1_000), 0);
     }
 
     #[test]
@@ -822,6 +913,7 @@ mod tests {
             prompt: tokens(prompt),
             max_new_tokens,
             payload: name,
+            siblings: Vec::new(),
         }
     }
 
@@ -1144,5 +1236,65 @@ mod tests {
         // b: 10 prompt tokens at 0.01 s each over 0.05 s steps = 2 steps, then 5 tokens.
         assert_eq!(s.steps_to_release(None, 0.01, 0.05), [7, 102]);
         assert_eq!(s.pending_prompt_tokens(), 20);
+    }
+
+    #[test]
+    fn a_request_with_choices_takes_a_slot_each_prefills_once_and_forks() {
+        let mut s = Scheduler::new(limits(4, 4_000, false));
+        let mut group = request("a", &[1, 2, 3], 10);
+        group.siblings = vec!["a1", "a2"];
+        s.enqueue(group);
+        s.enqueue(request("b", &[4, 5], 10));
+        // Three slots and 3 x 13 cells for the group, then one slot for b.
+        assert_eq!(s.admit().len(), 4);
+        assert_eq!(s.free_slots(), 0);
+        // Only the leader and b prefill; the forked choices wait for the leader.
+        let work = s.plan();
+        let prefilled: Vec<&str> = work.iter().map(|w| s.live()[w.seq()].payload).collect();
+        assert_eq!(prefilled, ["a", "b"]);
+        step(&mut s, 7);
+        let leader = s
+            .live()
+            .iter()
+            .position(|q| q.payload == "a")
+            .expect("leader");
+        let forked = s.fork(leader);
+        assert_eq!(forked.len(), 2);
+        for &choice in &forked {
+            let seq = &s.live()[choice];
+            assert_eq!(seq.n_past, 3, "the leader's prompt is in its cells");
+            assert_eq!(seq.prompt_left(), 0);
+            s.sampled(choice, LlamaToken(8));
+        }
+        // Next step: every choice decodes its own token.
+        let decoding = step(&mut s, 9)
+            .iter()
+            .filter(|w| matches!(w, Work::Decode { .. }))
+            .count();
+        assert_eq!(decoding, 4);
+    }
+
+    #[test]
+    fn choices_whose_leader_left_before_forking_are_orphans() {
+        let mut s = Scheduler::new(limits(4, 4_000, false));
+        let mut group = request("a", &[1, 2, 3], 10);
+        group.siblings = vec!["a1"];
+        s.enqueue(group);
+        s.admit();
+        assert!(s.orphaned_forks().is_empty());
+        let leader = s
+            .live()
+            .iter()
+            .position(|q| q.payload == "a")
+            .expect("leader");
+        s.fail(&[Work::Decode { seq: leader }]);
+        let orphans = s.orphaned_forks();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(s.live()[orphans[0]].payload, "a1");
+        // A group that needs more slots than are free waits, in order.
+        let mut big = request("c", &[1], 1);
+        big.siblings = vec!["c1", "c2", "c3", "c4"];
+        s.enqueue(big);
+        assert!(s.admit().is_empty());
     }
 }
