@@ -34,7 +34,7 @@ use crate::metrics::{
 };
 use crate::router::{CacheMode, Route, TokenCounter};
 use crate::semantic::SemanticLookup;
-use crate::tiers::Tiers;
+use crate::tiers::{unable_to_serve, Tiers};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DegradeReason {
@@ -435,16 +435,16 @@ impl Planner<'_> {
             // A tool-calling request on a tier that cannot call tools is the client's
             // error there, like a prompt too long for it: skipped, and a 400 if no tier
             // on the path can.
-            if generation.tools.is_some() {
-                if let Err(why) = engine.calls_tools() {
-                    pass(format!("cannot call tools: {why}"));
-                    misfits.get_or_insert(EngineError::InvalidParameter {
-                        param: "tools",
-                        message: format!("`tools` is not supported on tier `{tier}`: {why}"),
-                    });
-                    misfit_tiers += 1;
-                    continue;
-                }
+            let tools = generation.tools.is_some();
+            if let Some(why) = unable_to_serve(engine.as_ref(), tools, generation.n) {
+                let param = if tools { "tools" } else { "n" };
+                misfits.get_or_insert(EngineError::InvalidParameter {
+                    param,
+                    message: format!("`{param}` is not supported on tier `{tier}`: {why}"),
+                });
+                pass(why);
+                misfit_tiers += 1;
+                continue;
             }
             // A fresh exact reply needs neither a count nor the engine: the same request
             // (every field that shapes the reply, and the model, are in the key) fitted

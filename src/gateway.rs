@@ -148,8 +148,8 @@ pub fn explain(
     let tokens = tiers.counter(&request.messages, pin.as_ref());
     let mut features = Features::extract(&request.messages, request.max_tokens, caller);
     features.similar = meaning.and_then(|vector| policy.similar(vector));
-    if request.tools.is_some() {
-        features.unservable_tiers = tiers.unable_to_call_tools();
+    if request.tools.is_some() || request.n > 1 {
+        features.unservable_tiers = tiers.unable_to_serve(request.tools.is_some(), request.n);
     }
     let mut explanation = policy.explain(&features, &tokens, pin.as_ref().map(|p| p.tier.as_str()));
     explanation.route = route_around(tiers, explanation.route, &features.unservable_tiers);
@@ -388,10 +388,11 @@ impl Gateway {
         let tokens = self.tiers.counter(&generation.messages, pin.as_ref());
         let pinned_tier = pin.as_ref().map(|p| p.tier.as_str());
         let pinned = pin.as_ref().map(|p| (p.tier.as_str(), p.model.as_deref()));
-        // A tool-calling request routes around tiers that cannot call tools: not the
-        // route of the same words without tools, so not remembered.
+        // A request with tools or several choices routes around tiers that cannot serve
+        // it: not the route of the same words without them, so not remembered.
+        let needs_capability = generation.tools.is_some() || generation.n > 1;
         let route_key = route_key(&generation.messages, max_tokens, &caller, pinned)
-            .filter(|_| generation.tools.is_none());
+            .filter(|_| !needs_capability);
         // One embedding per request, shared by `similar_to` rules and the semantic cache,
         // made only when the route depends on it (or the route caches by meaning).
         let mut meaning = None;
@@ -402,8 +403,10 @@ impl Gateway {
                 let mut features = cpu_bound(bytes, || {
                     Features::extract(&generation.messages, max_tokens, caller)
                 });
-                if generation.tools.is_some() {
-                    features.unservable_tiers = self.tiers.unable_to_call_tools();
+                if needs_capability {
+                    features.unservable_tiers = self
+                        .tiers
+                        .unable_to_serve(generation.tools.is_some(), generation.n);
                 }
                 let mut asked_meaning = false;
                 if policy.needs_meaning()
@@ -454,8 +457,9 @@ impl Gateway {
         if let Some(key) = api_key.as_deref() {
             let prompt = cpu_bound(bytes, || tokens.prompt_tokens(&route.tier)).unwrap_or(0);
             let completion = generation.max_tokens.or(route.max_tokens).unwrap_or(0);
+            let completions = completion.saturating_mul(generation.n.max(1));
             self.admission
-                .spend_tokens(key, prompt.saturating_add(completion))
+                .spend_tokens(key, prompt.saturating_add(completions))
                 .map_err(|denied| self.refuse(denied))?;
         }
         let outcome = Outcome {

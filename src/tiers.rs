@@ -51,6 +51,28 @@ pub struct UnknownModel {
     pub available: Vec<String>,
 }
 
+/// Why `backend` cannot serve a request that calls tools or asks for several choices.
+pub fn unable_to_serve(backend: &dyn Engine, tools: bool, choices: u32) -> Option<String> {
+    let tools = tools
+        .then(|| {
+            backend
+                .calls_tools()
+                .err()
+                .map(|why| format!("cannot call tools: {why}"))
+        })
+        .flatten();
+    tools.or_else(|| {
+        (choices > 1)
+            .then(|| {
+                backend
+                    .serves_choices()
+                    .err()
+                    .map(|why| format!("`n` > 1: {why}"))
+            })
+            .flatten()
+    })
+}
+
 impl Tiers {
     pub fn new(backends: Vec<Arc<dyn Engine>>) -> Self {
         Self { backends }
@@ -110,12 +132,14 @@ impl Tiers {
             .or_else(|| self.backends.iter().find(in_tier))
     }
 
-    /// For a request that calls tools: each tier whose model cannot, and why.
-    pub fn unable_to_call_tools(&self) -> BTreeMap<String, String> {
+    /// Each tier whose model cannot serve a request that calls tools (`tools`) or asks
+    /// for several choices (`choices` > 1), and why.
+    pub fn unable_to_serve(&self, tools: bool, choices: u32) -> BTreeMap<String, String> {
         self.names()
             .into_iter()
             .filter_map(|tier| {
-                let why = self.backend(&tier, None)?.calls_tools().err()?;
+                let backend = self.backend(&tier, None)?;
+                let why = unable_to_serve(backend.as_ref(), tools, choices)?;
                 Some((tier, why))
             })
             .collect()

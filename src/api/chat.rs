@@ -64,14 +64,14 @@ pub async fn chat_completions(
         stream_choices_response(meta, served.reply, other_choices)
     } else {
         let route_time = served.route_time;
-        // Read together: each choice's budget runs while the others are read.
-        let (first, others) = tokio::join!(
+        // Read together, each under its budget; the first failure drops the others,
+        // which cancels their sequences.
+        let (first, others) = futures::future::try_join(
             served.reply.collect(),
-            futures::future::join_all(other_choices.into_iter().map(OtherChoice::collect))
-        );
-        let completions = std::iter::once(first)
-            .chain(others)
-            .collect::<Result<Vec<_>, _>>()?;
+            futures::future::try_join_all(other_choices.into_iter().map(OtherChoice::collect)),
+        )
+        .await?;
+        let completions: Vec<Completion> = std::iter::once(first).chain(others).collect();
         let completion = &completions[0];
         let mut response = complete_response(&meta, &completions, wants_logprobs);
         let timing = server_timing(route_time, &completion.ending.timings, meta.cache);

@@ -102,11 +102,20 @@ fn compile(schema: &str, model: &LlamaModel) -> Result<Grammar, String> {
 pub struct SeqSampler {
     chain: LlamaSampler,
     grammar: Option<LlamaSampler>,
+    /// The chain keeps a history of accepted tokens (penalties): a pick the grammar
+    /// refuses must not be recorded in it.
+    chain_remembers: bool,
 }
 
 impl SeqSampler {
-    pub fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>) -> Self {
-        Self { chain, grammar }
+    /// `chain_remembers`: the chain has samplers whose state depends on the tokens it
+    /// accepted (penalties).
+    pub fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>, chain_remembers: bool) -> Self {
+        Self {
+            chain,
+            grammar,
+            chain_remembers,
+        }
     }
 
     /// Samples the token at batch index `index` and records it in the sampler's state
@@ -118,6 +127,22 @@ impl SeqSampler {
             // llama.cpp samples and accepts in one call.
             return Some(self.chain.sample(ctx, index));
         };
+        if !self.chain_remembers {
+            // llama.cpp's own call picks (and records) the unconstrained token without
+            // copying the logits out: most picks in a JSON reply are allowed. Recording a
+            // refused pick changes nothing in a chain without history.
+            let first = self.chain.sample(ctx, index);
+            let token = if allows(&mut grammar, first) {
+                first
+            } else {
+                let token = self.constrained_pick(ctx, index, &mut grammar)?;
+                self.chain.accept(token);
+                token
+            };
+            grammar.try_accept(token).ok()?;
+            self.grammar = Some(grammar);
+            return Some(token);
+        }
         let token = self.sample_within(ctx, index, &mut grammar)?;
         grammar.try_accept(token).ok()?;
         self.chain.accept(token);
@@ -140,6 +165,16 @@ impl SeqSampler {
         {
             return Some(token);
         }
+        self.constrained_pick(ctx, index, grammar)
+    }
+
+    /// The chain's pick among the tokens the grammar allows; `None` if it allows none.
+    fn constrained_pick(
+        &mut self,
+        ctx: &LlamaContext<'_>,
+        index: i32,
+        grammar: &mut LlamaSampler,
+    ) -> Option<LlamaToken> {
         let mut allowed = ctx.token_data_array_ith(index);
         allowed.apply_sampler(grammar);
         if !allowed.data.iter().any(|c| c.logit().is_finite()) {

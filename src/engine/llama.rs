@@ -36,7 +36,9 @@ use super::grammar::{Grammar, Grammars, SeqSampler};
 use super::load::LoadMeter;
 use super::logprobs::{log_softmax_top, TokenLogprob, TopLogprob};
 use super::prompt::{backend, Prompter};
-use super::schedule::{KvShrink, Limits, Release, Scheduler, SeqId, SeqState, Waiting, Work};
+use super::schedule::{
+    KvShrink, Limits, Release, Scheduler, SeqId, SeqState, Sequence, Waiting, Work,
+};
 use super::text::{StopMatcher, Utf8Decoder};
 use super::{
     Engine, EngineError, FinishReason, Forecast, GenerationRequest, Health, ModelInfo,
@@ -412,9 +414,9 @@ impl Engine for LlamaEngine {
                 let mut sampling = request.sampling.clone();
                 // Each choice draws its own tokens: a request's seed seeds choice 0, and the
                 // next seeds each next one (never u32::MAX, llama.cpp's "random").
-                sampling.seed = sampling
-                    .seed
-                    .map(|seed| seed.wrapping_add(choice).min(u32::MAX - 1));
+                sampling.seed = sampling.seed.map(|seed| {
+                    ((u64::from(seed) + u64::from(choice)) % u64::from(u32::MAX)) as u32
+                });
                 let requester = Requester {
                     sampling,
                     ignore_eos: request.ignore_eos,
@@ -801,11 +803,25 @@ impl StepLoop<'_> {
     fn retire(&mut self) {
         self.places
             .give_back(self.scheduler.drop_waiting(Requester::is_gone));
-        for orphan in self.scheduler.orphaned_forks() {
-            let error = EngineError::Decode("the choice that prefilled the prompt failed".into());
-            self.fail(&[Work::Decode { seq: orphan }], error);
+        // Until nothing leaves: a leader leaving now orphans its forked choices, which
+        // must leave too before `admit` can give its slot id to another request.
+        loop {
+            for orphan in self.scheduler.orphaned_forks() {
+                let error =
+                    EngineError::Decode("the choice that prefilled the prompt failed".into());
+                self.fail(&[Work::Decode { seq: orphan }], error);
+            }
+            let leaving = self.scheduler.take_leaving(Requester::is_gone);
+            if leaving.is_empty() {
+                return;
+            }
+            self.release(leaving);
         }
-        for seq in self.scheduler.take_leaving(Requester::is_gone) {
+    }
+
+    /// Frees each leaving sequence's slot and reservation, and clears or keeps its cells.
+    fn release(&mut self, leaving: Vec<Sequence<Requester>>) {
+        for seq in leaving {
             if !seq.is_over() {
                 tracing::debug!(model = %self.model_id, seq_id = seq.seq_id, "client gone, sequence dropped");
             }
@@ -894,7 +910,9 @@ impl StepLoop<'_> {
                     }
                 }
             };
-            self.samplers[seq_id as usize] = Some(SeqSampler::new(chain, grammar));
+            let sampling = &requester.sampling;
+            let penalties = sampling.presence_penalty != 0.0 || sampling.frequency_penalty != 0.0;
+            self.samplers[seq_id as usize] = Some(SeqSampler::new(chain, grammar, penalties));
         }
     }
 

@@ -297,6 +297,11 @@ pub trait Engine: Send + Sync + 'static {
         ))
     }
 
+    /// `Ok` when this backend can generate `n` > 1 choices for one request; else why not.
+    fn serves_choices(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The remote endpoints behind this backend and their state (none for a local model).
     fn endpoints(&self) -> Vec<EndpointStatus> {
         Vec::new()
