@@ -942,5 +942,24 @@ async fn tool_calls_pass_through_a_remote_tier_and_skip_the_local_one() {
     assert_eq!(messages[1]["tool_calls"][1]["id"], "call_time_2");
     assert_eq!(messages[3]["role"], "tool");
     assert_eq!(messages[3]["tool_call_id"], "call_time_2");
+
+    // Several choices are generated locally only: pinned to the remote tier, a 400
+    // naming `n`; left to routing, the local tier answers all of them.
+    let choices = json!({"model": "full", "n": 2, "max_tokens": 3,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let refused = server.post_chat(&choices).await;
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.expect("json");
+    assert_eq!(error["error"]["param"], "n", "{error}");
+    let mut routed = choices.clone();
+    routed["model"] = json!("auto");
+    let response = server.post_chat(&routed).await;
+    assert_eq!(header(&response, "x-tiergate-tier"), Some("fast"));
+    let reply: Value = response.json().await.expect("json");
+    assert_eq!(
+        reply["choices"].as_array().map(Vec::len),
+        Some(2),
+        "{reply}"
+    );
     server.stop().await;
 }
