@@ -371,12 +371,17 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
             Some((Ok::<Bytes, Infallible>(bytes.freeze()), (meta, reply, None)))
         },
     );
+    sse_response(Body::from_stream(body))
+}
+
+/// A `text/event-stream` response around `body`.
+fn sse_response(body: Body) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         // Tell nginx-style proxies not to buffer the stream.
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
+        .body(body)
         .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
 }
 
@@ -434,10 +439,5 @@ fn stream_choices_response(meta: ResponseMeta, reply: Reply, others: Vec<OtherCh
             ))
         },
     );
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|e| ApiError::internal(e.to_string()).into_response())
+    sse_response(Body::from_stream(body))
 }
