@@ -127,45 +127,28 @@ impl SeqSampler {
             // llama.cpp samples and accepts in one call.
             return Some(self.chain.sample(ctx, index));
         };
-        if !self.chain_remembers {
-            // llama.cpp's own call picks (and records) the unconstrained token without
-            // copying the logits out: most picks in a JSON reply are allowed. Recording a
-            // refused pick changes nothing in a chain without history.
-            let first = self.chain.sample(ctx, index);
-            let token = if allows(&mut grammar, first) {
-                first
-            } else {
-                let token = self.constrained_pick(ctx, index, &mut grammar)?;
-                self.chain.accept(token);
-                token
-            };
-            grammar.try_accept(token).ok()?;
-            self.grammar = Some(grammar);
-            return Some(token);
-        }
-        let token = self.sample_within(ctx, index, &mut grammar)?;
+        // The first pick is the chain's as if unconstrained. Without a history in the
+        // chain, llama.cpp's own call makes it (and records it) without copying the logits
+        // out, and recording a refused pick changes nothing. With one (penalties), it is
+        // made from a copy, so that a refused pick never enters the history.
+        let (first, recorded) = if self.chain_remembers {
+            let mut candidates = ctx.token_data_array_ith(index);
+            candidates.apply_sampler(&mut self.chain);
+            (candidates.selected_token(), false)
+        } else {
+            (Some(self.chain.sample(ctx, index)), true)
+        };
+        // Most picks in a JSON reply are allowed; only a refused one masks the vocabulary.
+        let (token, recorded) = match first.filter(|&token| allows(&mut grammar, token)) {
+            Some(token) => (token, recorded),
+            None => (self.constrained_pick(ctx, index, &mut grammar)?, false),
+        };
         grammar.try_accept(token).ok()?;
-        self.chain.accept(token);
+        if !recorded {
+            self.chain.accept(token);
+        }
         self.grammar = Some(grammar);
         Some(token)
-    }
-
-    /// The chain's pick if the grammar allows it, else its pick among what the grammar allows.
-    fn sample_within(
-        &mut self,
-        ctx: &LlamaContext<'_>,
-        index: i32,
-        grammar: &mut LlamaSampler,
-    ) -> Option<LlamaToken> {
-        let mut candidates = ctx.token_data_array_ith(index);
-        candidates.apply_sampler(&mut self.chain);
-        if let Some(token) = candidates
-            .selected_token()
-            .filter(|&token| allows(grammar, token))
-        {
-            return Some(token);
-        }
-        self.constrained_pick(ctx, index, grammar)
     }
 
     /// The chain's pick among the tokens the grammar allows; `None` if it allows none.
