@@ -1,8 +1,13 @@
 //! Logging set-up: `RUST_LOG`-style filtering, human or JSON output.
 
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 /// llama.cpp logs every tensor while loading; its warnings are what an operator needs.
@@ -16,10 +21,125 @@ pub enum LogFormat {
     Json,
 }
 
+/// Keeps the log flusher running; dropping it writes out every line still gathered.
+/// Hold it until the process is about to exit.
+#[must_use = "dropping the guard stops the log flusher"]
+pub struct LogGuard {
+    batch: Arc<Batch>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.batch.stop();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+        self.batch.write_out();
+    }
+}
+
+/// How long a log line may wait in memory before it is written.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// Gathered lines are written at once when they reach this size.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Log lines gathered in memory and written to stderr in batches, every `FLUSH_INTERVAL`
+/// and whenever `BATCH_BYTES` have gathered. A request's access-log line then costs a copy
+/// under a lock held for that copy only, where writing each line under stderr's lock cost
+/// a write(2) and, with two workers, a futex wait: a tenth of a reply-cache hit's time.
+/// (`tracing-appender`'s writer thread, woken per line, cost as much again on two cores.)
+struct Batch {
+    lines: Mutex<Vec<u8>>,
+    /// `BATCH_BYTES`, or 0 (each line written as it comes) when no flusher runs.
+    batch_bytes: AtomicUsize,
+    /// Held while a batch is written, so that batches reach stderr in the order taken.
+    output: Mutex<()>,
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Batch {
+    fn write_out(&self) {
+        let _order = self.output.lock().unwrap_or_else(PoisonError::into_inner);
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(PoisonError::into_inner));
+        if !lines.is_empty() {
+            // Nowhere to report a failed write to stderr.
+            let _ = std::io::stderr().lock().write_all(&lines);
+        }
+    }
+
+    fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    /// The flusher thread's loop: a batch every `FLUSH_INTERVAL` until stopped.
+    fn flush_until_stopped(&self) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*stopped {
+            stopped = self
+                .wake
+                .wait_timeout(stopped, FLUSH_INTERVAL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            drop(stopped);
+            self.write_out();
+            stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// What the fmt layer writes each formatted line through.
+struct BatchedStderr(Arc<Batch>);
+
+impl<'a> MakeWriter<'a> for BatchedStderr {
+    type Writer = &'a Batch;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        &self.0
+    }
+}
+
+impl Write for &Batch {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let full = {
+            let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+            lines.extend_from_slice(line);
+            lines.len() >= self.batch_bytes.load(Ordering::Relaxed)
+        };
+        if full {
+            self.write_out();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// `default_filter` applies when `RUST_LOG` is not set.
-pub fn init(format: LogFormat, default_filter: &str) {
+pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let batch = Arc::new(Batch {
+        lines: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+        batch_bytes: AtomicUsize::new(BATCH_BYTES),
+        output: Mutex::new(()),
+        stopped: Mutex::new(false),
+        wake: Condvar::new(),
+    });
+    let flusher = {
+        let batch = Arc::clone(&batch);
+        std::thread::Builder::new()
+            .name("log-flusher".into())
+            .spawn(move || batch.flush_until_stopped())
+            .ok()
+    };
+    if flusher.is_none() {
+        batch.batch_bytes.store(0, Ordering::Relaxed);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // A line when each span closes, with its fields and duration: one per request at
@@ -27,10 +147,11 @@ pub fn init(format: LogFormat, default_filter: &str) {
         .with_span_events(FmtSpan::CLOSE)
         // Colours only for a person at a terminal, not in files and log collectors.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(BatchedStderr(Arc::clone(&batch)));
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    LogGuard { batch, flusher }
 }

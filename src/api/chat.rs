@@ -107,18 +107,22 @@ pub async fn explain_route(
 /// reply from the cache names its cache use instead of engine stages.
 fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mut parts = vec![format!("route;dur={:.3}", ms(route))];
     match cache {
         Some(replayed) if replayed.replayed() => {
-            parts.push(format!("cache;desc={}", replayed.as_str()));
+            format!(
+                "route;dur={:.3}, cache;desc={}",
+                ms(route),
+                replayed.as_str()
+            )
         }
-        _ => {
-            parts.push(format!("queue;dur={:.3}", ms(stages.queue)));
-            parts.push(format!("prefill;dur={:.3}", ms(stages.prefill)));
-            parts.push(format!("decode;dur={:.3}", ms(stages.decode)));
-        }
+        _ => format!(
+            "route;dur={:.3}, queue;dur={:.3}, prefill;dur={:.3}, decode;dur={:.3}",
+            ms(route),
+            ms(stages.queue),
+            ms(stages.prefill),
+            ms(stages.decode)
+        ),
     }
-    parts.join(", ")
 }
 
 /// Every response says which tier and model served it, which rule chose the route,

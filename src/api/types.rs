@@ -147,6 +147,11 @@ pub struct ContentPart {
 
 /// Parses and validates a request body; every error names the parameter at fault.
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    // Valid bodies parse without tracking the path, which costs a third of the parse; only
+    // a body that fails is parsed again to say where.
+    if let Ok(raw) = serde_json::from_slice::<ChatCompletionRequest>(body) {
+        return raw.validate();
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let raw: ChatCompletionRequest =
         serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -160,6 +165,10 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
                 ApiError::invalid_request(format!("the request body is not valid JSON: {inner}"))
             }
         })?;
+    // What follows the object (the fast path refused the body for it).
+    deserializer.end().map_err(|inner| {
+        ApiError::invalid_request(format!("the request body is not valid JSON: {inner}"))
+    })?;
     raw.validate()
 }
 
@@ -764,6 +773,11 @@ mod tests {
     #[test]
     fn malformed_json_is_a_400_without_param() {
         let err = parse(r#"{"messages": ["#).expect_err("syntax");
+        assert_eq!(err.status, 400);
+        assert!(err.message.contains("not valid JSON"), "{}", err.message);
+        // A second value after the request: refused, though the first one parses.
+        let err =
+            parse(r#"{"messages":[{"role":"user","content":"x"}]} {}"#).expect_err("trailing data");
         assert_eq!(err.status, 400);
         assert!(err.message.contains("not valid JSON"), "{}", err.message);
     }
