@@ -167,11 +167,15 @@ impl Source {
             Source::Shared(follower) => follower.next_event().await,
             Source::Replay(events) => events.next(),
         };
-        event.unwrap_or_else(|| {
-            TokenEvent::Failed(EngineError::Decode(
-                "the model thread ended the sequence without finishing it".into(),
-            ))
-        })
+        event.unwrap_or_else(unfinished)
+    }
+
+    /// A replay's next event, at once; `None` for a source that generates.
+    pub fn replayed_event(&mut self) -> Option<TokenEvent> {
+        match self {
+            Source::Replay(events) => Some(events.next().unwrap_or_else(unfinished)),
+            Source::Engine(_) | Source::Shared(_) => None,
+        }
     }
 
     /// The remote endpoint generating this reply (none for a replay from the cache).
@@ -182,6 +186,13 @@ impl Source {
             Source::Replay(_) => None,
         }
     }
+}
+
+/// What a source that ends without a last event reads as.
+fn unfinished() -> TokenEvent {
+    TokenEvent::Failed(EngineError::Decode(
+        "the model thread ended the sequence without finishing it".into(),
+    ))
 }
 
 /// A reply source with its first event in hand.

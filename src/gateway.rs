@@ -819,9 +819,15 @@ impl Reply {
         }
         let event = match self.first.take() {
             Some(first) => first,
-            None => match tokio::time::timeout_at(self.deadline, self.source.next_event()).await {
-                Ok(event) => event,
-                Err(_elapsed) => return Some(self.cut()),
+            // A replay is in memory: no deadline to race (nor a timer to set up per token).
+            None => match self.source.replayed_event() {
+                Some(event) => event,
+                None => {
+                    match tokio::time::timeout_at(self.deadline, self.source.next_event()).await {
+                        Ok(event) => event,
+                        Err(_elapsed) => return Some(self.cut()),
+                    }
+                }
             },
         };
         Some(match event {
@@ -862,8 +868,12 @@ impl Reply {
 
     fn piece_delivered(&mut self) {
         self.pieces += 1;
+        // Only gaps in text generated for this reply are measured (not a replay's).
+        let Some(histogram) = &self.inter_token else {
+            return;
+        };
         let now = Instant::now();
-        if let (Some(histogram), Some(last)) = (&self.inter_token, self.last_piece_at) {
+        if let Some(last) = self.last_piece_at {
             histogram.observe((now - last).as_secs_f64());
         }
         self.last_piece_at = Some(now);

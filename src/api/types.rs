@@ -567,13 +567,23 @@ pub struct ChunkBody<'a> {
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: Vec<ChunkChoice<'a>>,
+    /// One choice or none (the usage chunk), written as a list: a chunk never carries
+    /// several, and a list would cost an allocation per chunk.
+    #[serde(serialize_with = "zero_or_one")]
+    pub choices: Option<ChunkChoice<'a>>,
     /// Present (as null until the last chunk) only when the client asked for usage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<UsageBody>>,
     /// tiergate's own note on the last chunk (OpenAI clients ignore unknown fields).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tiergate: Option<ChunkNote>,
+}
+
+fn zero_or_one<S: serde::Serializer, T: Serialize>(
+    item: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(item)
 }
 
 #[derive(Debug, Serialize)]
@@ -824,12 +834,12 @@ mod tests {
             object: "chat.completion.chunk",
             created: 1,
             model: "m",
-            choices: vec![],
+            choices: None,
             usage: Some(None),
             tiergate: None,
         };
-        assert!(serde_json::to_string(&chunk)
-            .expect("json")
-            .contains(r#""usage":null"#));
+        let json = serde_json::to_string(&chunk).expect("json");
+        assert!(json.contains(r#""usage":null"#), "{json}");
+        assert!(json.contains(r#""choices":[]"#), "{json}");
     }
 }
