@@ -56,13 +56,13 @@ pub async fn chat_completions(
     let wants_logprobs = request.logprobs.is_some();
     let mut served = state.gateway().serve(caller, request).await?;
     let headers = route_headers(&served);
-    let meta = ResponseMeta::of(&served);
     let other_choices = std::mem::take(&mut served.other_choices);
     let mut response = if stream && other_choices.is_empty() {
-        stream_response(meta, served.reply)
+        stream_response(ResponseMeta::for_stream(&served), served.reply)
     } else if stream {
-        stream_choices_response(meta, served.reply, other_choices)
+        stream_choices_response(ResponseMeta::of(&served), served.reply, other_choices)
     } else {
+        let meta = ResponseMeta::of(&served);
         let route_time = served.route_time;
         // Read together, each under its budget; the first failure drops the others,
         // which cancels their sequences.
@@ -170,7 +170,7 @@ struct TextFrame {
 
 impl ResponseMeta {
     fn of(served: &Served) -> Self {
-        let mut meta = Self {
+        Self {
             id: served.id.clone(),
             created: served.created,
             model: served.model.clone(),
@@ -178,7 +178,12 @@ impl ResponseMeta {
             total_budget_ms: served.route.total_ms,
             cache: served.cache,
             text_frame: None,
-        };
+        }
+    }
+
+    /// For a single-choice stream: with its text frame rendered.
+    fn for_stream(served: &Served) -> Self {
+        let mut meta = Self::of(served);
         meta.text_frame = meta.render_text_frame();
         meta
     }
