@@ -8,13 +8,19 @@
 //! Prints one JSON object per (model, sampling, sequences). `decode_tok_s` counts tokens
 //! after every sequence has its first token (batched-bench's S_TG); `total_tok_s` counts
 //! all generated tokens over the whole run, prefill included.
+//!
+//!   TIERGATE_BENCH_CONSTRAINED=1 cargo bench --bench engine
+//!
+//! instead measures what one JSON-schema-constrained sequence costs the others in its
+//! batch: 8 sequences at temperature 1, all plain, then 7 plain and 1 constrained, in
+//! interleaved rounds; it prints the plain sequences' mean ms per token in each.
 
 use std::path::Path;
 use std::time::Instant;
 
 use futures::future::join_all;
 use serde_json::json;
-use tiergate::chat::{ChatMessage, Role, SamplingParams};
+use tiergate::chat::{ChatMessage, ReplyFormat, Role, SamplingParams};
 use tiergate::config::Config;
 use tiergate::engine::llama::LlamaEngine;
 use tiergate::engine::{Engine, GenerationRequest, TokenEvent};
@@ -59,6 +65,12 @@ fn main() {
             .unwrap_or_else(|e| panic!("{e}"));
         // One warm-up so first-touch page faults of the weights are not measured.
         runtime.block_on(run_batch(engine.as_ref(), 1, greedy()));
+        if std::env::var("TIERGATE_BENCH_CONSTRAINED").is_ok_and(|v| v == "1") {
+            constrained_cost(&runtime, engine.as_ref(), &model.id);
+            drop(engine);
+            runtime.block_on(thread.stop(std::time::Duration::from_secs(10)));
+            continue;
+        }
         for (sampling_name, sampling) in [("greedy", greedy()), ("top_k40_t0.8", top_k())] {
             for sequences in SEQUENCES {
                 let (total_s, decode_s) =
@@ -160,4 +172,97 @@ async fn run_batch(engine: &dyn Engine, sequences: usize, sampling: SamplingPara
         end.duration_since(started).as_secs_f64(),
         end.duration_since(last_first).as_secs_f64(),
     )
+}
+
+/// A list of records, long enough that a constrained sequence outlives the plain ones.
+const SCHEMA: &str = r#"{"type":"object","properties":{"people":{"type":"array","minItems":20,"items":{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer"},"city":{"type":"string"}},"required":["name","age","city"]}}},"required":["people"]}"#;
+const CONSTRAINED_ROUNDS: usize = 5;
+const BATCH: usize = 8;
+
+/// Per round: 8 plain sequences, then 7 plain with 1 constrained; prints the plain
+/// sequences' ms per token after their first token, each round and the medians.
+fn constrained_cost(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, model: &str) {
+    let (mut alone, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..CONSTRAINED_ROUNDS {
+        alone.push(runtime.block_on(plain_ms_per_token(engine, 0)));
+        beside.push(runtime.block_on(plain_ms_per_token(engine, 1)));
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let rounded = |values: &[f64]| {
+        values
+            .iter()
+            .map(|v| (v * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    };
+    println!(
+        "{}",
+        json!({
+            "model": model,
+            "sequences": BATCH,
+            "plain_ms_per_token_all_plain": rounded(&alone),
+            "plain_ms_per_token_one_constrained": rounded(&beside),
+            "median_all_plain": (median(&mut alone) * 100.0).round() / 100.0,
+            "median_one_constrained": (median(&mut beside) * 100.0).round() / 100.0,
+        })
+    );
+}
+
+/// Runs `BATCH` sequences at temperature 1, the first `constrained` of them under
+/// `SCHEMA`; the plain ones' mean ms per token after their first token.
+async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize) -> f64 {
+    let streams: Vec<_> = (0..BATCH)
+        .map(|i| {
+            let format = if i < constrained {
+                ReplyFormat::JsonSchema {
+                    name: "people".into(),
+                    schema: SCHEMA.into(),
+                    strict: Some(true),
+                }
+            } else {
+                ReplyFormat::Text
+            };
+            let stream = engine
+                .submit(GenerationRequest {
+                    messages: vec![ChatMessage {
+                        role: Role::User,
+                        content: "List twenty people with their name, age and city.".into(),
+                    }],
+                    sampling: SamplingParams {
+                        temperature: 1.0,
+                        seed: Some(i as u32 + 1),
+                        ..SamplingParams::default()
+                    },
+                    max_tokens: Some(GENERATED),
+                    // A constrained reply ends where its JSON does.
+                    ignore_eos: i >= constrained,
+                    format,
+                    ..GenerationRequest::default()
+                })
+                .expect("submit");
+            (i >= constrained, stream)
+        })
+        .collect();
+    let per_token = join_all(streams.into_iter().map(|(plain, mut stream)| async move {
+        let (mut first, mut tokens) = (None, 0u32);
+        while let Some(event) = stream.next_event().await {
+            match event {
+                TokenEvent::Text(_) | TokenEvent::Scored { .. } | TokenEvent::ToolCalls(_) => {
+                    first.get_or_insert_with(Instant::now);
+                    tokens += 1;
+                }
+                TokenEvent::Finished { .. } => break,
+                TokenEvent::Failed(err) => panic!("{err}"),
+            }
+        }
+        let first = first.unwrap_or_else(Instant::now);
+        plain.then(|| {
+            first.elapsed().as_secs_f64() * 1000.0 / f64::from(tokens.saturating_sub(1).max(1))
+        })
+    }))
+    .await;
+    let plain: Vec<f64> = per_token.into_iter().flatten().collect();
+    plain.iter().sum::<f64>() / plain.len() as f64
 }

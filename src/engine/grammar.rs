@@ -3,10 +3,13 @@
 //!
 //! Sampling follows llama.cpp's own `common_sampler`: sample as if unconstrained, then ask
 //! the grammar whether that one token is allowed. Only when it is not are the grammar's
-//! rules run over the whole vocabulary and the token sampled again from what they allow.
+//! rules run over the vocabulary and the token sampled again from what they allow.
 //! Checking one candidate is cheap; masking 262k candidates (Gemma's vocabulary) is not,
 //! and the model thread samples every sequence of a step in turn, so a constrained
-//! sequence's cost is every other sequence's wait.
+//! sequence's cost is every other sequence's wait. So before the rules run, the grammar
+//! is asked which bytes it takes next, and which characters after each ASCII one (with
+//! single-byte tokens), and tokens whose text starts otherwise are left out: the grammar
+//! would refuse them all, so the outcome is the same (see [`FirstBytes`]).
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,11 +100,139 @@ fn compile(schema: &str, model: &LlamaModel) -> Result<Grammar, String> {
     Ok(grammar.into())
 }
 
+/// The first two bytes of each token's text, so that a refused pick runs the grammar's
+/// rules only over tokens whose start the grammar can take next. Computed once per model.
+///
+/// The grammar is asked with single-byte tokens: which bytes it takes next, and, for each
+/// ASCII character it takes, which ASCII characters it takes after it (on a copy advanced
+/// by that character). One byte is not enough: JSON grammars allow a space almost
+/// everywhere, and most of a vocabulary starts with one.
+///
+/// Leaving a token out is exact only where the grammar would refuse it anyway:
+/// - llama.cpp decodes a token's text into code points and matches them in order, so a
+///   token whose first byte (or first two ASCII characters) it refuses is refused. For a
+///   byte that starts a multi-byte character, llama.cpp refuses the lone byte only when no
+///   character starting with it could match; for a byte that cannot come next in UTF-8,
+///   it reads the lone byte and the whole token alike (both invalid).
+/// - llama.cpp refuses a token with empty text, or text starting with NUL, outright.
+///
+/// End-of-generation tokens and tokens whose text depends on how special tokens are
+/// rendered are always offered to the grammar, and a byte with no single-byte token to
+/// ask about counts as allowed. `tests::first_bytes_leave_out_only_tokens_the_grammar_refuses`
+/// checks the outcome against the whole vocabulary on both default models.
+pub struct FirstBytes {
+    /// Per token id: its text's first byte and its second (`END` for one-byte texts);
+    /// `None` for tokens always offered.
+    heads: Vec<Option<[u8; 2]>>,
+    /// Per byte, a token whose whole text is that byte, if the vocabulary has one.
+    probes: [Option<LlamaToken>; 256],
+}
+
+/// Bytes below this are ASCII characters.
+const ASCII: u8 = 0x80;
+/// The second byte of a one-byte text (NUL cannot be one: such tokens are always offered).
+const END: u8 = 0;
+
+/// Which bytes a grammar takes next.
+type NextBytes = [bool; 256];
+
+impl FirstBytes {
+    pub fn of(model: &LlamaModel) -> Self {
+        let vocab = model.vocab();
+        let mut probes = [None; 256];
+        let heads = model
+            .tokens(true)
+            .map(|(token, text)| {
+                let plain = vocab.token_to_piece(token, false, None);
+                if vocab.is_eog(token) || plain != text {
+                    return None;
+                }
+                match text.as_slice() {
+                    // llama.cpp refuses empty texts, and texts starting with NUL.
+                    [] | [0, ..] => Some([0, END]),
+                    [byte] => {
+                        probes[usize::from(*byte)].get_or_insert(token);
+                        Some([*byte, END])
+                    }
+                    [_, 0, ..] => None,
+                    [byte, second, ..] => Some([*byte, *second]),
+                }
+            })
+            .collect();
+        Self { heads, probes }
+    }
+
+    /// Which bytes `rules`, in their current state, take as the next one.
+    fn next_bytes(&self, rules: &mut LlamaSampler) -> NextBytes {
+        // A byte with no token to ask with is allowed; NUL never is.
+        let mut allowed = [true; 256];
+        allowed[0] = false;
+        let mut asked = LlamaTokenDataArray::new(
+            self.probes
+                .iter()
+                .flatten()
+                .map(|&token| LlamaTokenData::new(token, 0.0, 0.0))
+                .collect(),
+            false,
+        );
+        asked.apply_sampler(rules);
+        for candidate in &asked.data {
+            if let Some([byte, _]) = self.head(candidate.id()) {
+                allowed[usize::from(byte)] = candidate.logit().is_finite();
+            }
+        }
+        allowed
+    }
+
+    /// What `rules` take after the ASCII character `byte`; `None` when that cannot be
+    /// asked (no token for it), so that every second byte counts as allowed.
+    fn next_bytes_after(&self, rules: &LlamaSampler, byte: u8) -> Option<NextBytes> {
+        let token = self.probes[usize::from(byte)]?;
+        let mut advanced = rules.clone();
+        advanced.try_accept(token).ok()?;
+        Some(self.next_bytes(&mut advanced))
+    }
+
+    fn head(&self, token: LlamaToken) -> Option<[u8; 2]> {
+        let id = usize::try_from(token.0).ok()?;
+        *self.heads.get(id)?
+    }
+
+    /// The tokens at `logits` the grammar may allow, as sampling candidates.
+    fn candidates(&self, rules: &mut LlamaSampler, logits: &[f32]) -> LlamaTokenDataArray {
+        let first = self.next_bytes(rules);
+        // What follows each allowed ASCII character, asked when a token first needs it.
+        let mut second: [Option<Option<NextBytes>>; ASCII as usize] = [None; ASCII as usize];
+        let data = logits
+            .iter()
+            .zip(&self.heads)
+            .zip(0..)
+            .filter(|&((_, head), _)| {
+                let Some([byte, next]) = *head else {
+                    return true;
+                };
+                if !first[usize::from(byte)] {
+                    return false;
+                }
+                // Only two ASCII characters are judged together.
+                if byte >= ASCII || next == END || next >= ASCII {
+                    return true;
+                }
+                second[usize::from(byte)]
+                    .get_or_insert_with(|| self.next_bytes_after(rules, byte))
+                    .is_none_or(|after| after[usize::from(next)])
+            })
+            .map(|((&logit, _), id)| LlamaTokenData::new(LlamaToken(id), logit, 0.0))
+            .collect();
+        LlamaTokenDataArray::new(data, false)
+    }
+}
+
 /// One sequence's sampler: the request's sampling chain, and the grammar its reply must
 /// follow, if any.
 pub struct SeqSampler {
     chain: LlamaSampler,
-    grammar: Option<LlamaSampler>,
+    grammar: Option<Constraint>,
     /// The chain keeps a history of accepted tokens (penalties): a pick the grammar
     /// refuses must not be recorded in it.
     chain_remembers: bool,
@@ -110,7 +241,7 @@ pub struct SeqSampler {
 impl SeqSampler {
     /// `chain_remembers`: the chain has samplers whose state depends on the tokens it
     /// accepted (penalties).
-    pub fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>, chain_remembers: bool) -> Self {
+    pub fn new(chain: LlamaSampler, grammar: Option<Constraint>, chain_remembers: bool) -> Self {
         Self {
             chain,
             grammar,
@@ -123,7 +254,7 @@ impl SeqSampler {
     /// token at all: the sequence must end there (llama.cpp aborts the process if a
     /// grammar is made to accept what it does not allow, so nothing is forced).
     pub fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> Option<LlamaToken> {
-        let Some(mut grammar) = self.grammar.take() else {
+        let Some(mut constraint) = self.grammar.take() else {
             // llama.cpp samples and accepts in one call.
             return Some(self.chain.sample(ctx, index));
         };
@@ -139,15 +270,16 @@ impl SeqSampler {
             (Some(self.chain.sample(ctx, index)), true)
         };
         // Most picks in a JSON reply are allowed; only a refused one masks the vocabulary.
-        let (token, recorded) = match first.filter(|&token| allows(&mut grammar, token)) {
+        let rules = &mut constraint.rules;
+        let (token, recorded) = match first.filter(|&token| allows(rules, token)) {
             Some(token) => (token, recorded),
-            None => (self.constrained_pick(ctx, index, &mut grammar)?, false),
+            None => (self.constrained_pick(ctx, index, &mut constraint)?, false),
         };
-        grammar.try_accept(token).ok()?;
+        constraint.rules.try_accept(token).ok()?;
         if !recorded {
             self.chain.accept(token);
         }
-        self.grammar = Some(grammar);
+        self.grammar = Some(constraint);
         Some(token)
     }
 
@@ -156,18 +288,28 @@ impl SeqSampler {
         &mut self,
         ctx: &LlamaContext<'_>,
         index: i32,
-        grammar: &mut LlamaSampler,
+        constraint: &mut Constraint,
     ) -> Option<LlamaToken> {
-        let mut allowed = ctx.token_data_array_ith(index);
-        allowed.apply_sampler(grammar);
+        let rules = &mut constraint.rules;
+        let mut allowed = constraint
+            .first_bytes
+            .candidates(rules, ctx.get_logits_ith(index));
+        allowed.apply_sampler(rules);
         if !allowed.data.iter().any(|c| c.logit().is_finite()) {
             return None;
         }
         allowed.apply_sampler(&mut self.chain);
         allowed
             .selected_token()
-            .filter(|&token| allows(grammar, token))
+            .filter(|&token| allows(rules, token))
     }
+}
+
+/// A sequence's grammar: its rules in their current state, and the model's first bytes
+/// for the refusal path.
+pub struct Constraint {
+    pub rules: LlamaSampler,
+    pub first_bytes: Arc<FirstBytes>,
 }
 
 /// Whether the grammar, in its current state, allows `token` next.
@@ -177,4 +319,94 @@ fn allows(grammar: &mut LlamaSampler, token: LlamaToken) -> bool {
     one.data
         .first()
         .is_some_and(|candidate| candidate.logit().is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use llama_cpp_2::model::params::LlamaModelParams;
+
+    use super::*;
+
+    const SCHEMA: &str = r#"{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer","minimum":0},"city":{"enum":["Paris","東京","Zürich"]},"tags":{"type":"array","items":{"type":"string"}}},"required":["name","age","city","tags"]}"#;
+    /// Valid under `SCHEMA`, with text that splits into partial UTF-8 tokens.
+    const REPLY: &str = r#"{"name": "Zoë \"Ann\" 東京", "age": 31, "city": "Zürich", "tags": ["a\nb", "ÿ€😀", ""]}"#;
+    /// Any JSON object (`json_object`), pretty-printed, with numbers, escapes and nesting.
+    const ANY_OBJECT: &str = r#"{"type":"object"}"#;
+    const ANY_REPLY: &str = "{\n  \"a\": [1, -2.5e3, true, null, {\"b\": \"\\u00e9\\t\"}],\n  \"ключ\": {}\n}";
+
+    /// Token ids the rules allow among `candidates`.
+    fn allowed(rules: &mut LlamaSampler, mut candidates: LlamaTokenDataArray) -> Vec<i32> {
+        candidates.apply_sampler(rules);
+        let mut ids: Vec<i32> = candidates
+            .data
+            .iter()
+            .filter(|c| c.logit().is_finite())
+            .map(|c| c.id().0)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// At every position of a reply, the tokens the rules allow among the candidates the
+    /// first bytes leave are exactly those they allow among the whole vocabulary; and the
+    /// first bytes leave out all but 5% of it at a fifth of the positions or more.
+    #[test]
+    fn first_bytes_leave_out_only_tokens_the_grammar_refuses() {
+        let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gguf");
+        let backend = crate::engine::prompt::backend().expect("backend");
+        let files = [
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+        ];
+        for (file, (schema, reply)) in files
+            .into_iter()
+            .flat_map(|file| [(file, (SCHEMA, REPLY)), (file, (ANY_OBJECT, ANY_REPLY))])
+        {
+            serde_json::from_str::<serde_json::Value>(reply).expect("the reply is JSON");
+            let grammar = llama_cpp_2::json_schema_to_grammar(schema).expect("grammar");
+            let params = LlamaModelParams::default().with_vocab_only(true);
+            let model = LlamaModel::load_from_file(backend, gguf.join(file), &params)
+                .unwrap_or_else(|e| panic!("{file}: {e} (run `just models`)"));
+            let first_bytes = FirstBytes::of(&model);
+            let n_vocab = usize::try_from(model.n_vocab()).expect("vocabulary size");
+            let logits = vec![0.0_f32; n_vocab];
+            let mut rules = LlamaSampler::grammar(&model, &grammar, "root").expect("rules");
+            let tokens = model.vocab().tokenize(reply.as_bytes(), false, false);
+            let (mut narrowed, mut positions) = (0, 0);
+            for &token in tokens.iter().chain(None) {
+                let whole = LlamaTokenDataArray::from_iter(
+                    (0..model.n_vocab()).map(|id| LlamaTokenData::new(LlamaToken(id), 0.0, 0.0)),
+                    false,
+                );
+                let offered = first_bytes.candidates(&mut rules, &logits);
+                if offered.data.len() * 20 < n_vocab {
+                    narrowed += 1;
+                }
+                assert_eq!(
+                    allowed(&mut rules, offered),
+                    allowed(&mut rules, whole),
+                    "{file}: position {positions}"
+                );
+                positions += 1;
+                rules.try_accept(token).unwrap_or_else(|e| panic!("{file}: {token:?}: {e}"));
+            }
+            // After the whole reply only end-of-generation is allowed.
+            let whole = LlamaTokenDataArray::from_iter(
+                (0..model.n_vocab()).map(|id| LlamaTokenData::new(LlamaToken(id), 0.0, 0.0)),
+                false,
+            );
+            let offered = first_bytes.candidates(&mut rules, &logits);
+            let at_end = allowed(&mut rules, whole);
+            assert!(!at_end.is_empty(), "{file}: nothing allowed at the end");
+            assert_eq!(allowed(&mut rules, offered), at_end, "{file}: at the end");
+            // Where only structure is allowed, little is offered; values, strings and
+            // indentation allow much of the vocabulary.
+            assert!(
+                narrowed * 5 >= positions,
+                "{file}: the first bytes narrowed only {narrowed} of {positions} positions"
+            );
+        }
+    }
 }

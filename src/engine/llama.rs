@@ -32,7 +32,7 @@ use llama_cpp_2::DecodeError;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
-use super::grammar::{Grammar, Grammars, SeqSampler};
+use super::grammar::{Constraint, FirstBytes, Grammar, Grammars, SeqSampler};
 use super::load::LoadMeter;
 use super::logprobs::{log_softmax_top, TokenLogprob, TopLogprob};
 use super::prompt::{backend, Prompter};
@@ -570,6 +570,7 @@ fn model_thread(
             let vocab = model.vocab();
             vocab.tokens().filter(|&t| vocab.is_eog(t)).collect()
         },
+        first_bytes: None,
     };
     // Measured before the model says it is ready: a request queued during the warm-up
     // would wait behind it, and its TTFT budget with it.
@@ -646,6 +647,8 @@ struct StepLoop<'m> {
     model_id: String,
     /// Every end-of-generation token, masked out for `ignore_eos` requests.
     eog_tokens: Vec<LlamaToken>,
+    /// Made when the first constrained sequence arrives (a pass over the vocabulary).
+    first_bytes: Option<Arc<FirstBytes>>,
 }
 
 impl StepLoop<'_> {
@@ -894,7 +897,14 @@ impl StepLoop<'_> {
                 None => None,
                 Some(grammar) => {
                     match grammar_sampler(&mut self.grammar_prototypes, self.model, grammar) {
-                        Some(sampler) => Some(sampler),
+                        Some(rules) => Some(Constraint {
+                            rules,
+                            first_bytes: first_bytes(
+                                &mut self.first_bytes,
+                                self.model,
+                                &self.model_id,
+                            ),
+                        }),
                         None => {
                             // `submit` loaded this grammar already: not the client's fault.
                             let error =
@@ -1226,6 +1236,21 @@ fn grammar_sampler(
     }
     prototypes.insert(grammar.clone(), prototype.clone());
     Some(prototype)
+}
+
+/// The model's first bytes, read on first use.
+fn first_bytes(
+    kept: &mut Option<Arc<FirstBytes>>,
+    model: &LlamaModel,
+    model_id: &str,
+) -> Arc<FirstBytes> {
+    Arc::clone(kept.get_or_insert_with(|| {
+        let started = Instant::now();
+        let first_bytes = Arc::new(FirstBytes::of(model));
+        tracing::info!(model = %model_id, took_ms = started.elapsed().as_millis() as u64,
+            "read the vocabulary's first bytes for constrained sampling");
+        first_bytes
+    }))
 }
 
 /// Parsed grammars kept per model thread.
