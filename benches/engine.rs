@@ -12,8 +12,9 @@
 //!   TIERGATE_BENCH_CONSTRAINED=1 cargo bench --bench engine
 //!
 //! instead measures what one JSON-schema-constrained sequence costs the others in its
-//! batch: 8 sequences at temperature 1, all plain, then 7 plain and 1 constrained, in
-//! interleaved rounds; it prints the plain sequences' mean ms per token in each.
+//! batch: 8 sequences at temperature 1 (top-k 40, the API's default, then the whole
+//! vocabulary), all plain, then 7 plain and 1 constrained, in interleaved rounds; it
+//! prints the plain sequences' mean ms per token in each.
 
 use std::path::Path;
 use std::time::Instant;
@@ -182,10 +183,21 @@ const BATCH: usize = 8;
 /// Per round: 8 plain sequences, then 7 plain with 1 constrained; prints the plain
 /// sequences' ms per token after their first token, each round and the medians.
 fn constrained_cost(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, model: &str) {
+    for top_k in [40, 0] {
+        constrained_cost_at(runtime, engine, model, top_k);
+    }
+}
+
+fn constrained_cost_at(
+    runtime: &tokio::runtime::Runtime,
+    engine: &dyn Engine,
+    model: &str,
+    top_k: u32,
+) {
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     for _ in 0..CONSTRAINED_ROUNDS {
-        alone.push(runtime.block_on(plain_ms_per_token(engine, 0)));
-        beside.push(runtime.block_on(plain_ms_per_token(engine, 1)));
+        alone.push(runtime.block_on(plain_ms_per_token(engine, 0, top_k)));
+        beside.push(runtime.block_on(plain_ms_per_token(engine, 1, top_k)));
     }
     let median = |values: &mut Vec<f64>| {
         values.sort_by(f64::total_cmp);
@@ -201,6 +213,7 @@ fn constrained_cost(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, mode
         "{}",
         json!({
             "model": model,
+            "top_k": top_k,
             "sequences": BATCH,
             "plain_ms_per_token_all_plain": rounded(&alone),
             "plain_ms_per_token_one_constrained": rounded(&beside),
@@ -210,9 +223,9 @@ fn constrained_cost(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, mode
     );
 }
 
-/// Runs `BATCH` sequences at temperature 1, the first `constrained` of them under
+/// Runs `BATCH` sequences at temperature 1 and `top_k`, the first `constrained` of them under
 /// `SCHEMA`; the plain ones' mean ms per token after their first token.
-async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize) -> f64 {
+async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize, top_k: u32) -> f64 {
     let streams: Vec<_> = (0..BATCH)
         .map(|i| {
             let format = if i < constrained {
@@ -232,6 +245,7 @@ async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize) -> f64 {
                     }],
                     sampling: SamplingParams {
                         temperature: 1.0,
+                        top_k,
                         seed: Some(i as u32 + 1),
                         ..SamplingParams::default()
                     },

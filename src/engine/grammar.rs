@@ -271,9 +271,12 @@ impl SeqSampler {
         };
         // Most picks in a JSON reply are allowed; only a refused one masks the vocabulary.
         let rules = &mut constraint.rules;
-        let (token, recorded) = match first.filter(|&token| allows(rules, token)) {
-            Some(token) => (token, recorded),
-            None => (self.constrained_pick(ctx, index, &mut constraint)?, false),
+        let (token, recorded) = match first {
+            Some(token) if allows(rules, token) => (token, recorded),
+            refused => (
+                self.constrained_pick(ctx, index, &mut constraint, refused)?,
+                false,
+            ),
         };
         constraint.rules.try_accept(token).ok()?;
         if !recorded {
@@ -289,11 +292,21 @@ impl SeqSampler {
         ctx: &LlamaContext<'_>,
         index: i32,
         constraint: &mut Constraint,
+        refused: Option<LlamaToken>,
     ) -> Option<LlamaToken> {
         let rules = &mut constraint.rules;
-        let mut allowed = constraint
+        let mut offered = constraint
             .first_bytes
             .candidates(rules, ctx.get_logits_ith(index));
+        if constraint.draws_from_all && offered.data.len() > ASKED_AT_ONCE {
+            if let Some(token) = self.redraw(rules, &mut offered, refused) {
+                return Some(token);
+            }
+        }
+        let mut allowed = match constraint.decided_by_top {
+            Some(top) => highest_allowed(rules, &mut offered, top).unwrap_or(offered),
+            None => offered,
+        };
         allowed.apply_sampler(rules);
         if !allowed.data.iter().any(|c| c.logit().is_finite()) {
             return None;
@@ -305,11 +318,97 @@ impl SeqSampler {
     }
 }
 
+impl SeqSampler {
+    /// For a chain that draws from the whole distribution it is given: draws again from
+    /// the offered tokens, without the refused ones, up to `REDRAWS` times. Exact: a draw
+    /// from any set that holds every allowed token, kept when allowed, is distributed as a
+    /// draw from the allowed tokens alone, however many draws were refused before it; so
+    /// is the full mask this falls back to (`None`). Cheaper than the mask where most of
+    /// the vocabulary is offered (inside strings), where a redraw is nearly always allowed.
+    fn redraw(
+        &mut self,
+        rules: &mut LlamaSampler,
+        offered: &mut LlamaTokenDataArray,
+        mut refused: Option<LlamaToken>,
+    ) -> Option<LlamaToken> {
+        for _ in 0..REDRAWS {
+            if let Some(token) = refused {
+                // Offered tokens are in id order, most of them: look it up there first.
+                let at = usize::try_from(token.0).ok().and_then(|id| {
+                    offered
+                        .data
+                        .get(id)
+                        .filter(|c| c.id() == token)
+                        .map(|_| id)
+                        .or_else(|| offered.data.iter().position(|c| c.id() == token))
+                });
+                if let Some(at) = at {
+                    offered.data[at].set_logit(f32::NEG_INFINITY);
+                }
+            }
+            // The chain scales logits in place: each draw is made on a copy.
+            let mut draw = LlamaTokenDataArray::new(offered.data.clone(), false);
+            draw.apply_sampler(&mut self.chain);
+            let token = draw.selected_token()?;
+            if allows(rules, token) {
+                return Some(token);
+            }
+            refused = Some(token);
+        }
+        None
+    }
+}
+
+/// Draws made again before a refused pick falls back to masking the offered tokens.
+const REDRAWS: usize = 2;
+
 /// A sequence's grammar: its rules in their current state, and the model's first bytes
 /// for the refusal path.
 pub struct Constraint {
     pub rules: LlamaSampler,
     pub first_bytes: Arc<FirstBytes>,
+    /// `Some(k)` when the chain's pick depends only on the `k` highest logits it is given
+    /// (greedy: 1; a top-k cut with no biases or penalties before it, which would change
+    /// the order: k). The refusal path then needs the grammar's verdict on only as many
+    /// of the highest offered tokens as it takes to find `k` it allows.
+    pub decided_by_top: Option<usize>,
+    /// The chain draws from the whole distribution it is given (no top-k or top-p cut,
+    /// not greedy): a refused pick may be drawn again instead of masking.
+    pub draws_from_all: bool,
+}
+
+/// Offered tokens the grammar is asked about at a time, highest logits first.
+const ASKED_AT_ONCE: usize = 256;
+
+/// The `top` highest-logit tokens among `offered` that `rules` allow, found by asking
+/// about the highest `ASKED_AT_ONCE` offered tokens; `None` (ask about all of them) when
+/// fewer than `top` of those are allowed. Exact: any allowed token left out ranks below
+/// `top` allowed ones. `offered` may be reordered.
+fn highest_allowed(
+    rules: &mut LlamaSampler,
+    offered: &mut LlamaTokenDataArray,
+    top: usize,
+) -> Option<LlamaTokenDataArray> {
+    if offered.data.len() <= ASKED_AT_ONCE.max(top) {
+        return None;
+    }
+    let by_logit_descending =
+        |a: &LlamaTokenData, b: &LlamaTokenData| b.logit().total_cmp(&a.logit());
+    offered
+        .data
+        .select_nth_unstable_by(ASKED_AT_ONCE - 1, by_logit_descending);
+    let mut highest = offered.data[..ASKED_AT_ONCE].to_vec();
+    highest.sort_unstable_by(by_logit_descending);
+    let mut asked = LlamaTokenDataArray::new(highest, true);
+    asked.apply_sampler(rules);
+    let allowed: Vec<LlamaTokenData> = asked
+        .data
+        .iter()
+        .filter(|candidate| candidate.logit().is_finite())
+        .take(top)
+        .copied()
+        .collect();
+    (allowed.len() == top).then(|| LlamaTokenDataArray::new(allowed, true))
 }
 
 /// Whether the grammar, in its current state, allows `token` next.
@@ -334,7 +433,8 @@ mod tests {
     const REPLY: &str = r#"{"name": "Zoë \"Ann\" 東京", "age": 31, "city": "Zürich", "tags": ["a\nb", "ÿ€😀", ""]}"#;
     /// Any JSON object (`json_object`), pretty-printed, with numbers, escapes and nesting.
     const ANY_OBJECT: &str = r#"{"type":"object"}"#;
-    const ANY_REPLY: &str = "{\n  \"a\": [1, -2.5e3, true, null, {\"b\": \"\\u00e9\\t\"}],\n  \"ключ\": {}\n}";
+    const ANY_REPLY: &str =
+        "{\n  \"a\": [1, -2.5e3, true, null, {\"b\": \"\\u00e9\\t\"}],\n  \"ключ\": {}\n}";
 
     /// Token ids the rules allow among `candidates`.
     fn allowed(rules: &mut LlamaSampler, mut candidates: LlamaTokenDataArray) -> Vec<i32> {
@@ -374,7 +474,7 @@ mod tests {
             let logits = vec![0.0_f32; n_vocab];
             let mut rules = LlamaSampler::grammar(&model, &grammar, "root").expect("rules");
             let tokens = model.vocab().tokenize(reply.as_bytes(), false, false);
-            let (mut narrowed, mut positions) = (0, 0);
+            let (mut narrowed, mut positions, mut found_early) = (0, 0, 0);
             for &token in tokens.iter().chain(None) {
                 let whole = LlamaTokenDataArray::from_iter(
                     (0..model.n_vocab()).map(|id| LlamaTokenData::new(LlamaToken(id), 0.0, 0.0)),
@@ -389,8 +489,42 @@ mod tests {
                     allowed(&mut rules, whole),
                     "{file}: position {positions}"
                 );
+                // The highest allowed tokens, found from the highest offered, are those
+                // of the whole vocabulary (distinct logits, shuffled per position).
+                let n = model.n_vocab();
+                let shuffled: Vec<f32> = (0..n)
+                    .map(|id| {
+                        let rank =
+                            (i64::from(id) * 7919 + positions as i64 * 104_729) % i64::from(n);
+                        rank as f32 / n as f32 * 20.0
+                    })
+                    .collect();
+                for top in [1, 40] {
+                    let whole = LlamaTokenDataArray::from_iter(
+                        shuffled
+                            .iter()
+                            .zip(0..)
+                            .map(|(&logit, id)| LlamaTokenData::new(LlamaToken(id), logit, 0.0)),
+                        false,
+                    );
+                    let mut expected: Vec<(f32, i32)> = allowed(&mut rules, whole)
+                        .into_iter()
+                        .map(|id| (shuffled[id as usize], id))
+                        .collect();
+                    expected.sort_by(|a, b| b.0.total_cmp(&a.0));
+                    let expected: Vec<i32> =
+                        expected.into_iter().take(top).map(|(_, id)| id).collect();
+                    let mut offered = first_bytes.candidates(&mut rules, &shuffled);
+                    if let Some(found) = highest_allowed(&mut rules, &mut offered, top) {
+                        let found: Vec<i32> = found.data.iter().map(|c| c.id().0).collect();
+                        assert_eq!(found, expected, "{file}: position {positions}, top {top}");
+                        found_early += 1;
+                    }
+                }
                 positions += 1;
-                rules.try_accept(token).unwrap_or_else(|e| panic!("{file}: {token:?}: {e}"));
+                rules
+                    .try_accept(token)
+                    .unwrap_or_else(|e| panic!("{file}: {token:?}: {e}"));
             }
             // After the whole reply only end-of-generation is allowed.
             let whole = LlamaTokenDataArray::from_iter(
@@ -401,6 +535,10 @@ mod tests {
             let at_end = allowed(&mut rules, whole);
             assert!(!at_end.is_empty(), "{file}: nothing allowed at the end");
             assert_eq!(allowed(&mut rules, offered), at_end, "{file}: at the end");
+            assert!(
+                found_early > 0,
+                "{file}: the highest offered never held enough"
+            );
             // Where only structure is allowed, little is offered; values, strings and
             // indentation allow much of the vocabulary.
             assert!(

@@ -904,6 +904,16 @@ impl StepLoop<'_> {
                                 self.model,
                                 &self.model_id,
                             ),
+                            decided_by_top: decided_by_top(
+                                &requester.sampling,
+                                requester.ignore_eos,
+                            ),
+                            draws_from_all: {
+                                let sampling = &requester.sampling;
+                                !sampling.is_greedy()
+                                    && sampling.top_k == 0
+                                    && sampling.top_p >= 1.0
+                            },
                         }),
                         None => {
                             // `submit` loaded this grammar already: not the client's fault.
@@ -1236,6 +1246,22 @@ fn grammar_sampler(
     }
     prototypes.insert(grammar.clone(), prototype.clone());
     Some(prototype)
+}
+
+/// How many of the highest logits decide `build_sampler`'s pick (see
+/// [`Constraint::decided_by_top`]): none when biases or penalties come before the cut.
+fn decided_by_top(params: &SamplingParams, ignore_eos: bool) -> Option<usize> {
+    let reorders = !params.logit_bias.is_empty()
+        || ignore_eos
+        || params.presence_penalty != 0.0
+        || params.frequency_penalty != 0.0;
+    if reorders {
+        None
+    } else if params.is_greedy() {
+        Some(1)
+    } else {
+        usize::try_from(params.top_k).ok().filter(|&k| k > 0)
+    }
 }
 
 /// The model's first bytes, read on first use.
