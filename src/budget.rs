@@ -189,7 +189,7 @@ impl Source {
 }
 
 /// What a source that ends without a last event reads as.
-fn unfinished() -> TokenEvent {
+pub(crate) fn unfinished() -> TokenEvent {
     TokenEvent::Failed(EngineError::Decode(
         "the model thread ended the sequence without finishing it".into(),
     ))

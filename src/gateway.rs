@@ -25,8 +25,8 @@ use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
 use crate::budget::{
-    cpu_bound, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines, Degradation,
-    Planner, Source,
+    cpu_bound, unfinished, Acquired, Attempt, BudgetError, CacheUse, Calibration, Deadlines,
+    Degradation, Planner, Source,
 };
 use crate::cache::ReplyCache;
 use crate::chat::{message_bytes, ChatMessage, ChatRequest, Role};
@@ -655,10 +655,7 @@ impl OtherChoice {
             return None;
         }
         let event = match tokio::time::timeout_at(self.deadline, self.stream.next_event()).await {
-            Ok(Some(event)) => event,
-            Ok(None) => TokenEvent::Failed(EngineError::Decode(
-                "the model thread ended the sequence without finishing it".into(),
-            )),
+            Ok(event) => event.unwrap_or_else(unfinished),
             Err(_elapsed) => {
                 self.ended = true;
                 return Some(ReplyEvent::Finished(budget_cut(
@@ -667,37 +664,14 @@ impl OtherChoice {
                 )));
             }
         };
-        Some(match event {
-            TokenEvent::Text(text) => {
+        let event = ReplyEvent::from(event);
+        match event {
+            ReplyEvent::Finished(_) | ReplyEvent::Failed(_) => self.ended = true,
+            ReplyEvent::Text(_) | ReplyEvent::Scored { .. } | ReplyEvent::ToolCalls(_) => {
                 self.pieces += 1;
-                ReplyEvent::Text(text)
             }
-            TokenEvent::Scored { text, logprobs } => {
-                self.pieces += 1;
-                ReplyEvent::Scored { text, logprobs }
-            }
-            TokenEvent::ToolCalls(calls) => {
-                self.pieces += 1;
-                ReplyEvent::ToolCalls(calls)
-            }
-            TokenEvent::Finished {
-                finish_reason,
-                usage,
-                timings,
-            } => {
-                self.ended = true;
-                ReplyEvent::Finished(Ending {
-                    finish_reason,
-                    usage,
-                    budget_cut: false,
-                    timings,
-                })
-            }
-            TokenEvent::Failed(err) => {
-                self.ended = true;
-                ReplyEvent::Failed(err)
-            }
-        })
+        }
+        Some(event)
     }
 
     /// Reads the whole choice (or as much as the total budget allows).
@@ -784,6 +758,29 @@ pub enum ReplyEvent {
     Failed(EngineError),
 }
 
+/// A source's event as a reader sees it; an ending from the source was not cut by the
+/// budget.
+impl From<TokenEvent> for ReplyEvent {
+    fn from(event: TokenEvent) -> Self {
+        match event {
+            TokenEvent::Text(text) => ReplyEvent::Text(text),
+            TokenEvent::Scored { text, logprobs } => ReplyEvent::Scored { text, logprobs },
+            TokenEvent::ToolCalls(calls) => ReplyEvent::ToolCalls(calls),
+            TokenEvent::Finished {
+                finish_reason,
+                usage,
+                timings,
+            } => ReplyEvent::Finished(Ending {
+                finish_reason,
+                usage,
+                budget_cut: false,
+                timings,
+            }),
+            TokenEvent::Failed(err) => ReplyEvent::Failed(err),
+        }
+    }
+}
+
 /// A whole non-streaming reply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -830,40 +827,19 @@ impl Reply {
                 }
             },
         };
-        Some(match event {
-            TokenEvent::Text(text) => {
+        let event = ReplyEvent::from(event);
+        match &event {
+            ReplyEvent::Text(_) | ReplyEvent::Scored { .. } | ReplyEvent::ToolCalls(_) => {
                 self.piece_delivered();
-                ReplyEvent::Text(text)
             }
-            TokenEvent::Scored { text, logprobs } => {
-                self.piece_delivered();
-                ReplyEvent::Scored { text, logprobs }
-            }
-            TokenEvent::ToolCalls(calls) => {
-                self.piece_delivered();
-                ReplyEvent::ToolCalls(calls)
-            }
-            TokenEvent::Finished {
-                finish_reason,
-                usage,
-                timings,
-            } => {
-                let ending = Ending {
-                    finish_reason,
-                    usage,
-                    budget_cut: false,
-                    timings,
-                };
-                self.outcome.finished(&ending);
-                ReplyEvent::Finished(ending)
-            }
-            TokenEvent::Failed(err) => {
+            ReplyEvent::Finished(ending) => self.outcome.finished(ending),
+            ReplyEvent::Failed(err) => {
                 // Read outside the request span (the HTTP body streams later), so name it as parent.
                 tracing::warn!(parent: &self.outcome.span, %err, "generation failed after its first token");
-                self.outcome.failed(&err);
-                ReplyEvent::Failed(err)
+                self.outcome.failed(err);
             }
-        })
+        }
+        Some(event)
     }
 
     fn piece_delivered(&mut self) {
