@@ -49,6 +49,8 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// under a lock held for that copy only, where writing each line under stderr's lock cost
 /// a write(2) and, with two workers, a futex wait: a tenth of a reply-cache hit's time.
 /// (`tracing-appender`'s writer thread, woken per line, cost as much again on two cores.)
+/// The price: a process killed outright (SIGKILL, abort) loses up to `FLUSH_INTERVAL` of
+/// lines. A panic writes out what has gathered before its message (see `init`).
 struct Batch {
     lines: Mutex<Vec<u8>>,
     /// `BATCH_BYTES`, or 0 (each line written as it comes) when no flusher runs.
@@ -69,7 +71,24 @@ impl Batch {
         }
     }
 
+    /// `write_out` unless a lock it needs is held (by another thread, which is writing, or
+    /// by this one, when a panic struck inside a write).
+    fn try_write_out(&self) {
+        let Ok(_order) = self.output.try_lock() else {
+            return;
+        };
+        let Ok(mut gathered) = self.lines.try_lock() else {
+            return;
+        };
+        let lines = std::mem::take(&mut *gathered);
+        drop(gathered);
+        let _ = std::io::stderr().lock().write_all(&lines);
+    }
+
+    /// Ends the flusher; lines logged from now on (by threads still running while the
+    /// process exits) are written as they come.
     fn stop(&self) {
+        self.batch_bytes.store(0, Ordering::Relaxed);
         *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.wake.notify_all();
     }
@@ -140,6 +159,13 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
     if flusher.is_none() {
         batch.batch_bytes.store(0, Ordering::Relaxed);
     }
+    // A panic's message goes straight to stderr: the lines logged before it go first.
+    let panic_message = std::panic::take_hook();
+    let gathered = Arc::clone(&batch);
+    std::panic::set_hook(Box::new(move |info| {
+        gathered.try_write_out();
+        panic_message(info);
+    }));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // A line when each span closes, with its fields and duration: one per request at

@@ -103,22 +103,28 @@ fn compile(schema: &str, model: &LlamaModel) -> Result<Grammar, String> {
 /// The first two bytes of each token's text, so that a refused pick runs the grammar's
 /// rules only over tokens whose start the grammar can take next. Computed once per model.
 ///
-/// The grammar is asked with single-byte tokens: which bytes it takes next, and, for each
-/// ASCII character it takes, which ASCII characters it takes after it (on a copy advanced
-/// by that character). One byte is not enough: JSON grammars allow a space almost
+/// The grammar is asked with single-byte tokens: which bytes it takes next, and, for
+/// each ASCII character it takes, which ASCII characters it takes after it (on a copy
+/// advanced by that character). One byte is not enough: JSON grammars allow a space almost
 /// everywhere, and most of a vocabulary starts with one.
 ///
 /// Leaving a token out is exact only where the grammar would refuse it anyway:
 /// - llama.cpp decodes a token's text into code points and matches them in order, so a
-///   token whose first byte (or first two ASCII characters) it refuses is refused. For a
-///   byte that starts a multi-byte character, llama.cpp refuses the lone byte only when no
-///   character starting with it could match; for a byte that cannot come next in UTF-8,
-///   it reads the lone byte and the whole token alike (both invalid).
+///   token whose first ASCII character (or first two) it refuses is refused. Midway
+///   through a multi-byte character it refuses a lone ASCII byte and any token starting
+///   with one alike (both invalid UTF-8).
+/// - For a byte of 0x80 or more, llama.cpp refuses the lone byte only when no character
+///   it could start (or continue) matches a positive class, which then refuses any such
+///   character. A negated class is the exception: it refuses the lone byte when any
+///   character it could start is excluded (`[^€]` from a `pattern` refuses 0xE2), where a
+///   whole token's character (`→`) may be allowed. So these bytes are judged only for
+///   grammars whose negated classes list ASCII characters only ([`judges_lead_bytes`]),
+///   as JSON's do; otherwise their tokens are always offered.
 /// - llama.cpp refuses a token with empty text, or text starting with NUL, outright.
 ///
 /// End-of-generation tokens and tokens whose text depends on how special tokens are
-/// rendered are always offered to the grammar, and a byte with no single-byte token to
-/// ask about counts as allowed. `tests::first_bytes_leave_out_only_tokens_the_grammar_refuses`
+/// rendered are always offered to the grammar, and a character with no single-byte token
+/// to ask about counts as allowed. `tests::first_bytes_leave_out_only_tokens_the_grammar_refuses`
 /// checks the outcome against the whole vocabulary on both default models.
 pub struct FirstBytes {
     /// Per token id: its text's first byte and its second (`END` for one-byte texts);
@@ -199,7 +205,13 @@ impl FirstBytes {
     }
 
     /// The tokens at `logits` the grammar may allow, as sampling candidates.
-    fn candidates(&self, rules: &mut LlamaSampler, logits: &[f32]) -> LlamaTokenDataArray {
+    /// `judge_lead_bytes`: see [`judges_lead_bytes`].
+    fn candidates(
+        &self,
+        rules: &mut LlamaSampler,
+        logits: &[f32],
+        judge_lead_bytes: bool,
+    ) -> LlamaTokenDataArray {
         let first = self.next_bytes(rules);
         // What follows each allowed ASCII character, asked when a token first needs it.
         let mut second: [Option<Option<NextBytes>>; ASCII as usize] = [None; ASCII as usize];
@@ -211,6 +223,9 @@ impl FirstBytes {
                 let Some([byte, next]) = *head else {
                     return true;
                 };
+                if byte >= ASCII && !judge_lead_bytes {
+                    return true;
+                }
                 if !first[usize::from(byte)] {
                     return false;
                 }
@@ -295,9 +310,15 @@ impl SeqSampler {
         refused: Option<LlamaToken>,
     ) -> Option<LlamaToken> {
         let rules = &mut constraint.rules;
-        let mut offered = constraint
-            .first_bytes
-            .candidates(rules, ctx.get_logits_ith(index));
+        let mut offered = if constraint.narrows {
+            constraint.first_bytes.candidates(
+                rules,
+                ctx.get_logits_ith(index),
+                constraint.judges_lead_bytes,
+            )
+        } else {
+            ctx.token_data_array_ith(index)
+        };
         if constraint.draws_from_all && offered.data.len() > ASKED_AT_ONCE {
             if let Some(token) = self.redraw(rules, &mut offered, refused) {
                 return Some(token);
@@ -375,7 +396,18 @@ pub struct Constraint {
     /// The chain draws from the whole distribution it is given (no top-k or top-p cut,
     /// not greedy): a refused pick may be drawn again instead of masking.
     pub draws_from_all: bool,
+    /// The grammar's verdict on a lone non-ASCII byte holds for every token starting with
+    /// it ([`judges_lead_bytes`]).
+    pub judges_lead_bytes: bool,
+    /// Offer the grammar only the tokens `first_bytes` leaves. Off when the chain has more
+    /// than a few logit biases: llama.cpp finds a bias's token by its index only in the
+    /// whole vocabulary in id order, and searches any other array once per bias.
+    pub narrows: bool,
 }
+
+/// Logit biases up to which offering fewer tokens still costs less than the biases'
+/// search through them.
+pub const NARROWS_WITH_BIASES: usize = 8;
 
 /// Offered tokens the grammar is asked about at a time, highest logits first.
 const ASKED_AT_ONCE: usize = 256;
@@ -392,8 +424,12 @@ fn highest_allowed(
     if offered.data.len() <= ASKED_AT_ONCE.max(top) {
         return None;
     }
-    let by_logit_descending =
-        |a: &LlamaTokenData, b: &LlamaTokenData| b.logit().total_cmp(&a.logit());
+    // Ties go to the lower id, as greedy's scan of the vocabulary in id order does.
+    let by_logit_descending = |a: &LlamaTokenData, b: &LlamaTokenData| {
+        b.logit()
+            .total_cmp(&a.logit())
+            .then_with(|| a.id().0.cmp(&b.id().0))
+    };
     offered
         .data
         .select_nth_unstable_by(ASKED_AT_ONCE - 1, by_logit_descending);
@@ -409,6 +445,37 @@ fn highest_allowed(
         .copied()
         .collect();
     (allowed.len() == top).then(|| LlamaTokenDataArray::new(allowed, true))
+}
+
+/// Whether the grammar's verdict on a lone byte of 0x80 or more holds for every token
+/// starting with that byte: true when no negated character class in the GBNF text lists a
+/// non-ASCII character (see [`FirstBytes`]). Conservative: an escape that may name one
+/// (`\u`, `\U`, `\x80` and up) counts as one, and `[^` inside a string literal is read
+/// as a class.
+pub fn judges_lead_bytes(grammar: &str) -> bool {
+    let text = grammar.as_bytes();
+    grammar.match_indices("[^").all(|(start, _)| {
+        let mut at = start + 2;
+        loop {
+            match text.get(at) {
+                // Unterminated: cannot tell.
+                None => return false,
+                Some(b']') => return true,
+                Some(b'\\') => {
+                    match text.get(at + 1) {
+                        Some(b'u' | b'U') => return false,
+                        Some(b'x') if !matches!(text.get(at + 2), Some(b'0'..=b'7')) => {
+                            return false
+                        }
+                        _ => {}
+                    }
+                    at += 2;
+                }
+                Some(&byte) if byte >= ASCII => return false,
+                Some(_) => at += 1,
+            }
+        }
+    })
 }
 
 /// Whether the grammar, in its current state, allows `token` next.
@@ -435,6 +502,10 @@ mod tests {
     const ANY_OBJECT: &str = r#"{"type":"object"}"#;
     const ANY_REPLY: &str =
         "{\n  \"a\": [1, -2.5e3, true, null, {\"b\": \"\\u00e9\\t\"}],\n  \"ключ\": {}\n}";
+    /// A negated class with a non-ASCII character: llama.cpp refuses the lone lead byte
+    /// 0xE2 (it could start `€`), but takes whole characters that start with it.
+    const NOT_EURO: &str = r#"{"type":"string","pattern":"^[^€]+$"}"#;
+    const NOT_EURO_REPLY: &str = r#""a→b — c…""#;
 
     /// Token ids the rules allow among `candidates`.
     fn allowed(rules: &mut LlamaSampler, mut candidates: LlamaTokenDataArray) -> Vec<i32> {
@@ -450,8 +521,9 @@ mod tests {
     }
 
     /// At every position of a reply, the tokens the rules allow among the candidates the
-    /// first bytes leave are exactly those they allow among the whole vocabulary; and the
-    /// first bytes leave out all but 5% of it at a fifth of the positions or more.
+    /// first bytes leave are exactly those they allow among the whole vocabulary; and, in
+    /// JSON objects, the first bytes leave out all but 5% of it at a fifth of the positions
+    /// or more.
     #[test]
     fn first_bytes_leave_out_only_tokens_the_grammar_refuses() {
         let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gguf");
@@ -460,12 +532,21 @@ mod tests {
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "gemma-3-270m-q4_k_m.gguf",
         ];
-        for (file, (schema, reply)) in files
+        // (schema, reply, whether it is JSON's structure that the first bytes narrow)
+        let cases = [
+            (SCHEMA, REPLY, true),
+            (ANY_OBJECT, ANY_REPLY, true),
+            (NOT_EURO, NOT_EURO_REPLY, false),
+        ];
+        for (file, (schema, reply, narrows)) in files
             .into_iter()
-            .flat_map(|file| [(file, (SCHEMA, REPLY)), (file, (ANY_OBJECT, ANY_REPLY))])
+            .flat_map(|file| cases.map(|case| (file, case)))
         {
             serde_json::from_str::<serde_json::Value>(reply).expect("the reply is JSON");
             let grammar = llama_cpp_2::json_schema_to_grammar(schema).expect("grammar");
+            let judge_lead_bytes = judges_lead_bytes(&grammar);
+            // JSON's own negated class (a string's characters) lists ASCII only.
+            assert_eq!(judge_lead_bytes, narrows, "{schema}: {grammar}");
             let params = LlamaModelParams::default().with_vocab_only(true);
             let model = LlamaModel::load_from_file(backend, gguf.join(file), &params)
                 .unwrap_or_else(|e| panic!("{file}: {e} (run `just models`)"));
@@ -474,21 +555,44 @@ mod tests {
             let logits = vec![0.0_f32; n_vocab];
             let mut rules = LlamaSampler::grammar(&model, &grammar, "root").expect("rules");
             let tokens = model.vocab().tokenize(reply.as_bytes(), false, false);
+            let texts: Vec<Vec<u8>> = model.tokens(true).map(|(_, text)| text).collect();
+            let lone_e2 = texts.iter().position(|text| text.as_slice() == [0xE2]);
+            // Positions where a judge by lone lead bytes would drop allowed tokens.
+            let mut lead_byte_misleads = 0;
             let (mut narrowed, mut positions, mut found_early) = (0, 0, 0);
             for &token in tokens.iter().chain(None) {
                 let whole = LlamaTokenDataArray::from_iter(
                     (0..model.n_vocab()).map(|id| LlamaTokenData::new(LlamaToken(id), 0.0, 0.0)),
                     false,
                 );
-                let offered = first_bytes.candidates(&mut rules, &logits);
+                let offered = first_bytes.candidates(&mut rules, &logits, judge_lead_bytes);
                 if offered.data.len() * 20 < n_vocab {
                     narrowed += 1;
                 }
-                assert_eq!(
-                    allowed(&mut rules, offered),
-                    allowed(&mut rules, whole),
-                    "{file}: position {positions}"
+                let allowed_in_whole = allowed(&mut rules, whole);
+                let allowed_offered = allowed(&mut rules, offered);
+                // Named by text, a few at most: the lists run to the whole vocabulary.
+                let left_out: Vec<String> = allowed_in_whole
+                    .iter()
+                    .filter(|id| allowed_offered.binary_search(id).is_err())
+                    .take(5)
+                    .map(|&id| format!("{id} {:?}", String::from_utf8_lossy(&texts[id as usize])))
+                    .collect();
+                assert!(
+                    left_out.is_empty() && allowed_offered.len() == allowed_in_whole.len(),
+                    "{file}: position {positions}: {} allowed, {} offered and allowed; left out: {left_out:?}",
+                    allowed_in_whole.len(),
+                    allowed_offered.len()
                 );
+                let lone_refused =
+                    lone_e2.is_some_and(|id| allowed_in_whole.binary_search(&(id as i32)).is_err());
+                if lone_refused
+                    && allowed_in_whole
+                        .iter()
+                        .any(|&id| texts[id as usize].first() == Some(&0xE2))
+                {
+                    lead_byte_misleads += 1;
+                }
                 // The highest allowed tokens, found from the highest offered, are those
                 // of the whole vocabulary (distinct logits, shuffled per position).
                 let n = model.n_vocab();
@@ -514,7 +618,8 @@ mod tests {
                     expected.sort_by(|a, b| b.0.total_cmp(&a.0));
                     let expected: Vec<i32> =
                         expected.into_iter().take(top).map(|(_, id)| id).collect();
-                    let mut offered = first_bytes.candidates(&mut rules, &shuffled);
+                    let mut offered =
+                        first_bytes.candidates(&mut rules, &shuffled, judge_lead_bytes);
                     if let Some(found) = highest_allowed(&mut rules, &mut offered, top) {
                         let found: Vec<i32> = found.data.iter().map(|c| c.id().0).collect();
                         assert_eq!(found, expected, "{file}: position {positions}, top {top}");
@@ -531,7 +636,7 @@ mod tests {
                 (0..model.n_vocab()).map(|id| LlamaTokenData::new(LlamaToken(id), 0.0, 0.0)),
                 false,
             );
-            let offered = first_bytes.candidates(&mut rules, &logits);
+            let offered = first_bytes.candidates(&mut rules, &logits, judge_lead_bytes);
             let at_end = allowed(&mut rules, whole);
             assert!(!at_end.is_empty(), "{file}: nothing allowed at the end");
             assert_eq!(allowed(&mut rules, offered), at_end, "{file}: at the end");
@@ -542,7 +647,11 @@ mod tests {
             // Where only structure is allowed, little is offered; values, strings and
             // indentation allow much of the vocabulary.
             assert!(
-                narrowed * 5 >= positions,
+                narrows || lead_byte_misleads > 0,
+                "{file}: the lone lead byte 0xE2 was never refused where `→` was allowed"
+            );
+            assert!(
+                !narrows || narrowed * 5 >= positions,
                 "{file}: the first bytes narrowed only {narrowed} of {positions} positions"
             );
         }

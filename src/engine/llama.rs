@@ -32,7 +32,9 @@ use llama_cpp_2::DecodeError;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
-use super::grammar::{Constraint, FirstBytes, Grammar, Grammars, SeqSampler};
+use super::grammar::{
+    judges_lead_bytes, Constraint, FirstBytes, Grammar, Grammars, SeqSampler, NARROWS_WITH_BIASES,
+};
 use super::load::LoadMeter;
 use super::logprobs::{log_softmax_top, TokenLogprob, TopLogprob};
 use super::prompt::{backend, Prompter};
@@ -914,6 +916,8 @@ impl StepLoop<'_> {
                                     && sampling.top_k == 0
                                     && sampling.top_p >= 1.0
                             },
+                            judges_lead_bytes: judges_lead_bytes(grammar),
+                            narrows: requester.sampling.logit_bias.len() <= NARROWS_WITH_BIASES,
                         }),
                         None => {
                             // `submit` loaded this grammar already: not the client's fault.
