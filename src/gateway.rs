@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::time::Instant;
-use tracing::field::Empty;
 use tracing::Instrument as _;
 
 use crate::admission::{Admission, Denied};
@@ -313,29 +312,21 @@ impl Gateway {
         caller: Admitted,
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
-        // One span per request; the route span and the engine's queue, prefill and decode
-        // spans are its children. It closes when the reply is dropped.
-        let span = tracing::info_span!(
-            "request",
-            id = Empty,
-            rule = Empty,
-            tier = Empty,
-            model = Empty,
-            degraded = Empty,
-            endpoint = Empty,
-            cache = Empty,
-            prompt_tokens = Empty,
-            completion_tokens = Empty,
-            finish_reason = Empty,
-            ttft_ms = Empty,
-        );
-        self.serve_in(span.clone(), caller.0, request)
-            .instrument(span)
+        // One span per request, so that every line it logs names it; the route span and
+        // the engine's queue, prefill and decode spans are its children. It carries the
+        // reply's id only: what an access line says is gathered in `Outcome` and logged
+        // once, as each field recorded on a span is formatted when recorded.
+        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        let span = tracing::info_span!("request", id = %id);
+        self.serve_in(span.clone(), id, caller.0, request)
+            .instrument(span.clone())
             .await
             .inspect_err(|err| {
                 // Budget errors come after a model was chosen; `Outcome` counted them.
                 if !matches!(err, GatewayError::Budget(_)) {
-                    self.count_refused(err.http_status());
+                    let status = err.http_status();
+                    self.count_refused(status);
+                    tracing::info!(target: ACCESS_LOG, parent: &span, status = %status, error = %err, "refused");
                 }
             })
     }
@@ -343,6 +334,7 @@ impl Gateway {
     async fn serve_in(
         &self,
         span: tracing::Span,
+        id: String,
         caller: Caller,
         request: ChatRequest,
     ) -> Result<Served, GatewayError> {
@@ -434,7 +426,6 @@ impl Gateway {
             }
         };
         let route_time = accepted_at.elapsed();
-        span.record("rule", route.rule.as_str());
         self.metrics
             .route_decisions
             .get_or_create(&RouteLabels {
@@ -466,6 +457,11 @@ impl Gateway {
             metrics: self.metrics.clone(),
             labels: routed,
             span,
+            id,
+            access: AccessDetails {
+                rule: route.rule.clone(),
+                ..AccessDetails::default()
+            },
             accepted_at,
             stream,
             generated_here: true,
@@ -533,28 +529,18 @@ impl Gateway {
             .time_to_first_token
             .get_or_create(&labels)
             .observe(ttft.as_secs_f64());
-        let span = &outcome.span;
-        span.record("tier", acquired.tier.as_str());
-        span.record("model", acquired.model.as_str());
-        span.record("prompt_tokens", acquired.prompt_tokens);
-        span.record("ttft_ms", ttft.as_millis() as u64);
-        if let Some(degraded) = &acquired.degraded {
-            span.record("degraded", degraded.to_string());
-        }
-        if let Some(cache) = acquired.cache {
-            span.record("cache", cache.as_str());
-        }
-        if let Some(endpoint) = &acquired.endpoint {
-            span.record("endpoint", endpoint.as_str());
-        }
+        let access = &mut outcome.access;
+        access.prompt_tokens = Some(acquired.prompt_tokens);
+        access.ttft_ms = Some(ttft.as_millis() as u64);
+        access.degraded = acquired.degraded.as_ref().map(ToString::to_string);
+        access.cache = acquired.cache.map(CacheUse::as_str);
+        access.endpoint.clone_from(&acquired.endpoint);
         if generated_here {
             self.metrics
                 .prompt_tokens
                 .get_or_create(&labels)
                 .inc_by(u64::from(acquired.prompt_tokens));
         }
-        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-        span.record("id", id.as_str());
         // Gaps between pieces mean something only for text generated for this reply.
         let inter_token = generated_here.then(|| {
             self.metrics
@@ -580,7 +566,7 @@ impl Gateway {
             })
             .collect();
         Served {
-            id,
+            id: outcome.id.clone(),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -928,13 +914,15 @@ fn finish_tool_calls(mut calls: Vec<serde_json::Value>) -> Vec<serde_json::Value
 }
 
 /// The one place a request's outcome is recorded: `tiergate_requests_total` once per
-/// request, the end-to-end latency, generated tokens and budget cuts, and the request
-/// span's last fields.
+/// request, the end-to-end latency, generated tokens and budget cuts, and its access line.
 struct Outcome {
     metrics: Arc<Metrics>,
     /// The routed model until the first token, then the model that answered.
     labels: ModelLabels,
     span: tracing::Span,
+    /// The reply's id, also the request span's.
+    id: String,
+    access: AccessDetails,
     accepted_at: Instant,
     /// A failure after the first token is a `stream_error` when streaming, else the
     /// error's status (the client has not seen a status yet).
@@ -950,17 +938,34 @@ impl Outcome {
         self.count(status, finish_reason);
     }
 
+    /// Counts the request and writes its access line: called once, when it ends.
     fn count(&mut self, status: &str, finish_reason: &str) {
         self.ended = true;
         count_request(&self.metrics, &self.labels, status, finish_reason);
+        let access = &self.access;
+        tracing::info!(
+            target: ACCESS_LOG,
+            parent: &self.span,
+            status = %status,
+            finish_reason,
+            rule = access.rule,
+            tier = self.labels.tier,
+            model = self.labels.model,
+            degraded = access.degraded,
+            endpoint = access.endpoint,
+            cache = access.cache,
+            prompt_tokens = access.prompt_tokens,
+            completion_tokens = access.completion_tokens,
+            ttft_ms = access.ttft_ms,
+            total_ms = self.accepted_at.elapsed().as_millis() as u64,
+            "request"
+        );
     }
 
     fn finished(&mut self, ending: &Ending) {
         let finish_reason = ending.finish_reason.as_str();
+        self.access.completion_tokens = Some(ending.usage.completion_tokens);
         self.count("200", finish_reason);
-        self.span
-            .record("completion_tokens", ending.usage.completion_tokens);
-        self.span.record("finish_reason", finish_reason);
         self.metrics
             .e2e_request_latency
             .get_or_create(&self.labels)
@@ -991,6 +996,21 @@ impl Outcome {
     }
 }
 
+/// The target of the access log: one line at info per request that reached `serve`.
+pub const ACCESS_LOG: &str = "tiergate::access";
+
+/// What a request's access line says beyond its labels, gathered as the request goes.
+#[derive(Debug, Default)]
+struct AccessDetails {
+    rule: String,
+    degraded: Option<String>,
+    endpoint: Option<String>,
+    cache: Option<&'static str>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    ttft_ms: Option<u64>,
+}
+
 /// `tiergate_requests_total`: the one counter every request reaches once.
 fn count_request(metrics: &Metrics, labels: &ModelLabels, status: &str, finish_reason: &str) {
     metrics
@@ -1010,7 +1030,6 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         if !self.ended {
             self.count("client_closed", "abort");
-            self.span.record("finish_reason", "abort");
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
@@ -166,11 +167,20 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         gathered.try_write_out();
         panic_message(info);
     }));
+    // A line when each span closes, with its fields and duration: the request's route,
+    // queue, prefill and decode stages, at debug. Only then: timing spans reads the clock
+    // at every poll of a request, and the access line (`tiergate::access`) already gives
+    // each request's times at info.
+    let stage_lines = filter
+        .max_level_hint()
+        .is_none_or(|most_verbose| most_verbose >= LevelFilter::DEBUG);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // A line when each span closes, with its fields and duration: one per request at
-        // info (the `request` span), and its route/queue/prefill/decode stages at debug.
-        .with_span_events(FmtSpan::CLOSE)
+        .with_span_events(if stage_lines {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        })
         // Colours only for a person at a terminal, not in files and log collectors.
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(BatchedStderr(Arc::clone(&batch)));

@@ -133,7 +133,7 @@ async fn metrics_parse_and_every_request_adds_one_ttft_observation() {
 }
 
 #[tokio::test]
-async fn json_logs_parse_and_carry_the_request_and_its_stages() {
+async fn json_logs_parse_and_carry_an_access_line_and_the_stages() {
     let mut server = BinaryServer::start(|command| {
         command
             .args(["--log-format", "json"])
@@ -150,19 +150,43 @@ async fn json_logs_parse_and_carry_the_request_and_its_stages() {
         .await
         .expect("request");
     assert_eq!(response.status(), 200);
-    let _ = response.bytes().await;
+    let body: Value = response.json().await.expect("JSON reply");
     server.sigterm();
     let status = server.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
 
     let mut closed_spans = Vec::new();
+    let mut access_lines = Vec::new();
     for line in server.log_lines() {
         let entry: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         if entry["fields"]["message"] == "close" {
             closed_spans.push(entry["span"].clone());
         }
+        if entry["target"] == "tiergate::access" {
+            access_lines.push(entry);
+        }
     }
+    // One access line for the one request, inside its span (which names the reply's id).
+    let [access] = access_lines.as_slice() else {
+        panic!("expected one access line, got {access_lines:?}");
+    };
+    let line = &access["fields"];
+    assert_eq!(line["status"], "200", "{access}");
+    assert_eq!(line["model"], FAST);
+    assert_eq!(line["tier"], "fast");
+    assert_eq!(line["completion_tokens"], 3);
+    assert_eq!(line["finish_reason"], "length");
+    assert!(
+        line["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{access}"
+    );
+    assert!(line["ttft_ms"].is_u64(), "{access}");
+    assert!(line["total_ms"].is_u64(), "{access}");
+    assert!(line["rule"].is_string(), "{access}");
+    // The line names the reply the client got.
+    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")));
+    assert_eq!(access["span"]["id"], body["id"], "{access}");
     let span = |name: &str| {
         closed_spans
             .iter()
@@ -170,15 +194,65 @@ async fn json_logs_parse_and_carry_the_request_and_its_stages() {
             .unwrap_or_else(|| panic!("no `{name}` span closed in {closed_spans:?}"))
             .clone()
     };
-    let request = span("request");
-    assert_eq!(request["model"], FAST);
-    assert_eq!(request["completion_tokens"], 3);
-    assert_eq!(request["finish_reason"], "length");
-    assert!(request["ttft_ms"].is_u64(), "{request}");
+    // At debug, each stage's span closes with its own line and duration.
+    assert_eq!(span("request")["id"], access["span"]["id"]);
     assert!(span("prefill")["prompt_tokens"]
         .as_u64()
         .is_some_and(|n| n > 0));
     assert_eq!(span("decode")["completion_tokens"], 3);
     span("queue");
     span("route");
+}
+
+#[tokio::test]
+async fn at_the_default_level_each_request_is_one_access_line_and_spans_are_not_timed() {
+    let mut server = BinaryServer::start(|command| {
+        command.env_remove("RUST_LOG");
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for max_tokens in [2, 3] {
+        let response = client
+            .post(format!("{}/v1/chat/completions", server.base))
+            .json(
+                &json!({"model": "auto", "messages": user("Hi"), "max_tokens": max_tokens,
+                          "ignore_eos": true}),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await;
+    }
+    // A refusal after routing began (an unknown model) is logged too, with its status.
+    let refused = client
+        .post(format!("{}/v1/chat/completions", server.base))
+        .json(&json!({"model": "no-such-model", "messages": user("Hi")}))
+        .send()
+        .await
+        .expect("request");
+    let refused_status = refused.status().as_u16().to_string();
+    server.sigterm();
+    let status = server.exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+
+    let lines = server.log_lines();
+    let access: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains("tiergate::access"))
+        .collect();
+    assert_eq!(access.len(), 3, "{access:#?}");
+    assert!(access[0].contains("completion_tokens=2"), "{}", access[0]);
+    assert!(access[1].contains("completion_tokens=3"), "{}", access[1]);
+    assert!(
+        access[2].contains(&format!("status={refused_status}")),
+        "{}",
+        access[2]
+    );
+    // Span timing is a debug-level detail: no span closes at info.
+    let timed: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains("time.busy"))
+        .collect();
+    assert!(timed.is_empty(), "{timed:#?}");
 }
