@@ -10,6 +10,7 @@
 //! all generated tokens over the whole run, prefill included.
 //!
 //!   TIERGATE_BENCH_CONSTRAINED=1 cargo bench --bench engine
+//!   TIERGATE_BENCH_CONSTRAINED=1 TIERGATE_BENCH_BIASES=300 cargo bench --bench engine
 //!
 //! instead measures what one JSON-schema-constrained sequence costs the others in its
 //! batch: 8 sequences at temperature 1 (top-k 40, the API's default, then the whole
@@ -223,6 +224,17 @@ fn constrained_cost_at(
     );
 }
 
+/// `TIERGATE_BENCH_BIASES=N`: the constrained sequence also carries N small logit biases
+/// (on ids spread over the first 40k, which both default vocabularies hold), to measure
+/// the refusal path with llama.cpp's bias search.
+fn constrained_biases() -> Vec<(i32, f32)> {
+    let count: i32 = std::env::var("TIERGATE_BENCH_BIASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (0..count).map(|k| (1000 + k * 97 % 39_000, -0.5)).collect()
+}
+
 /// Runs `BATCH` sequences at temperature 1 and `top_k`, the first `constrained` of them under
 /// `SCHEMA`; the plain ones' mean ms per token after their first token.
 async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize, top_k: u32) -> f64 {
@@ -247,6 +259,11 @@ async fn plain_ms_per_token(engine: &dyn Engine, constrained: usize, top_k: u32)
                         temperature: 1.0,
                         top_k,
                         seed: Some(i as u32 + 1),
+                        logit_bias: if i < constrained {
+                            constrained_biases()
+                        } else {
+                            Vec::new()
+                        },
                         ..SamplingParams::default()
                     },
                     max_tokens: Some(GENERATED),

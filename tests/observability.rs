@@ -185,7 +185,9 @@ async fn json_logs_parse_and_carry_an_access_line_and_the_stages() {
     assert!(line["total_ms"].is_u64(), "{access}");
     assert!(line["rule"].is_string(), "{access}");
     // The line names the reply the client got.
-    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")));
+    assert!(body["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("chatcmpl-")));
     assert_eq!(access["span"]["id"], body["id"], "{access}");
     let span = |name: &str| {
         closed_spans

@@ -122,6 +122,11 @@ fn compile(schema: &str, model: &LlamaModel) -> Result<Grammar, String> {
 ///   as JSON's do; otherwise their tokens are always offered.
 /// - llama.cpp refuses a token with empty text, or text starting with NUL, outright.
 ///
+/// This holds for grammars made by `json_schema_to_grammar`, the only source here; GBNF's
+/// token terminals (`<[id]>`) would match tokens by id, not by text. Overlong UTF-8
+/// (`0xC1 0x81` for `A`) is read by llama.cpp as the character, though its lone lead byte
+/// is refused; no vocabulary holds such tokens.
+///
 /// End-of-generation tokens and tokens whose text depends on how special tokens are
 /// rendered are always offered to the grammar, and a character with no single-byte token
 /// to ask about counts as allowed. `tests::first_bytes_leave_out_only_tokens_the_grammar_refuses`
@@ -401,7 +406,9 @@ pub struct Constraint {
     pub judges_lead_bytes: bool,
     /// Offer the grammar only the tokens `first_bytes` leaves. Off when the chain has more
     /// than a few logit biases: llama.cpp finds a bias's token by its index only in the
-    /// whole vocabulary in id order, and searches any other array once per bias.
+    /// whole vocabulary in id order, and compares every entry of any other array with each
+    /// bias (on Gemma with 300 biases, the batch's step grew by 4.5-4.7 ms with the whole
+    /// vocabulary and 5.7-8.5 ms narrowed, in a spread of about 5 ms).
     pub narrows: bool,
 }
 
@@ -424,7 +431,8 @@ fn highest_allowed(
     if offered.data.len() <= ASKED_AT_ONCE.max(top) {
         return None;
     }
-    // Ties go to the lower id, as greedy's scan of the vocabulary in id order does.
+    // Ties go to the lower id, as greedy's scan of the vocabulary in id order does. (When
+    // this finds too few, `offered` is left reordered, and ties among it go either way.)
     let by_logit_descending = |a: &LlamaTokenData, b: &LlamaTokenData| {
         b.logit()
             .total_cmp(&a.logit())
@@ -518,6 +526,27 @@ mod tests {
             .collect();
         ids.sort_unstable();
         ids
+    }
+
+    #[test]
+    fn lead_bytes_are_judged_only_without_non_ascii_negations() {
+        for (grammar, judged) in [
+            // JSON's string characters, as llama.cpp writes them.
+            (r#"char ::= [^"\\\x7F\x00-\x1F] | [\\] ["\\/bfnrt]"#, true),
+            (r#"root ::= [^a-z\]\-] "é""#, true),
+            ("root ::= [^€]", false),
+            (r"root ::= [^\u20AC]", false),
+            (r"root ::= [^\U0001F600]", false),
+            (r"root ::= [^\xE2]", false),
+            (r"root ::= [^\x7F\xA0]", false),
+            (r"root ::= [^\]é]", false),
+            (r"root ::= [^a-\u00FF]", false),
+            ("root ::= [^a", false),
+            // Positive classes may list anything.
+            (r"root ::= [€-\U0010FFFF]", true),
+        ] {
+            assert_eq!(judges_lead_bytes(grammar), judged, "{grammar}");
+        }
     }
 
     /// At every position of a reply, the tokens the rules allow among the candidates the
