@@ -65,11 +65,9 @@ struct Batch {
 impl Batch {
     fn write_out(&self) {
         let _order = self.output.lock().unwrap_or_else(PoisonError::into_inner);
+        // Taken in a statement of its own, so that loggers wait only for the take.
         let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(PoisonError::into_inner));
-        if !lines.is_empty() {
-            // Nowhere to report a failed write to stderr.
-            let _ = std::io::stderr().lock().write_all(&lines);
-        }
+        write_to_stderr(&lines);
     }
 
     /// `write_out` unless a lock it needs is held (by another thread, which is writing, or
@@ -83,7 +81,7 @@ impl Batch {
         };
         let lines = std::mem::take(&mut *gathered);
         drop(gathered);
-        let _ = std::io::stderr().lock().write_all(&lines);
+        write_to_stderr(&lines);
     }
 
     /// Ends the flusher; lines logged from now on (by threads still running while the
@@ -107,6 +105,14 @@ impl Batch {
             self.write_out();
             stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
         }
+    }
+}
+
+/// Writes a batch of whole lines to stderr under its lock.
+fn write_to_stderr(lines: &[u8]) {
+    if !lines.is_empty() {
+        // Nowhere to report a failed write to stderr.
+        let _ = std::io::stderr().lock().write_all(lines);
     }
 }
 
