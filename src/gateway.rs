@@ -316,7 +316,7 @@ impl Gateway {
         // the engine's queue, prefill and decode spans are its children. It carries the
         // reply's id only: what an access line says is gathered in `Outcome` and logged
         // once, as each field recorded on a span is formatted when recorded.
-        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        let id = reply_id();
         let span = tracing::info_span!("request", id = %id);
         self.serve_in(span.clone(), id, caller.0, request)
             .instrument(span.clone())
@@ -994,6 +994,16 @@ impl Outcome {
         };
         self.count(&status, "error");
     }
+}
+
+/// A reply's id, `chatcmpl-` and 32 hex digits, as OpenAI's look.
+fn reply_id() -> String {
+    const PREFIX: &str = "chatcmpl-";
+    let mut digits = uuid::Uuid::encode_buffer();
+    let mut id = String::with_capacity(PREFIX.len() + uuid::fmt::Simple::LENGTH);
+    id.push_str(PREFIX);
+    id.push_str(uuid::Uuid::new_v4().simple().encode_lower(&mut digits));
+    id
 }
 
 /// The target of the access log: one line at info per request that reached `serve`.

@@ -1,5 +1,7 @@
 //! Logging set-up: `RUST_LOG`-style filtering, human or JSON output.
 
+mod format;
+
 use std::io::{IsTerminal as _, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -181,6 +183,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         .max_level_hint()
         .is_none_or(|most_verbose| most_verbose >= LevelFilter::DEBUG);
     let builder = tracing_subscriber::fmt()
+        .with_timer(format::UtcMicros)
         .with_env_filter(filter)
         .with_span_events(if stage_lines {
             FmtSpan::CLOSE
@@ -192,7 +195,7 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         .with_writer(BatchedStderr(Arc::clone(&batch)));
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(format::TextFields).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     LogGuard { batch, flusher }

@@ -164,10 +164,24 @@ impl Tiers {
 
     /// `tier` first, then each smaller tier (those listed before it), nearest first.
     pub fn degrade_path(&self, tier: &str) -> Vec<String> {
-        let names = self.names();
-        let position = names.iter().position(|t| t == tier).unwrap_or(0);
-        std::iter::once(tier.to_owned())
-            .chain(names[..position].iter().rev().cloned())
+        // Borrowed names until the path is known: this runs for every request.
+        let mut before: Vec<&str> = Vec::new();
+        let mut found = false;
+        for name in self.backends.iter().map(|b| b.info().tier.as_str()) {
+            if name == tier {
+                found = true;
+                break;
+            }
+            if !before.contains(&name) {
+                before.push(name);
+            }
+        }
+        if !found {
+            before.clear();
+        }
+        std::iter::once(tier)
+            .chain(before.into_iter().rev())
+            .map(str::to_owned)
             .collect()
     }
 
@@ -341,5 +355,15 @@ mod tests {
         let tiers = tiers();
         assert_eq!(tiers.degrade_path("full"), ["full", "fast"]);
         assert_eq!(tiers.degrade_path("fast"), ["fast"]);
+        // Three tiers, one listed twice: each smaller tier once, nearest first.
+        let tiers = Tiers::new(
+            [("a", "tiny"), ("b", "fast"), ("c", "tiny"), ("d", "full")]
+                .map(|(id, tier)| ScriptedEngine::new(id, tier).into_backend())
+                .into(),
+        );
+        assert_eq!(tiers.degrade_path("full"), ["full", "fast", "tiny"]);
+        assert_eq!(tiers.degrade_path("fast"), ["fast", "tiny"]);
+        // A tier no backend serves degrades nowhere.
+        assert_eq!(tiers.degrade_path("huge"), ["huge"]);
     }
 }

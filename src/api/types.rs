@@ -128,13 +128,48 @@ pub struct RequestMessage {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum MessageContent {
     Text(String),
     /// Open WebUI and the OpenAI SDKs send `[{"type": "text", "text": "..."}]`, sometimes with
     /// extra keys (which are ignored).
     Parts(Vec<ContentPart>),
+}
+
+/// A string or a list of parts, told apart by the JSON type. Not `#[serde(untagged)]`,
+/// which buffers every message's content into an intermediate value before trying each
+/// variant: that was a sixth of parsing a short chat request.
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for ContentVisitor {
+            type Value = MessageContent;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(MessageContent::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(MessageContent::Text(text))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                parts: A,
+            ) -> Result<Self::Value, A::Error> {
+                let parts =
+                    Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(parts))?;
+                Ok(MessageContent::Parts(parts))
+            }
+        }
+
+        deserializer.deserialize_any(ContentVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -778,6 +813,46 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("temperature"));
         let err = parse(r#"{"messages":"hello"}"#).expect_err("type");
         assert_eq!(err.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn content_is_a_string_or_a_list_of_parts_and_nothing_else() {
+        let content = |json: &str| {
+            parse(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}},{{"role":"assistant","content":{json}}},{{"role":"user","content":"y"}}]}}"#
+            ))
+        };
+        let texts = |req: ChatRequest| -> Vec<String> {
+            req.messages.into_iter().map(|m| m.content).collect()
+        };
+        assert_eq!(
+            texts(content(r#""a \"quoted\" \u00e9""#).expect("string")),
+            ["x", "a \"quoted\" é", "y"]
+        );
+        assert_eq!(
+            texts(
+                content(r#"[{"type":"text","text":"p"},{"type":"text","text":"q"}]"#)
+                    .expect("parts")
+            ),
+            ["x", "pq", "y"]
+        );
+        // Null is no content, which a message without tool calls must have.
+        let err = content("null").expect_err("null");
+        assert!(err.message.contains("is required"), "{}", err.message);
+        for wrong in ["7", "true", r#"{"type":"text","text":"p"}"#, r#"[7]"#] {
+            let err = content(wrong).expect_err(wrong);
+            assert_eq!(err.status, 400, "{wrong}");
+            // A wrong part is named by its index (untagged named only the content).
+            let param = err.param.unwrap_or_default();
+            assert!(param.starts_with("messages[1].content"), "{wrong}: {param}");
+        }
+        let err = content("7").expect_err("a number");
+        assert!(
+            err.message
+                .contains("a string or an array of content parts"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
