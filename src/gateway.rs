@@ -38,6 +38,7 @@ use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLab
 use crate::router::{
     route_key, CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
 };
+use crate::telemetry::access::AccessLine;
 use crate::tiers::{Pin, Tiers, TooLarge, UnknownModel};
 
 /// Everything a request may be refused or failed with before its reply starts.
@@ -943,23 +944,22 @@ impl Outcome {
         self.ended = true;
         count_request(&self.metrics, &self.labels, status, finish_reason);
         let access = &self.access;
-        tracing::info!(
-            target: ACCESS_LOG,
-            parent: &self.span,
-            status = %status,
+        AccessLine {
+            id: &self.id,
+            status,
             finish_reason,
-            rule = access.rule,
-            tier = self.labels.tier,
-            model = self.labels.model,
-            degraded = access.degraded,
-            endpoint = access.endpoint,
-            cache = access.cache,
-            prompt_tokens = access.prompt_tokens,
-            completion_tokens = access.completion_tokens,
-            ttft_ms = access.ttft_ms,
-            total_ms = self.accepted_at.elapsed().as_millis() as u64,
-            "request"
-        );
+            rule: &access.rule,
+            tier: &self.labels.tier,
+            model: &self.labels.model,
+            degraded: access.degraded.as_deref(),
+            endpoint: access.endpoint.as_deref(),
+            cache: access.cache,
+            prompt_tokens: access.prompt_tokens,
+            completion_tokens: access.completion_tokens,
+            ttft_ms: access.ttft_ms,
+            total_ms: self.accepted_at.elapsed().as_millis() as u64,
+        }
+        .log(&self.span);
     }
 
     fn finished(&mut self, ending: &Ending) {
@@ -1007,7 +1007,7 @@ fn reply_id() -> String {
 }
 
 /// The target of the access log: one line at info per request that reached `serve`.
-pub const ACCESS_LOG: &str = "tiergate::access";
+pub const ACCESS_LOG: &str = crate::telemetry::access::TARGET;
 
 /// What a request's access line says beyond its labels, gathered as the request goes.
 #[derive(Debug, Default)]

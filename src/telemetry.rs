@@ -1,5 +1,6 @@
 //! Logging set-up: `RUST_LOG`-style filtering, human or JSON output.
 
+pub mod access;
 mod format;
 
 use std::io::{IsTerminal as _, Write};
@@ -11,6 +12,7 @@ use std::time::Duration;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::EnvFilter;
 
 /// llama.cpp logs every tensor while loading; its warnings are what an operator needs.
@@ -110,6 +112,39 @@ impl Batch {
     }
 }
 
+/// The fmt subscriber `init` installs, writing through `writer`.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    // A line when each span closes, with its fields and duration: the request's route,
+    // queue, prefill and decode stages, at debug. Only then: timing spans reads the clock
+    // at every poll of a request, and the access line (`tiergate::access`) already gives
+    // each request's times at info.
+    let stage_lines = filter
+        .max_level_hint()
+        .is_none_or(|most_verbose| most_verbose >= LevelFilter::DEBUG);
+    let builder = tracing_subscriber::fmt()
+        .with_timer(format::UtcMicros)
+        .with_env_filter(filter)
+        .with_span_events(if stage_lines {
+            FmtSpan::CLOSE
+        } else {
+            FmtSpan::NONE
+        })
+        .with_ansi(ansi)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.fmt_fields(format::TextFields).finish()),
+        LogFormat::Json => Box::new(builder.json().finish()),
+    }
+}
+
 /// Writes a batch of whole lines to stderr under its lock.
 fn write_to_stderr(lines: &[u8]) {
     if !lines.is_empty() {
@@ -175,28 +210,57 @@ pub fn init(format: LogFormat, default_filter: &str) -> LogGuard {
         gathered.try_write_out();
         panic_message(info);
     }));
-    // A line when each span closes, with its fields and duration: the request's route,
-    // queue, prefill and decode stages, at debug. Only then: timing spans reads the clock
-    // at every poll of a request, and the access line (`tiergate::access`) already gives
-    // each request's times at info.
-    let stage_lines = filter
-        .max_level_hint()
-        .is_none_or(|most_verbose| most_verbose >= LevelFilter::DEBUG);
-    let builder = tracing_subscriber::fmt()
-        .with_timer(format::UtcMicros)
-        .with_env_filter(filter)
-        .with_span_events(if stage_lines {
-            FmtSpan::CLOSE
-        } else {
-            FmtSpan::NONE
-        })
-        // Colours only for a person at a terminal, not in files and log collectors.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(BatchedStderr(Arc::clone(&batch)));
+    // Colours only for a person at a terminal, not in files and log collectors.
+    let ansi = std::io::stderr().is_terminal();
+    let subscriber = subscriber(format, filter, ansi, BatchedStderr(Arc::clone(&batch)));
     // A second init (tests) is harmless: keep the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.fmt_fields(format::TextFields).try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    if subscriber.try_init().is_ok() && !ansi {
+        access::install(access::AccessWriter {
+            batch: Arc::clone(&batch),
+            json: format == LogFormat::Json,
+        });
+    }
     LogGuard { batch, flusher }
+}
+
+/// A writer that keeps what the fmt layer writes, for tests.
+#[cfg(test)]
+mod captured {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use tracing_subscriber::fmt::MakeWriter;
+
+    #[derive(Clone, Default)]
+    pub(super) struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        pub(super) fn text(&self) -> String {
+            let bytes = self
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            String::from_utf8(bytes).expect("log lines are UTF-8")
+        }
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            lines.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Lines {
+        type Writer = Lines;
+
+        fn make_writer(&self) -> Self::Writer {
+            self.clone()
+        }
+    }
 }

@@ -26,7 +26,7 @@ impl FormatTime for UtcMicros {
     }
 }
 
-fn write_timestamp(w: &mut impl fmt::Write, since_epoch: Duration) -> fmt::Result {
+pub(super) fn write_timestamp(w: &mut impl fmt::Write, since_epoch: Duration) -> fmt::Result {
     thread_local! {
         /// The last second formatted here, and its text up to the seconds.
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
@@ -127,7 +127,7 @@ fn write_all(w: &mut Writer<'_>, parts: &[&str]) -> fmt::Result {
 }
 
 /// Whether `str`'s `Debug` writes `value` unchanged between its quotes.
-fn debug_is_verbatim(value: &str) -> bool {
+pub(super) fn debug_is_verbatim(value: &str) -> bool {
     value
         .bytes()
         .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
@@ -176,13 +176,13 @@ impl TextVisitor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex, PoisonError};
     use std::time::Duration;
 
     use tracing_subscriber::fmt::format::DefaultFields;
-    use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+    use tracing_subscriber::fmt::FormatFields;
 
     use super::{write_timestamp, TextFields};
+    use crate::telemetry::captured::Lines;
 
     fn timestamp(since_epoch: Duration) -> String {
         let mut text = String::new();
@@ -210,29 +210,6 @@ mod tests {
             timestamp(Duration::new(951_782_400, 0)),
             "2000-02-29T00:00:00.000000Z"
         );
-    }
-
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            lines.extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl MakeWriter<'_> for Lines {
-        type Writer = Lines;
-
-        fn make_writer(&self) -> Self::Writer {
-            self.clone()
-        }
     }
 
     /// Every kind of field and value, in spans and events, as `fields` formats them.
@@ -279,12 +256,7 @@ mod tests {
             let err = std::io::Error::other("disk full");
             tracing::error!(error = &err as &(dyn std::error::Error + 'static), "failed");
         });
-        let bytes = lines
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        String::from_utf8(bytes).expect("log lines are UTF-8")
+        lines.text()
     }
 
     #[test]
