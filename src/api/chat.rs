@@ -106,22 +106,26 @@ pub async fn explain_route(
 /// decode stages in milliseconds (browsers' dev tools and many proxies show these). A
 /// reply from the cache names its cache use instead of engine stages.
 fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>) -> String {
-    let ms = Millis;
     match cache {
         Some(replayed) if replayed.replayed() => {
-            format!("route;dur={}, cache;desc={}", ms(route), replayed.as_str())
+            format!(
+                "route;dur={}, cache;desc={}",
+                Millis(route),
+                replayed.as_str()
+            )
         }
         _ => format!(
             "route;dur={}, queue;dur={}, prefill;dur={}, decode;dur={}",
-            ms(route),
-            ms(stages.queue),
-            ms(stages.prefill),
-            ms(stages.decode)
+            Millis(route),
+            Millis(stages.queue),
+            Millis(stages.prefill),
+            Millis(stages.decode)
         ),
     }
 }
 
-/// Milliseconds with three decimals (`12.345`), written from integer microseconds:
+/// Milliseconds with three decimals (`12.345`, truncated to the microsecond), written
+/// from integer microseconds:
 /// float formatting was most of the header's cost on a cache hit.
 struct Millis(Duration);
 

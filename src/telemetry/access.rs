@@ -59,7 +59,7 @@ impl AccessLine<'_> {
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }
-        let Some(writer) = WRITER.get() else {
+        let Some(writer) = WRITER.get().filter(|_| direct_is_exact(span)) else {
             return self.event(span);
         };
         thread_local! {
@@ -159,10 +159,19 @@ impl AccessLine<'_> {
         line.raw(TARGET);
         line.raw("\",\"span\":{\"id\":");
         line.quoted(self.id);
-        // The fmt layer lists the spans entered where the event fires; the access line
-        // fires outside the request's, so the list is empty.
+        // The spans entered where the line fires: none (see `direct_is_exact`).
         line.raw(",\"name\":\"request\"},\"spans\":[]}");
     }
+}
+
+/// Whether the direct line is the one the fmt layer would write: the request's span is
+/// enabled (a filter can turn spans off and leave the access target on; the event is then
+/// a root, with no span part), and no span is entered where the line fires (JSON lists
+/// the entered spans: a budget refusal ends the request inside its span, and so does a
+/// client leaving while it is routed). Those cases go through tracing.
+fn direct_is_exact(span: &tracing::Span) -> bool {
+    !span.is_disabled()
+        && tracing::dispatcher::get_default(|dispatch| dispatch.current_span().id().is_none())
 }
 
 /// Fields as `TextFields` writes them.
@@ -246,7 +255,7 @@ mod tests {
 
     use tracing_subscriber::EnvFilter;
 
-    use super::AccessLine;
+    use super::{direct_is_exact, AccessLine};
     use crate::telemetry::captured::Lines;
     use crate::telemetry::{subscriber, LogFormat};
 
@@ -350,6 +359,46 @@ mod tests {
                 assert_eq!(direct, through_tracing, "{format:?}");
             }
         }
+    }
+
+    /// Found in review: the direct JSON line said `"spans":[]` for a line fired inside
+    /// the request's span, and both layouts named a span the filter had turned off.
+    #[test]
+    fn lines_inside_the_span_or_without_it_go_through_tracing() {
+        let captured = Lines::default();
+        let json = subscriber(
+            LogFormat::Json,
+            EnvFilter::new("info"),
+            false,
+            captured.clone(),
+        );
+        tracing::subscriber::with_default(json, || {
+            let span = tracing::info_span!("request", id = %HIT.id);
+            assert!(direct_is_exact(&span));
+            span.in_scope(|| {
+                assert!(!direct_is_exact(&span));
+                HIT.event(&span);
+            });
+        });
+        assert!(
+            captured.text().contains(r#""spans":[{"id":"#),
+            "{}",
+            captured.text()
+        );
+
+        let captured = Lines::default();
+        let spans_off = EnvFilter::new("warn,tiergate::access=info");
+        let text = subscriber(LogFormat::Text, spans_off, false, captured.clone());
+        tracing::subscriber::with_default(text, || {
+            let span = tracing::info_span!("request", id = %HIT.id);
+            assert!(!direct_is_exact(&span));
+            HIT.event(&span);
+        });
+        let line = captured.text();
+        assert!(
+            line.contains(" INFO tiergate::access: request status=200"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -111,6 +111,18 @@ impl TextVisitor<'_> {
         Some(name)
     }
 
+    /// Hands one field to `DefaultVisitor`, which writes the space before it.
+    fn delegate(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        // It leaves these out, and then writes no space either.
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut visitor);
+        self.result = visitor.finish();
+        self.is_empty = false;
+    }
+
     fn write_integer(&mut self, field: &Field, value: impl itoa::Integer + fmt::Debug) {
         if field.name() == "message" {
             return self.delegate(field, |visitor| visitor.record_debug(field, &value));
@@ -157,20 +169,6 @@ impl Visit for TextVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.delegate(field, |visitor| visitor.record_debug(field, value));
-    }
-}
-
-impl TextVisitor<'_> {
-    /// Hands one field to `DefaultVisitor`, which writes the space before it.
-    fn delegate(&mut self, field: &Field, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
-        // It leaves these out, and then writes no space either.
-        if self.result.is_err() || field.name().starts_with("log.") {
-            return;
-        }
-        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
-        record(&mut visitor);
-        self.result = visitor.finish();
-        self.is_empty = false;
     }
 }
 
