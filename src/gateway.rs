@@ -38,7 +38,7 @@ use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLab
 use crate::router::{
     route_key, CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
 };
-use crate::telemetry::access::AccessLine;
+use crate::telemetry::access::{self, AccessLine};
 use crate::tiers::{Pin, Tiers, TooLarge, UnknownModel};
 
 /// Everything a request may be refused or failed with before its reply starts.
@@ -327,7 +327,7 @@ impl Gateway {
                 if !matches!(err, GatewayError::Budget(_)) {
                     let status = err.http_status();
                     self.count_refused(status);
-                    tracing::info!(target: ACCESS_LOG, parent: &span, status = %status, error = %err, "refused");
+                    tracing::info!(target: access::TARGET, parent: &span, status = %status, error = %err, "refused");
                 }
             })
     }
@@ -1005,9 +1005,6 @@ fn reply_id() -> String {
     id.push_str(uuid::Uuid::new_v4().simple().encode_lower(&mut digits));
     id
 }
-
-/// The target of the access log: one line at info per request that reached `serve`.
-pub const ACCESS_LOG: &str = crate::telemetry::access::TARGET;
 
 /// What a request's access line says beyond its labels, gathered as the request goes.
 #[derive(Debug, Default)]

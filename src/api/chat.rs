@@ -125,8 +125,7 @@ fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>
 }
 
 /// Milliseconds with three decimals (`12.345`, truncated to the microsecond), written
-/// from integer microseconds:
-/// float formatting was most of the header's cost on a cache hit.
+/// from integer microseconds: float formatting was most of the header's cost on a hit.
 struct Millis(Duration);
 
 impl std::fmt::Display for Millis {

@@ -13,7 +13,7 @@ use std::io::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::format::{debug_is_verbatim, write_timestamp};
+use super::format::{write_debug_str, write_timestamp};
 use super::Batch;
 
 /// The access log's target.
@@ -97,6 +97,21 @@ impl AccessLine<'_> {
         );
     }
 
+    /// The fields after `status`, in the event's order, in either layout.
+    fn fields(&self, line: &mut impl FieldSink) {
+        line.string("finish_reason", Some(self.finish_reason));
+        line.string("rule", Some(self.rule));
+        line.string("tier", Some(self.tier));
+        line.string("model", Some(self.model));
+        line.string("degraded", self.degraded);
+        line.string("endpoint", self.endpoint);
+        line.string("cache", self.cache);
+        line.number("prompt_tokens", self.prompt_tokens.map(u64::from));
+        line.number("completion_tokens", self.completion_tokens.map(u64::from));
+        line.number("ttft_ms", self.ttft_ms);
+        line.number("total_ms", Some(self.total_ms));
+    }
+
     /// The line as the fmt layer writes the event, text or JSON, with the timestamp
     /// `now` (none: no timestamp, as `without_time` writes it).
     fn format(&self, out: &mut Vec<u8>, json: bool, now: Option<Duration>) {
@@ -121,17 +136,7 @@ impl AccessLine<'_> {
         line.raw(TARGET);
         line.raw(": request status=");
         line.raw(self.status);
-        line.string("finish_reason", Some(self.finish_reason));
-        line.string("rule", Some(self.rule));
-        line.string("tier", Some(self.tier));
-        line.string("model", Some(self.model));
-        line.string("degraded", self.degraded);
-        line.string("endpoint", self.endpoint);
-        line.string("cache", self.cache);
-        line.number("prompt_tokens", self.prompt_tokens.map(u64::from));
-        line.number("completion_tokens", self.completion_tokens.map(u64::from));
-        line.number("ttft_ms", self.ttft_ms);
-        line.number("total_ms", Some(self.total_ms));
+        self.fields(&mut line);
     }
 
     fn format_json(&self, out: &mut Vec<u8>, now: Option<Duration>) {
@@ -144,17 +149,7 @@ impl AccessLine<'_> {
         }
         line.raw("\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
         line.string("status", Some(self.status));
-        line.string("finish_reason", Some(self.finish_reason));
-        line.string("rule", Some(self.rule));
-        line.string("tier", Some(self.tier));
-        line.string("model", Some(self.model));
-        line.string("degraded", self.degraded);
-        line.string("endpoint", self.endpoint);
-        line.string("cache", self.cache);
-        line.number("prompt_tokens", self.prompt_tokens.map(u64::from));
-        line.number("completion_tokens", self.completion_tokens.map(u64::from));
-        line.number("ttft_ms", self.ttft_ms);
-        line.number("total_ms", Some(self.total_ms));
+        self.fields(&mut line);
         line.raw("},\"target\":\"");
         line.raw(TARGET);
         line.raw("\",\"span\":{\"id\":");
@@ -186,19 +181,22 @@ impl TextLine<'_> {
         // Writing to a Vec cannot fail.
         let _ = write_timestamp(self, now);
     }
+}
 
+/// A field written if it has a value; `None` is left out, as tracing leaves out `None`.
+trait FieldSink {
+    fn string(&mut self, name: &str, value: Option<&str>);
+    fn number(&mut self, name: &str, value: Option<u64>);
+}
+
+impl FieldSink for TextLine<'_> {
     fn string(&mut self, name: &str, value: Option<&str>) {
         let Some(value) = value else { return };
         self.raw(" ");
         self.raw(name);
-        if debug_is_verbatim(value) {
-            self.raw("=\"");
-            self.raw(value);
-            self.raw("\"");
-        } else {
-            // Writing to a Vec cannot fail.
-            let _ = write!(self.0, "={value:?}");
-        }
+        self.raw("=");
+        // Writing to a Vec cannot fail.
+        let _ = write_debug_str(self, value);
     }
 
     fn number(&mut self, name: &str, value: Option<u64>) {
@@ -235,7 +233,9 @@ impl JsonLine<'_> {
         self.raw(name);
         self.raw("\":");
     }
+}
 
+impl FieldSink for JsonLine<'_> {
     fn string(&mut self, name: &str, value: Option<&str>) {
         let Some(value) = value else { return };
         self.key(name);

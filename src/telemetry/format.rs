@@ -138,20 +138,29 @@ fn write_all(w: &mut Writer<'_>, parts: &[&str]) -> fmt::Result {
     parts.iter().try_for_each(|part| w.write_str(part))
 }
 
-/// Whether `str`'s `Debug` writes `value` unchanged between its quotes.
-pub(super) fn debug_is_verbatim(value: &str) -> bool {
-    value
+/// `value` as `str`'s `Debug` writes it, without running `Debug` (which escapes a
+/// character at a time) when it would print the string unchanged between quotes.
+pub(super) fn write_debug_str(w: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    let verbatim = value
         .bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
+    if verbatim {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
+    }
 }
 
 impl Visit for TextVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" || !debug_is_verbatim(value) {
+        if field.name() == "message" {
             return self.delegate(field, |visitor| visitor.record_str(field, value));
         }
         if let Some(name) = self.start(field) {
-            self.result = write_all(&mut self.writer, &[name, "=\"", value, "\""]);
+            self.result = write_all(&mut self.writer, &[name, "="])
+                .and_then(|()| write_debug_str(&mut self.writer, value));
         }
     }
 
@@ -190,24 +199,27 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc_micros_across_seconds() {
-        assert_eq!(timestamp(Duration::ZERO), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(
-            timestamp(Duration::new(1_700_000_000, 123_456_789)),
-            "2023-11-14T22:13:20.123456Z"
-        );
-        // The same second again, then the next: the cached part must move on.
-        assert_eq!(
-            timestamp(Duration::new(1_700_000_000, 999_999_999)),
-            "2023-11-14T22:13:20.999999Z"
-        );
-        assert_eq!(
-            timestamp(Duration::new(1_700_000_001, 1_000)),
-            "2023-11-14T22:13:21.000001Z"
-        );
-        assert_eq!(
-            timestamp(Duration::new(951_782_400, 0)),
-            "2000-02-29T00:00:00.000000Z"
-        );
+        // In order: the same second twice, then the next (the cached part must move on),
+        // then a leap day.
+        let cases = [
+            (Duration::ZERO, "1970-01-01T00:00:00.000000Z"),
+            (
+                Duration::new(1_700_000_000, 123_456_789),
+                "2023-11-14T22:13:20.123456Z",
+            ),
+            (
+                Duration::new(1_700_000_000, 999_999_999),
+                "2023-11-14T22:13:20.999999Z",
+            ),
+            (
+                Duration::new(1_700_000_001, 1_000),
+                "2023-11-14T22:13:21.000001Z",
+            ),
+            (Duration::new(951_782_400, 0), "2000-02-29T00:00:00.000000Z"),
+        ];
+        for (since_epoch, expected) in cases {
+            assert_eq!(timestamp(since_epoch), expected, "{since_epoch:?}");
+        }
     }
 
     /// Every kind of field and value, in spans and events, as `fields` formats them.
