@@ -29,9 +29,7 @@ use crate::embed::Embedding;
 use crate::engine::{
     EngineError, GenerationRequest, Health, PromptLimits, StageTimings, TokenEvent, TokenStream,
 };
-use crate::metrics::{
-    CacheLabels, DegradeLabels, GuardLabels, Metrics, SemanticLabels, TierLabels,
-};
+use crate::metrics::{DegradeLabels, GuardLabels, Metrics, SemanticLabels, TierLabels};
 use crate::router::{CacheMode, Route, TokenCounter};
 use crate::semantic::SemanticLookup;
 use crate::tiers::{unable_to_serve, Tiers};
@@ -353,6 +351,9 @@ pub struct Attempt<'a> {
     pub deadlines: Deadlines,
     /// The embedding of the last user message, for a `cache = "semantic"` route.
     pub meaning: Option<Embedding>,
+    /// The reader takes the reply whole (not streamed): a replay gives its text in one
+    /// piece rather than one per cached piece.
+    pub whole: bool,
 }
 
 /// The context error a request gets on a tier its prompt (and `max_tokens`) cannot fit.
@@ -400,6 +401,7 @@ impl Planner<'_> {
             api_key,
             deadlines,
             meaning,
+            whole,
         } = attempt;
         let use_cache = cacheable(route, generation);
         let prompt_bytes = message_bytes(&generation.messages);
@@ -464,7 +466,7 @@ impl Planner<'_> {
             let key = use_cache.then(|| ReplyKey::new(generation, &model, scope));
             let cached = key.as_ref().map(|key| self.cache.lookup(key));
             if let Some(Lookup::Fresh(reply)) = &cached {
-                return Ok(self.replay(reply, tier, model, degraded, CacheUse::Hit));
+                return Ok(self.replay(reply, tier, model, degraded, CacheUse::Hit, whole));
             }
             // Count first: a prompt that fits no tier is the client's error, not load. A
             // count that fails (a backend loading or down, or a prompt its template
@@ -495,7 +497,7 @@ impl Planner<'_> {
                     let repriced = counted.as_ref().ok().map(|n| reply.for_prompt(*n));
                     let reply = repriced.as_ref().unwrap_or(&reply);
                     let mut acquired =
-                        self.replay(reply, tier, model, degraded, CacheUse::Semantic);
+                        self.replay(reply, tier, model, degraded, CacheUse::Semantic, whole);
                     acquired.similarity = Some(similarity);
                     return Ok(acquired);
                 }
@@ -661,7 +663,7 @@ impl Planner<'_> {
                     to: tier.clone(),
                     reason: left_because.unwrap_or(DegradeReason::PredictedTtft),
                 });
-                return Ok(self.replay(&reply, &tier, model, degraded, CacheUse::Stale));
+                return Ok(self.replay(&reply, &tier, model, degraded, CacheUse::Stale, whole));
             }
         }
         self.metrics
@@ -780,10 +782,11 @@ impl Planner<'_> {
         model: String,
         degraded: Option<Degradation>,
         cache_use: CacheUse,
+        whole: bool,
     ) -> Acquired {
         self.count_cache(tier, cache_use);
         self.count_degradation(degraded.as_ref());
-        let mut events = reply.events().into_iter();
+        let mut events = reply.events(whole).into_iter();
         let first = events.next().unwrap_or(TokenEvent::Finished {
             finish_reason: reply.finish_reason,
             usage: reply.usage,
@@ -805,10 +808,7 @@ impl Planner<'_> {
     fn count_cache(&self, tier: &str, cache_use: CacheUse) {
         self.metrics
             .cache_lookups
-            .get_or_create(&CacheLabels {
-                tier: tier.to_owned(),
-                outcome: cache_use.as_str().to_owned(),
-            })
+            .get([tier, cache_use.as_str()])
             .inc();
     }
 

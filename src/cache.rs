@@ -164,10 +164,15 @@ pub struct CachedReply {
 }
 
 impl CachedReply {
-    /// The events that replay this reply through the normal streaming path.
-    pub fn events(&self) -> Vec<TokenEvent> {
-        let mut events: Vec<TokenEvent> =
-            self.pieces.iter().cloned().map(TokenEvent::Text).collect();
+    /// The events that replay this reply through the normal streaming path: a text
+    /// event per cached piece, or, for a reader that takes the reply `whole`, one text
+    /// event for all of it (a copy per piece was a visible part of a non-streaming hit).
+    pub fn events(&self, whole: bool) -> Vec<TokenEvent> {
+        let mut events: Vec<TokenEvent> = if whole && !self.pieces.is_empty() {
+            vec![TokenEvent::Text(self.pieces.concat())]
+        } else {
+            self.pieces.iter().cloned().map(TokenEvent::Text).collect()
+        };
         events.push(TokenEvent::Finished {
             finish_reason: self.finish_reason,
             usage: self.usage,
@@ -670,6 +675,48 @@ mod tests {
         assert_ne!(key(&base), ReplyKey::new(&base, "full", Some("k")));
         assert_ne!(key(&base), ReplyKey::new(&base, "fast", Some("other")));
         assert_eq!(key(&base), key(&base.clone()));
+    }
+
+    #[test]
+    fn a_replay_is_a_piece_at_a_time_or_whole() {
+        let cache = cache(10, 1 << 20);
+        let key = ReplyKey::new(&request("hi"), "fast", None);
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 3,
+            cached_prompt_tokens: None,
+        };
+        let pieces = ["The", " capital", " is Paris."].map(String::from).to_vec();
+        cache.store(key.clone(), pieces, FinishReason::Stop, usage, FOREVER);
+        let Lookup::Fresh(reply) = cache.lookup(&key) else {
+            panic!("stored, so found");
+        };
+        let finished = TokenEvent::Finished {
+            finish_reason: FinishReason::Stop,
+            usage,
+            timings: StageTimings::default(),
+        };
+        let text = |t: &str| TokenEvent::Text(t.into());
+        assert_eq!(
+            reply.events(false),
+            vec![
+                text("The"),
+                text(" capital"),
+                text(" is Paris."),
+                finished.clone()
+            ]
+        );
+        assert_eq!(
+            reply.events(true),
+            vec![text("The capital is Paris."), finished.clone()]
+        );
+        // An empty reply is its ending alone, whole or not.
+        cache.store(key.clone(), Vec::new(), FinishReason::Stop, usage, FOREVER);
+        let Lookup::Fresh(empty) = cache.lookup(&key) else {
+            panic!("stored, so found");
+        };
+        assert_eq!(empty.events(true), vec![finished.clone()]);
+        assert_eq!(empty.events(false), vec![finished]);
     }
 
     #[test]

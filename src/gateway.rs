@@ -34,7 +34,7 @@ use crate::engine::{
     logprobs::TokenLogprob, EngineError, FinishReason, GenerationRequest, StageTimings, TokenEvent,
     TokenStream, Usage,
 };
-use crate::metrics::{Metrics, ModelLabels, ReasonLabels, RequestLabels, RouteLabels, TierLabels};
+use crate::metrics::{Metrics, ModelLabels, ReasonLabels, TierLabels};
 use crate::router::{
     route_key, CacheMode, Caller, Explanation, Features, Policy, PolicyStore, Route, TokenCounter,
 };
@@ -429,10 +429,7 @@ impl Gateway {
         let route_time = accepted_at.elapsed();
         self.metrics
             .route_decisions
-            .get_or_create(&RouteLabels {
-                tier: route.tier.clone(),
-                rule: route.rule.clone(),
-            })
+            .get([&route.tier, &route.rule])
             .inc();
         if let Some(cap) = route.max_tokens {
             generation.max_tokens = generation.max_tokens.map(|n| n.min(cap));
@@ -491,6 +488,7 @@ impl Gateway {
             api_key: api_key.as_deref(),
             deadlines,
             meaning,
+            whole: !stream,
         };
         let acquired = match planner.acquire(attempt).await {
             Ok(acquired) => acquired,
@@ -528,7 +526,7 @@ impl Gateway {
         let ttft = outcome.accepted_at.elapsed();
         self.metrics
             .time_to_first_token
-            .get_or_create(&labels)
+            .of(&labels)
             .observe(ttft.as_secs_f64());
         let access = &mut outcome.access;
         access.prompt_tokens = Some(acquired.prompt_tokens);
@@ -539,16 +537,11 @@ impl Gateway {
         if generated_here {
             self.metrics
                 .prompt_tokens
-                .get_or_create(&labels)
+                .of(&labels)
                 .inc_by(u64::from(acquired.prompt_tokens));
         }
         // Gaps between pieces mean something only for text generated for this reply.
-        let inter_token = generated_here.then(|| {
-            self.metrics
-                .inter_token_latency
-                .get_or_create(&labels)
-                .clone()
-        });
+        let inter_token = generated_here.then(|| self.metrics.inter_token_latency.of(&labels));
         outcome.labels = labels;
         outcome.generated_here = generated_here;
         let mut source = acquired.source;
@@ -968,12 +961,12 @@ impl Outcome {
         self.count("200", finish_reason);
         self.metrics
             .e2e_request_latency
-            .get_or_create(&self.labels)
+            .of(&self.labels)
             .observe(self.accepted_at.elapsed().as_secs_f64());
         if self.generated_here {
             self.metrics
                 .generated_tokens
-                .get_or_create(&self.labels)
+                .of(&self.labels)
                 .inc_by(u64::from(ending.usage.completion_tokens));
         }
         if ending.budget_cut {
@@ -1022,12 +1015,7 @@ struct AccessDetails {
 fn count_request(metrics: &Metrics, labels: &ModelLabels, status: &str, finish_reason: &str) {
     metrics
         .requests
-        .get_or_create(&RequestLabels {
-            model: labels.model.clone(),
-            tier: labels.tier.clone(),
-            status: status.to_owned(),
-            finish_reason: finish_reason.to_owned(),
-        })
+        .get([&labels.model, &labels.tier, status, finish_reason])
         .inc();
 }
 

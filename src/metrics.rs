@@ -3,7 +3,9 @@
 //! Engines get [`EngineMetrics`] bound to their own labels and update them from the step
 //! loop; the gateway records per-request figures (`gateway::Outcome`, in one place).
 
+use std::hash::Hash;
 use std::sync::atomic::AtomicU64;
+use std::sync::{PoisonError, RwLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric};
@@ -167,6 +169,78 @@ impl MetricConstructor<Histogram> for HistogramMaker {
 
 type Histograms = Family<ModelLabels, Histogram, HistogramMaker>;
 
+/// A family whose series are found by borrowed label values.
+///
+/// `Family::get_or_create` takes owned labels and hashes them with SipHash under its lock:
+/// on a reply-cache hit, building and hashing labels for five series was about 2% of the
+/// gateway's CPU. The label sets a request reaches are few (models, tiers, rules,
+/// outcomes), so a short list searched by comparison finds a series with no allocation.
+/// The series live in the family as before, so `/metrics` shows the same; this keeps
+/// handles to them.
+pub struct Indexed<S, M, C, const N: usize> {
+    family: Family<S, M, C>,
+    labels: fn([&str; N]) -> S,
+    known: RwLock<Vec<([Box<str>; N], M)>>,
+}
+
+/// Label sets beyond this many are looked up in the family each time (still counted right).
+const MAX_INDEXED: usize = 256;
+
+impl<S, M, C, const N: usize> Indexed<S, M, C, N>
+where
+    S: Clone + Hash + Eq,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    fn new(family: Family<S, M, C>, labels: fn([&str; N]) -> S) -> Self {
+        Self {
+            family,
+            labels,
+            known: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The series with these label values, created on first use.
+    pub fn get(&self, values: [&str; N]) -> M {
+        let same = |known: &[Box<str>; N]| known.iter().map(|v| &**v).eq(values);
+        let found = self
+            .known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(known, _)| same(known))
+            .map(|(_, metric)| metric.clone());
+        if let Some(metric) = found {
+            return metric;
+        }
+        let metric = self.family.get_or_create(&(self.labels)(values)).clone();
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        if known.len() < MAX_INDEXED && !known.iter().any(|(k, _)| same(k)) {
+            known.push((values.map(Box::from), metric.clone()));
+        }
+        metric
+    }
+}
+
+impl<S, M, C> Indexed<S, M, C, 2>
+where
+    S: Clone + Hash + Eq,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    /// The series of one model, for families labelled by [`ModelLabels`].
+    pub fn of(&self, labels: &ModelLabels) -> M {
+        self.get([&labels.model, &labels.tier])
+    }
+}
+
+fn model_labels([model, tier]: [&str; 2]) -> ModelLabels {
+    ModelLabels {
+        model: model.to_owned(),
+        tier: tier.to_owned(),
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     active_sequences: Family<ModelLabels, Gauge>,
@@ -180,16 +254,19 @@ pub struct Metrics {
     prefix_cache_tokens: Family<ModelLabels, Counter>,
     prompt_count_mismatches: Family<ModelLabels, Counter>,
     model_up: Family<ModelLabels, Gauge>,
-    pub time_to_first_token: Histograms,
-    pub inter_token_latency: Histograms,
-    pub e2e_request_latency: Histograms,
-    pub requests: Family<RequestLabels, Counter>,
-    pub generated_tokens: Family<ModelLabels, Counter>,
-    pub prompt_tokens: Family<ModelLabels, Counter>,
-    pub route_decisions: Family<RouteLabels, Counter>,
+    pub time_to_first_token: Indexed<ModelLabels, Histogram, HistogramMaker, 2>,
+    pub inter_token_latency: Indexed<ModelLabels, Histogram, HistogramMaker, 2>,
+    pub e2e_request_latency: Indexed<ModelLabels, Histogram, HistogramMaker, 2>,
+    /// By `[model, tier, status, finish_reason]`.
+    pub requests: Indexed<RequestLabels, Counter, fn() -> Counter, 4>,
+    pub generated_tokens: Indexed<ModelLabels, Counter, fn() -> Counter, 2>,
+    pub prompt_tokens: Indexed<ModelLabels, Counter, fn() -> Counter, 2>,
+    /// By `[tier, rule]`.
+    pub route_decisions: Indexed<RouteLabels, Counter, fn() -> Counter, 2>,
     pub policy_reloads: Family<OutcomeLabels, Counter>,
     pub degradations: Family<DegradeLabels, Counter>,
-    pub cache_lookups: Family<CacheLabels, Counter>,
+    /// By `[tier, outcome]`.
+    pub cache_lookups: Indexed<CacheLabels, Counter, fn() -> Counter, 2>,
     pub cache_evictions: Counter,
     pub rate_limited: Family<ReasonLabels, Counter>,
     pub shed: Family<TierLabels, Counter>,
@@ -325,20 +402,29 @@ impl Metrics {
                 "Share of the KV cache cells holding live sequences' tokens (0 to 1)",
                 Family::default(),
             ),
-            time_to_first_token: r.seconds(
+            time_to_first_token: Indexed::new(
+                r.seconds(
                 "time_to_first_token",
                 "Time from accepting a request to its first generated token",
                 histograms(&TTFT_BUCKETS),
             ),
-            inter_token_latency: r.seconds(
+                model_labels,
+            ),
+            inter_token_latency: Indexed::new(
+                r.seconds(
                 "inter_token_latency",
                 "Time between consecutive streamed pieces of generated text",
                 histograms(&INTER_TOKEN_BUCKETS),
             ),
-            e2e_request_latency: r.seconds(
+                model_labels,
+            ),
+            e2e_request_latency: Indexed::new(
+                r.seconds(
                 "e2e_request_latency",
                 "Time from accepting a request to its last token",
                 histograms(&E2E_BUCKETS),
+            ),
+                model_labels,
             ),
             queue_time: r.seconds(
                 "queue_time",
@@ -370,17 +456,31 @@ impl Metrics {
                 "1 while a model serves requests; 0 while it loads or after its thread failed, panicked or stopped",
                 Family::default(),
             ),
-            requests: r.add(
+            requests: Indexed::new(
+                r.add(
                 "requests",
                 "Chat completion requests by outcome",
                 Family::default(),
             ),
-            generated_tokens: r.add("generation_tokens", "Tokens generated", Family::default()),
-            prompt_tokens: r.add("prompt_tokens", "Prompt tokens processed", Family::default()),
-            route_decisions: r.add(
+                |[model, tier, status, finish_reason]| RequestLabels {
+                    model: model.to_owned(),
+                    tier: tier.to_owned(),
+                    status: status.to_owned(),
+                    finish_reason: finish_reason.to_owned(),
+                },
+            ),
+            generated_tokens: Indexed::new(r.add("generation_tokens", "Tokens generated", Family::default()), model_labels),
+            prompt_tokens: Indexed::new(r.add("prompt_tokens", "Prompt tokens processed", Family::default()), model_labels),
+            route_decisions: Indexed::new(
+                r.add(
                 "route_decisions",
                 "Requests routed, by chosen tier and the policy rule that chose it",
                 Family::default(),
+            ),
+                |[tier, rule]| RouteLabels {
+                    tier: tier.to_owned(),
+                    rule: rule.to_owned(),
+                },
             ),
             policy_reloads: r.add(
                 "policy_reloads",
@@ -392,10 +492,16 @@ impl Metrics {
                 "Requests served by a smaller tier or the cache than routed, by reason",
                 Family::default(),
             ),
-            cache_lookups: r.add(
+            cache_lookups: Indexed::new(
+                r.add(
                 "cache_lookups",
                 "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
                 Family::default(),
+            ),
+                |[tier, outcome]| CacheLabels {
+                    tier: tier.to_owned(),
+                    outcome: outcome.to_owned(),
+                },
             ),
             cache_evictions: r.add(
                 "cache_evictions",

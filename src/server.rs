@@ -12,7 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::map_request_body::MapRequestBodyLayer;
 
 use crate::admission::Admission;
 use crate::api::{self, AppState, StateParts};
@@ -26,6 +26,9 @@ use crate::metrics::{Metrics, ModelLabels, OutcomeLabels};
 use crate::remote::RemoteEngine;
 use crate::router::{reload, PolicyStore};
 use crate::tiers::Tiers;
+use body_timeout::BodyTimeout;
+
+mod body_timeout;
 
 /// Loads the embedding model on a blocking thread (it reads 90 MB) and starts its thread.
 async fn start_embedder(
@@ -202,7 +205,10 @@ pub async fn serve(
         body_limit: options.body_limit,
         draining,
     });
-    let app = api::router(state).layer(RequestBodyTimeoutLayer::new(options.body_read_timeout));
+    let body_read_timeout = options.body_read_timeout;
+    let app = api::router(state).layer(MapRequestBodyLayer::new(move |body| {
+        axum::body::Body::new(BodyTimeout::new(body, body_read_timeout))
+    }));
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
 

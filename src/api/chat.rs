@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
@@ -86,7 +86,10 @@ pub async fn chat_completions(
         }
         response
     };
-    response.headers_mut().extend(headers);
+    let response_headers = response.headers_mut();
+    // Grown once for the route headers, not once per header as they are appended.
+    response_headers.reserve(headers.len());
+    response_headers.extend(headers);
     Ok(response)
 }
 
@@ -106,32 +109,39 @@ pub async fn explain_route(
 /// decode stages in milliseconds (browsers' dev tools and many proxies show these). A
 /// reply from the cache names its cache use instead of engine stages.
 fn server_timing(route: Duration, stages: &StageTimings, cache: Option<CacheUse>) -> String {
+    let mut header = String::with_capacity(96);
+    push_stage(&mut header, "route", route);
     match cache {
         Some(replayed) if replayed.replayed() => {
-            format!(
-                "route;dur={}, cache;desc={}",
-                Millis(route),
-                replayed.as_str()
-            )
+            header.push_str(", cache;desc=");
+            header.push_str(replayed.as_str());
         }
-        _ => format!(
-            "route;dur={}, queue;dur={}, prefill;dur={}, decode;dur={}",
-            Millis(route),
-            Millis(stages.queue),
-            Millis(stages.prefill),
-            Millis(stages.decode)
-        ),
+        _ => {
+            for (name, took) in [
+                ("queue", stages.queue),
+                ("prefill", stages.prefill),
+                ("decode", stages.decode),
+            ] {
+                header.push_str(", ");
+                push_stage(&mut header, name, took);
+            }
+        }
     }
+    header
 }
 
-/// Milliseconds with three decimals (`12.345`, truncated to the microsecond), written
-/// from integer microseconds: float formatting was most of the header's cost on a hit.
-struct Millis(Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let micros = self.0.as_micros();
-        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
+/// `name;dur=12.345`: milliseconds with three decimals, truncated to the microsecond.
+/// Written from integer microseconds without `core::fmt`: formatting was most of the
+/// header's cost on a cache hit.
+fn push_stage(header: &mut String, name: &str, took: Duration) {
+    let micros = took.as_micros();
+    header.push_str(name);
+    header.push_str(";dur=");
+    header.push_str(itoa::Buffer::new().format(micros / 1000));
+    header.push('.');
+    let fraction = (micros % 1000) as u32;
+    for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
+        header.push(char::from(b'0' + digit as u8));
     }
 }
 
@@ -391,10 +401,20 @@ fn complete_response(meta: &ResponseMeta, completions: &[Completion], logprobs: 
         choices,
         usage: usage.into(),
     };
-    match serde_json::to_string(&body) {
-        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-        Err(e) => ApiError::internal(format!("could not encode the response: {e}")).into_response(),
+    // Sized for the envelope and the text up front: growing it showed on cache hits.
+    let text_bytes: usize = completions.iter().map(|c| c.text.len()).sum();
+    let mut json = Vec::with_capacity(384 + text_bytes);
+    if let Err(e) = serde_json::to_writer(&mut json, &body) {
+        return ApiError::internal(format!("could not encode the response: {e}")).into_response();
     }
+    let mut response = Response::new(Body::from(json));
+    // Room for the route and timing headers that the handler adds.
+    *response.headers_mut() = HeaderMap::with_capacity(12);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// One request's usage over its choices: the first choice's prompt and cached tokens, and
@@ -515,6 +535,27 @@ fn stream_choices_response(meta: ResponseMeta, reply: Reply, others: Vec<OtherCh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_timing_gives_milliseconds_with_three_decimals() {
+        let stages = StageTimings {
+            queue: Duration::from_nanos(999),
+            prefill: Duration::from_micros(1_005),
+            decode: Duration::from_micros(12_345_678),
+        };
+        assert_eq!(
+            server_timing(Duration::from_micros(7), &stages, Some(CacheUse::Miss)),
+            "route;dur=0.007, queue;dur=0.000, prefill;dur=1.005, decode;dur=12345.678"
+        );
+        assert_eq!(
+            server_timing(Duration::from_micros(1_230), &stages, Some(CacheUse::Hit)),
+            "route;dur=1.230, cache;desc=hit"
+        );
+        assert_eq!(
+            server_timing(Duration::ZERO, &StageTimings::default(), None),
+            "route;dur=0.000, queue;dur=0.000, prefill;dur=0.000, decode;dur=0.000"
+        );
+    }
 
     fn meta(model: &str, include_usage: bool) -> ResponseMeta {
         let mut meta = ResponseMeta {

@@ -176,8 +176,16 @@ impl Visit for TextVisitor<'_> {
         self.delegate(field, |visitor| visitor.record_error(field, value));
     }
 
+    /// `name=` written here (what `DefaultVisitor` writes through `nu_ansi_term` when
+    /// colours are off), then the value's `Debug` as it writes it.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.delegate(field, |visitor| visitor.record_debug(field, value));
+        if field.name() == "message" {
+            return self.delegate(field, |visitor| visitor.record_debug(field, value));
+        }
+        if let Some(name) = self.start(field) {
+            self.result = write_all(&mut self.writer, &[name, "="])
+                .and_then(|()| write!(self.writer, "{value:?}"));
+        }
     }
 }
 
