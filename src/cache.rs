@@ -168,11 +168,12 @@ impl CachedReply {
     /// event per cached piece, or, for a reader that takes the reply `whole`, one text
     /// event for all of it (a copy per piece was a visible part of a non-streaming hit).
     pub fn events(&self, whole: bool) -> Vec<TokenEvent> {
-        let mut events: Vec<TokenEvent> = if whole && !self.pieces.is_empty() {
-            vec![TokenEvent::Text(self.pieces.concat())]
+        let mut events = Vec::with_capacity(self.pieces.len() + 1);
+        if whole && !self.pieces.is_empty() {
+            events.push(TokenEvent::Text(self.pieces.concat()));
         } else {
-            self.pieces.iter().cloned().map(TokenEvent::Text).collect()
-        };
+            events.extend(self.pieces.iter().cloned().map(TokenEvent::Text));
+        }
         events.push(TokenEvent::Finished {
             finish_reason: self.finish_reason,
             usage: self.usage,

@@ -444,7 +444,9 @@ fn stream_response(meta: ResponseMeta, reply: Reply) -> Response {
         (meta, reply, Some(role)),
         |(meta, mut reply, role)| async move {
             let event = reply.next().await?;
-            let mut bytes = BytesMut::new();
+            // The first write carries the role and, for a replay, most often the whole
+            // reply; later ones a token or a few. Sized so that neither grows as a rule.
+            let mut bytes = BytesMut::with_capacity(if role.is_some() { 4096 } else { 512 });
             if let Some(role) = role {
                 bytes.extend_from_slice(&role);
             }
