@@ -168,7 +168,7 @@ impl CachedReply {
     /// event per cached piece, or, for a reader that takes the reply `whole`, one text
     /// event for all of it (a copy per piece was a visible part of a non-streaming hit).
     pub fn events(&self, whole: bool) -> Vec<TokenEvent> {
-        let mut events = Vec::with_capacity(self.pieces.len() + 1);
+        let mut events = Vec::with_capacity(if whole { 2 } else { self.pieces.len() + 1 });
         if whole && !self.pieces.is_empty() {
             events.push(TokenEvent::Text(self.pieces.concat()));
         } else {

@@ -203,17 +203,18 @@ where
     /// The series with these label values, created on first use.
     pub fn get(&self, values: [&str; N]) -> M {
         let same = |known: &[Box<str>; N]| known.iter().map(|v| &**v).eq(values);
-        let found = self
-            .known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .find(|(known, _)| same(known))
-            .map(|(_, metric)| metric.clone());
-        if let Some(metric) = found {
+        let full = {
+            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, metric)) = known.iter().find(|(k, _)| same(k)) {
+                return metric.clone();
+            }
+            known.len() >= MAX_INDEXED
+        };
+        let metric = self.family.get_or_create(&(self.labels)(values)).clone();
+        // A full index is left alone: no write lock for label sets it will not keep.
+        if full {
             return metric;
         }
-        let metric = self.family.get_or_create(&(self.labels)(values)).clone();
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
         if known.len() < MAX_INDEXED && !known.iter().any(|(k, _)| same(k)) {
             known.push((values.map(Box::from), metric.clone()));
@@ -222,13 +223,12 @@ where
     }
 }
 
-impl<S, M, C> Indexed<S, M, C, 2>
+impl<M, C> Indexed<ModelLabels, M, C, 2>
 where
-    S: Clone + Hash + Eq,
     M: Clone,
     C: MetricConstructor<M>,
 {
-    /// The series of one model, for families labelled by [`ModelLabels`].
+    /// The series of one model.
     pub fn of(&self, labels: &ModelLabels) -> M {
         self.get([&labels.model, &labels.tier])
     }
@@ -404,26 +404,26 @@ impl Metrics {
             ),
             time_to_first_token: Indexed::new(
                 r.seconds(
-                "time_to_first_token",
-                "Time from accepting a request to its first generated token",
-                histograms(&TTFT_BUCKETS),
-            ),
+                    "time_to_first_token",
+                    "Time from accepting a request to its first generated token",
+                    histograms(&TTFT_BUCKETS),
+                ),
                 model_labels,
             ),
             inter_token_latency: Indexed::new(
                 r.seconds(
-                "inter_token_latency",
-                "Time between consecutive streamed pieces of generated text",
-                histograms(&INTER_TOKEN_BUCKETS),
-            ),
+                    "inter_token_latency",
+                    "Time between consecutive streamed pieces of generated text",
+                    histograms(&INTER_TOKEN_BUCKETS),
+                ),
                 model_labels,
             ),
             e2e_request_latency: Indexed::new(
                 r.seconds(
-                "e2e_request_latency",
-                "Time from accepting a request to its last token",
-                histograms(&E2E_BUCKETS),
-            ),
+                    "e2e_request_latency",
+                    "Time from accepting a request to its last token",
+                    histograms(&E2E_BUCKETS),
+                ),
                 model_labels,
             ),
             queue_time: r.seconds(
@@ -458,10 +458,10 @@ impl Metrics {
             ),
             requests: Indexed::new(
                 r.add(
-                "requests",
-                "Chat completion requests by outcome",
-                Family::default(),
-            ),
+                    "requests",
+                    "Chat completion requests by outcome",
+                    Family::default(),
+                ),
                 |[model, tier, status, finish_reason]| RequestLabels {
                     model: model.to_owned(),
                     tier: tier.to_owned(),
@@ -469,14 +469,20 @@ impl Metrics {
                     finish_reason: finish_reason.to_owned(),
                 },
             ),
-            generated_tokens: Indexed::new(r.add("generation_tokens", "Tokens generated", Family::default()), model_labels),
-            prompt_tokens: Indexed::new(r.add("prompt_tokens", "Prompt tokens processed", Family::default()), model_labels),
+            generated_tokens: Indexed::new(
+                r.add("generation_tokens", "Tokens generated", Family::default()),
+                model_labels,
+            ),
+            prompt_tokens: Indexed::new(
+                r.add("prompt_tokens", "Prompt tokens processed", Family::default()),
+                model_labels,
+            ),
             route_decisions: Indexed::new(
                 r.add(
-                "route_decisions",
-                "Requests routed, by chosen tier and the policy rule that chose it",
-                Family::default(),
-            ),
+                    "route_decisions",
+                    "Requests routed, by chosen tier and the policy rule that chose it",
+                    Family::default(),
+                ),
                 |[tier, rule]| RouteLabels {
                     tier: tier.to_owned(),
                     rule: rule.to_owned(),
@@ -494,10 +500,10 @@ impl Metrics {
             ),
             cache_lookups: Indexed::new(
                 r.add(
-                "cache_lookups",
-                "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
-                Family::default(),
-            ),
+                    "cache_lookups",
+                    "Reply cache lookups of cacheable requests by outcome (hit, stale, shared, miss)",
+                    Family::default(),
+                ),
                 |[tier, outcome]| CacheLabels {
                     tier: tier.to_owned(),
                     outcome: outcome.to_owned(),
@@ -626,6 +632,42 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn indexed_series_are_the_familys_by_label_order_and_past_the_cap() {
+        let family: Family<RouteLabels, Counter> = Family::default();
+        let routes = Indexed::new(family.clone(), |[tier, rule]| RouteLabels {
+            tier: tier.to_owned(),
+            rule: rule.to_owned(),
+        });
+        let count = |tier: &str, rule: &str| {
+            family
+                .get_or_create(&RouteLabels {
+                    tier: tier.into(),
+                    rule: rule.into(),
+                })
+                .get()
+        };
+        routes.get(["fast", "code"]).inc();
+        routes.get(["fast", "code"]).inc();
+        routes.get(["code", "fast"]).inc();
+        assert_eq!((count("fast", "code"), count("code", "fast")), (2, 1));
+        // Past the cap, label sets are counted through the family alone.
+        for n in 0..MAX_INDEXED + 8 {
+            routes.get(["full", &n.to_string()]).inc();
+        }
+        routes.get(["full", &(MAX_INDEXED + 7).to_string()]).inc();
+        assert_eq!(count("full", &(MAX_INDEXED + 7).to_string()), 2);
+        assert_eq!(count("full", "0"), 1);
+        let indexed = routes.known.read().map(|known| known.len()).unwrap_or(0);
+        assert_eq!(indexed, MAX_INDEXED);
+        routes.get(["fast", "code"]).inc();
+        assert_eq!(
+            count("fast", "code"),
+            3,
+            "an indexed series still counts once full"
+        );
+    }
 
     #[test]
     fn engine_gauges_appear_with_model_labels() {

@@ -110,7 +110,11 @@ mod tests {
         let (tx, body) = fed_body();
         tx.send(Bytes::from("{")).await.expect("reader alive");
         let started = tokio::time::Instant::now();
-        let err = body.collect().await.expect_err("a stalled body fails");
+        // Bounded, so that a timer never armed fails the test instead of hanging it.
+        let err = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("the body ends by the timeout")
+            .expect_err("a stalled body fails");
         assert!(err.downcast_ref::<BodyStalled>().is_some(), "{err}");
         assert_eq!(started.elapsed(), Duration::from_secs(1));
         drop(tx);
